@@ -1,0 +1,24 @@
+"""Layers with explicit forward and backward passes (see ``base.Layer`` for the contract)."""
+
+from .activations import LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+from .base import Layer
+from .conv import Conv2D
+from .dense import Dense
+from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from .reshape import Flatten
+
+LAYERS: dict[str, type[Layer]] = {
+    cls.__name__: cls
+    for cls in (Conv2D, Dense, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Tanh,
+                Sigmoid, Softmax)
+}
+
+
+def register_layer(cls: type[Layer]) -> type[Layer]:
+    """Make a layer class known to ``Sequential.from_config`` (usable as a decorator)."""
+    LAYERS[cls.__name__] = cls
+    return cls
+
+
+__all__ = ["Layer", "Conv2D", "Dense", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "ReLU",
+           "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "LAYERS", "register_layer"]

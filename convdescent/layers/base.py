@@ -1,0 +1,158 @@
+"""The layer contract shared by every layer of the engine.
+
+A layer holds its parameters in ``params`` (torch layouts and names, e.g. ``weight`` of shape
+``(F, C, kh, kw)``), computes ``forward`` while keeping what its backward needs, and in ``backward``
+returns dL/dx and writes dL/dparams into ``grads`` under the same keys. The engine runs with autograd
+off; every backward is written out by hand and checked by the test suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+class Layer:
+    """Base class of all layers.
+
+    Subclasses set ``kind`` (the prefix of the automatic name, e.g. ``"conv"``) and implement
+    ``build``, ``forward``, ``backward``, ``get_config`` and ``to_torch``.
+
+    Attributes:
+        params: dict of parameter tensors, filled by ``build``.
+        grads: dict of gradient tensors with the same keys, written by ``backward``.
+        name: unique name inside a model (``conv1``), given by ``Sequential`` when not set.
+        needs_input_grad: when False (the first layer of a model), ``backward`` may skip dL/dx
+            and return None; this saves the most expensive part of the first conv's backward.
+    """
+
+    kind = "layer"
+
+    def __init__(self, name: str | None = None):
+        self.params: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.name = name
+        self.built = False
+        self.input_shape: Shape | None = None
+        self.output_shape: Shape | None = None
+        self.needs_input_grad = True
+        self.training = False
+        self._cache = None  # what forward keeps for backward; cleared by backward and clear_cache
+
+    # -- construction -------------------------------------------------------------------------
+    def build(self, input_shape: Shape, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Shape:
+        """Create parameters for inputs of ``input_shape`` (without the batch axis).
+
+        Returns:
+            The output shape without the batch axis.
+        """
+        self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(self.compute_output_shape(self.input_shape))
+        self.built = True
+        return self.output_shape
+
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
+        return input_shape
+
+    # -- computation ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Compute the output of shape ``(N, *output_shape)``, keeping what backward needs."""
+        raise TypeError(f"{type(self).__name__} does not define forward")
+
+    def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
+        """Given dL/dy, write dL/dparams into ``grads`` and return dL/dx (None if not needed)."""
+        raise TypeError(f"{type(self).__name__} does not define backward")
+
+    def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        return self.forward(x, train)
+
+    # -- description ----------------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Drop what the last forward kept (after evaluation, when no backward follows)."""
+        self._cache = None
+        for sub in self.sublayers():
+            sub.clear_cache()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Layer":
+        """Rebuild a layer from ``get_config()`` output."""
+        return cls(**config)
+
+    def get_config(self) -> dict[str, Any]:
+        """Arguments that rebuild this layer with ``type(layer)(**config)``."""
+        return {"name": self.name}
+
+    def to_torch(self) -> torch.nn.Module:
+        """An equivalent standard ``torch.nn`` module holding copies of this layer's weights."""
+        raise TypeError(f"{type(self).__name__} has no torch.nn equivalent")
+
+    def sublayers(self) -> list["Layer"]:
+        """Layers nested inside this one (containers override this)."""
+        return []
+
+    def named_params(self, prefix: str = ""):
+        """Yield (qualified name, tensor) for this layer's parameters and those of nested layers."""
+        for key, value in self.params.items():
+            yield prefix + key, value
+        for sub in self.sublayers():
+            yield from sub.named_params(f"{prefix}{sub.name}.")
+
+    def named_grads(self, prefix: str = ""):
+        """Yield (qualified name, gradient) in the same order as ``named_params``."""
+        for key in self.params:
+            yield prefix + key, self.grads[key]
+        for sub in self.sublayers():
+            yield from sub.named_grads(f"{prefix}{sub.name}.")
+
+    def named_buffers(self, prefix: str = ""):
+        """Yield (qualified name, tensor) for non-trainable state, nested layers included."""
+        for key, value in self.buffers().items():
+            yield prefix + key, value
+        for sub in self.sublayers():
+            yield from sub.named_buffers(f"{prefix}{sub.name}.")
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Non-trainable state saved with the model (e.g. batch-norm running statistics)."""
+        return {}
+
+    def to(self, device=None, dtype=None) -> "Layer":
+        """Move parameters and buffers to ``device`` / ``dtype`` in place of the old tensors."""
+        for key, value in list(self.params.items()):
+            self.params[key] = value.to(device=device, dtype=dtype)
+        self.grads = {}
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+def pair(value, argname: str, allow_zero: bool = False) -> tuple[int, int]:
+    """Normalize an int or a pair of ints into a pair, with an error naming ``argname``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}") from None
+    for v in (a, b):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}")
+        if v < 0 or (v == 0 and not allow_zero):
+            bound = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"{argname} must be {bound}, got {value!r}")
+    return int(a), int(b)
+
+
+def check_rank(x: torch.Tensor, rank: int, layer: Layer) -> None:
+    """Raise a clear error when ``x`` does not have ``rank`` dimensions (batch included)."""
+    if x.dim() != rank:
+        expect = {4: "(N, C, H, W)", 2: "(N, features)"}.get(rank, f"{rank} dimensions")
+        raise ValueError(f"{type(layer).__name__} '{layer.name}' expects input of shape {expect}, "
+                         f"got shape {tuple(x.shape)}")

@@ -1,0 +1,186 @@
+"""2-D convolution (a cross-correlation, as in every CNN library) with an explicit backward.
+
+Forward, for input x of shape (N, C, H, W), weight w (F, C, kh, kw), bias b (F,), stride (sh, sw) and the
+input zero-padded by (pt, pb, pl, pr):
+
+    y[n, f, i, j] = sum_{c, k, l} xp[n, c, i*sh + k, j*sw + l] * w[f, c, k, l] + b[f]
+
+Backward, with delta = dL/dy:
+
+    dL/dw[f, c, k, l] = sum_{n, i, j} delta[n, f, i, j] * xp[n, c, i*sh + k, j*sw + l]
+    dL/db[f]          = sum_{n, i, j} delta[n, f, i, j]
+    dL/dxp[n, c, p, q] = sum_{f, k, l : i*sh + k = p, j*sw + l = q} delta[n, f, i, j] * w[f, c, k, l]
+
+The last line is the "full" convolution of delta with the flipped kernel (for stride 1); here it is
+computed as its scatter form (col2im), which is the same sum. See docs/gradients.md.
+
+Implementation: the patches of x are laid out as a matrix ``cols`` of shape (N*Ho*Wo, C*kh*kw) in the
+channels-last order (one row per output position), so forward is one matrix product and dW another. The
+output is returned as a logical (N, F, Ho, Wo) tensor in ``torch.channels_last`` memory format, which the
+pooling and conv layers downstream read without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import init as initializers
+from .base import Layer, check_rank, pair
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Padding (before, after) that gives ceil(size / stride) outputs, extra on the after side (TF/Keras)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2D(Layer):
+    """2-D convolution layer: ``filters`` kernels of ``kernel_size`` slid over the input.
+
+    Args:
+        filters: number of output channels F.
+        kernel_size: int or (kh, kw).
+        stride: int or (sh, sw).
+        padding: "valid" (none), "same" (output ceil(H / stride), like Keras), an int, or a pair (ph, pw).
+        use_bias: whether to add a per-filter bias.
+        kernel_init, bias_init: initializer names or callables (default Glorot uniform / zeros, as Keras).
+        in_channels: optional; inferred from the input shape when the model is built.
+
+    Shapes: input (N, C, H, W) -> output (N, F, Ho, Wo); params ``weight`` (F, C, kh, kw), ``bias`` (F,).
+    """
+
+    kind = "conv"
+
+    def __init__(self, filters: int, kernel_size=3, stride=1, padding="valid", use_bias: bool = True,
+                 kernel_init="glorot_uniform", bias_init="zeros", in_channels: int | None = None,
+                 name: str | None = None):
+        super().__init__(name)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(f"filters must be a positive int, got {filters!r}")
+        self.filters = filters
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = pair(padding, "padding", allow_zero=True)
+        self.use_bias = bool(use_bias)
+        self.kernel_init = kernel_init
+        self.bias_init = bias_init
+        self.in_channels = in_channels
+        initializers.get_initializer(kernel_init)
+        initializers.get_initializer(bias_init)
+
+    # -- shapes ------------------------------------------------------------------------------
+    def pads(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Zero padding (top, bottom, left, right) for an input of spatial size (h, w)."""
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        if self.padding == "same":
+            return (*same_padding(h, kh, sh), *same_padding(w, kw, sw))
+        ph, pw = self.padding
+        return ph, ph, pw, pw
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"Conv2D expects inputs of shape (C, H, W), got {tuple(input_shape)}")
+        c, h, w = input_shape
+        pt, pb, pl, pr = self.pads(h, w)
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ho = (h + pt + pb - kh) // sh + 1
+        wo = (w + pl + pr - kw) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"Conv2D '{self.name}': kernel {self.kernel_size} does not fit input {h}x{w} "
+                             f"with padding {self.padding!r}; use padding='same' or a smaller kernel")
+        return self.filters, ho, wo
+
+    def build(self, input_shape, generator=None, dtype=torch.float32, device="cpu"):
+        c = input_shape[0]
+        if self.in_channels is not None and self.in_channels != c:
+            raise ValueError(f"Conv2D '{self.name}' was given in_channels={self.in_channels}, "
+                             f"but its input has {c} channels")
+        self.in_channels = c
+        out = super().build(input_shape)
+        kh, kw = self.kernel_size
+        wshape = (self.filters, c, kh, kw)
+        self.params["weight"] = initializers.get_initializer(self.kernel_init)(wshape, generator, dtype, device)
+        if self.use_bias:
+            self.params["bias"] = initializers.get_initializer(self.bias_init)((self.filters,), generator,
+                                                                                dtype, device)
+        return out
+
+    # -- computation -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        check_rank(x, 4, self)
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"Conv2D '{self.name}' expects {self.in_channels} input channels, "
+                             f"got input of shape {tuple(x.shape)}")
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        pt, pb, pl, pr = self.pads(h, w)
+        xh = x.permute(0, 2, 3, 1)  # (N, H, W, C): a free view when x is channels_last
+        if pt or pb or pl or pr:
+            xh = torch.nn.functional.pad(xh, (0, 0, pl, pr, pt, pb))
+        # (N, Ho, Wo, C, kh, kw) patch view, copied once into the (N*Ho*Wo, C*kh*kw) matrix.
+        patches = xh.unfold(1, kh, sh).unfold(2, kw, sw)
+        ho, wo = patches.shape[1], patches.shape[2]
+        cols = patches.reshape(n * ho * wo, c * kh * kw)
+        wmat = self.params["weight"].reshape(self.filters, c * kh * kw)
+        if self.use_bias:
+            out = torch.addmm(self.params["bias"], cols, wmat.t())
+        else:
+            out = cols @ wmat.t()
+        self._cache = (cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo))
+        return out.view(n, ho, wo, self.filters).permute(0, 3, 1, 2)
+
+    def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
+        cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo) = self._cache
+        self._cache = None
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        f = self.filters
+        d = dy.permute(0, 2, 3, 1).reshape(n * ho * wo, f)  # delta, one row per output position
+        # dW[f, (c,k,l)] = sum_rows delta[row, f] * cols[row, (c,k,l)]
+        self.grads["weight"] = (cols.t() @ d).t().reshape(f, c, kh, kw)
+        if self.use_bias:
+            self.grads["bias"] = d.sum(0)
+        if not self.needs_input_grad:
+            return None
+        # dcols[row, (c,k,l)] = sum_f delta[row, f] * w[f, (c,k,l)]; then scatter-add back (col2im).
+        dcols = (d @ self.params["weight"].reshape(f, c * kh * kw)).view(n, ho, wo, c, kh, kw)
+        dxp = torch.zeros((n, h + pt + pb, w + pl + pr, c), dtype=dy.dtype, device=dy.device)
+        for k in range(kh):
+            for l in range(kw):
+                dxp[:, k:k + sh * (ho - 1) + 1:sh, l:l + sw * (wo - 1) + 1:sw, :] += dcols[..., k, l]
+        dx = dxp[:, pt:pt + h, pl:pl + w, :]
+        return dx.permute(0, 3, 1, 2)
+
+    # -- description -------------------------------------------------------------------------
+    def get_config(self):
+        return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "use_bias": self.use_bias,
+                "kernel_init": self.kernel_init if isinstance(self.kernel_init, str) else "custom",
+                "bias_init": self.bias_init if isinstance(self.bias_init, str) else "custom",
+                "in_channels": self.in_channels, "name": self.name}
+
+    def to_torch(self) -> torch.nn.Module:
+        _, h, w = self.input_shape
+        pt, pb, pl, pr = self.pads(h, w)
+        conv = torch.nn.Conv2d(self.in_channels, self.filters, self.kernel_size, stride=self.stride,
+                               padding=(pt, pl) if (pt == pb and pl == pr) else 0, bias=self.use_bias)
+        p = self.params["weight"]
+        conv = conv.to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(p)
+            if self.use_bias:
+                conv.bias.copy_(self.params["bias"])
+        if pt == pb and pl == pr:
+            return conv
+        return torch.nn.Sequential(torch.nn.ZeroPad2d((pl, pr, pt, pb)), conv)

@@ -1,0 +1,96 @@
+"""Fully connected layer with an explicit backward.
+
+    y = x W^T + b                    x (N, in), W (out, in), b (out,)
+    dL/dW = delta^T x                (out, in)
+    dL/db = sum_n delta[n]           (out,)
+    dL/dx = delta W                  (N, in)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import init as initializers
+from .base import Layer, check_rank
+
+
+class Dense(Layer):
+    """Fully connected layer.
+
+    Args:
+        units: number of outputs.
+        use_bias: whether to add a bias.
+        kernel_init, bias_init: initializer names or callables (default Glorot uniform / zeros, as Keras).
+
+    Shapes: input (N, in) -> output (N, units); params ``weight`` (units, in), ``bias`` (units,).
+    """
+
+    kind = "dense"
+
+    def __init__(self, units: int, use_bias: bool = True, kernel_init="glorot_uniform", bias_init="zeros",
+                 in_features: int | None = None, name: str | None = None):
+        super().__init__(name)
+        if isinstance(units, bool) or not isinstance(units, int) or units <= 0:
+            raise ValueError(f"units must be a positive int, got {units!r}")
+        self.units = units
+        self.use_bias = bool(use_bias)
+        self.kernel_init = kernel_init
+        self.bias_init = bias_init
+        self.in_features = in_features
+        initializers.get_initializer(kernel_init)
+        initializers.get_initializer(bias_init)
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(f"Dense expects flat inputs of shape (features,), got {tuple(input_shape)}; "
+                             f"put a Flatten() before it")
+        return (self.units,)
+
+    def build(self, input_shape, generator=None, dtype=torch.float32, device="cpu"):
+        out = super().build(input_shape)
+        if self.in_features is not None and self.in_features != input_shape[0]:
+            raise ValueError(f"Dense '{self.name}' was given in_features={self.in_features}, "
+                             f"but its input has {input_shape[0]} features")
+        self.in_features = input_shape[0]
+        self.params["weight"] = initializers.get_initializer(self.kernel_init)(
+            (self.units, self.in_features), generator, dtype, device)
+        if self.use_bias:
+            self.params["bias"] = initializers.get_initializer(self.bias_init)((self.units,), generator,
+                                                                                dtype, device)
+        return out
+
+    def forward(self, x, train=False):
+        check_rank(x, 2, self)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"Dense '{self.name}' expects {self.in_features} input features, "
+                             f"got input of shape {tuple(x.shape)}")
+        self._cache = x
+        w = self.params["weight"]
+        if self.use_bias:
+            return torch.addmm(self.params["bias"], x, w.t())
+        return x @ w.t()
+
+    def backward(self, dy):
+        x = self._cache
+        self._cache = None
+        self.grads["weight"] = dy.t() @ x
+        if self.use_bias:
+            self.grads["bias"] = dy.sum(0)
+        if not self.needs_input_grad:
+            return None
+        return dy @ self.params["weight"]
+
+    def get_config(self):
+        return {"units": self.units, "use_bias": self.use_bias,
+                "kernel_init": self.kernel_init if isinstance(self.kernel_init, str) else "custom",
+                "bias_init": self.bias_init if isinstance(self.bias_init, str) else "custom",
+                "in_features": self.in_features, "name": self.name}
+
+    def to_torch(self):
+        w = self.params["weight"]
+        lin = torch.nn.Linear(self.in_features, self.units, bias=self.use_bias).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.use_bias:
+                lin.bias.copy_(self.params["bias"])
+        return lin

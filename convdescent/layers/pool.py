@@ -1,0 +1,151 @@
+"""Pooling layers with explicit backward passes.
+
+Max pooling, window (ph, pw), stride (sh, sw), no padding ("valid", as Keras' default):
+
+    y[n, c, i, j] = max_{k < ph, l < pw} x[n, c, i*sh + k, j*sw + l]
+    dL/dx[n, c, p, q] = sum_{i, j} delta[n, c, i, j] * [ (p, q) is the first arg-max of window (i, j) ]
+
+The window is visited offset by offset: each offset (k, l) is a strided view of the whole input, so the
+forward is ph*pw elementwise maxima and the backward ph*pw masked scatter-adds, whatever the batch size. Ties
+go to the first offset in row-major order, as in torch.
+
+Average pooling:
+
+    y[n, c, i, j] = 1/(ph*pw) * sum_{k, l} x[n, c, i*sh + k, j*sw + l]
+    dL/dx[n, c, p, q] = 1/(ph*pw) * sum_{windows (i, j) that contain (p, q)} delta[n, c, i, j]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layer, check_rank, pair
+
+
+class _Pool2D(Layer):
+    kind = "pool"
+
+    def __init__(self, pool_size=2, stride=None, name: str | None = None):
+        super().__init__(name)
+        self.pool_size = pair(pool_size, "pool_size")
+        self.stride = self.pool_size if stride is None else pair(stride, "stride")
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"{type(self).__name__} expects inputs of shape (C, H, W), got {tuple(input_shape)}")
+        c, h, w = input_shape
+        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        if h < ph or w < pw:
+            raise ValueError(f"{type(self).__name__} '{self.name}': pool_size {self.pool_size} is larger than "
+                             f"its input {h}x{w}")
+        return c, (h - ph) // sh + 1, (w - pw) // sw + 1
+
+    def _windows(self, ho: int, wo: int):
+        """Yield (k, l, slice_h, slice_w): the strided view of offset (k, l) of every window."""
+        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        for k in range(ph):
+            for l in range(pw):
+                yield k, l, slice(k, k + sh * (ho - 1) + 1, sh), slice(l, l + sw * (wo - 1) + 1, sw)
+
+    def get_config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride, "name": self.name}
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling over (ph, pw) windows.
+
+    Args:
+        pool_size: int or (ph, pw).
+        stride: int or pair; defaults to pool_size (non-overlapping windows).
+
+    Shapes: (N, C, H, W) -> (N, C, (H - ph) // sh + 1, (W - pw) // sw + 1).
+    """
+
+    def forward(self, x, train=False):
+        check_rank(x, 4, self)
+        n, c, h, w = x.shape
+        _, ho, wo = self.compute_output_shape((c, h, w))
+        xh = x.permute(0, 2, 3, 1)  # channels-last view: each strided offset reads rows of C floats
+        best = None
+        arg = None
+        for t, (k, l, sl_h, sl_w) in enumerate(self._windows(ho, wo)):
+            v = xh[:, sl_h, sl_w, :]
+            if best is None:
+                best = v.clone(memory_format=torch.contiguous_format)
+                arg = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+                continue
+            better = v > best
+            best = torch.where(better, v, best)
+            arg.masked_fill_(better, t)
+        self._cache = (arg, (n, c, h, w), (ho, wo))
+        return best.permute(0, 3, 1, 2)
+
+    def backward(self, dy):
+        arg, (n, c, h, w), (ho, wo) = self._cache
+        self._cache = None
+        dyh = dy.permute(0, 2, 3, 1)
+        dx = torch.zeros((n, h, w, c), dtype=dy.dtype, device=dy.device)
+        zero = torch.zeros((), dtype=dy.dtype, device=dy.device)
+        for t, (k, l, sl_h, sl_w) in enumerate(self._windows(ho, wo)):
+            dx[:, sl_h, sl_w, :] += torch.where(arg == t, dyh, zero)
+        return dx.permute(0, 3, 1, 2)
+
+    def to_torch(self):
+        return torch.nn.MaxPool2d(self.pool_size, self.stride)
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling over (ph, pw) windows, no padding.
+
+    Shapes: (N, C, H, W) -> (N, C, (H - ph) // sh + 1, (W - pw) // sw + 1).
+    """
+
+    def forward(self, x, train=False):
+        check_rank(x, 4, self)
+        n, c, h, w = x.shape
+        _, ho, wo = self.compute_output_shape((c, h, w))
+        xh = x.permute(0, 2, 3, 1)
+        acc = torch.zeros((n, ho, wo, c), dtype=x.dtype, device=x.device)
+        for k, l, sl_h, sl_w in self._windows(ho, wo):
+            acc += xh[:, sl_h, sl_w, :]
+        acc /= self.pool_size[0] * self.pool_size[1]
+        self._cache = ((n, c, h, w), (ho, wo))
+        return acc.permute(0, 3, 1, 2)
+
+    def backward(self, dy):
+        (n, c, h, w), (ho, wo) = self._cache
+        self._cache = None
+        share = dy.permute(0, 2, 3, 1) / (self.pool_size[0] * self.pool_size[1])
+        dx = torch.zeros((n, h, w, c), dtype=dy.dtype, device=dy.device)
+        for k, l, sl_h, sl_w in self._windows(ho, wo):
+            dx[:, sl_h, sl_w, :] += share
+        return dx.permute(0, 3, 1, 2)
+
+    def to_torch(self):
+        return torch.nn.AvgPool2d(self.pool_size, self.stride)
+
+
+class GlobalAvgPool2D(Layer):
+    """Mean over all spatial positions: (N, C, H, W) -> (N, C).
+
+    y[n, c] = 1/(H*W) sum_{p, q} x[n, c, p, q];  dL/dx[n, c, p, q] = delta[n, c] / (H*W).
+    """
+
+    kind = "gap"
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"GlobalAvgPool2D expects inputs of shape (C, H, W), got {tuple(input_shape)}")
+        return (input_shape[0],)
+
+    def forward(self, x, train=False):
+        check_rank(x, 4, self)
+        self._cache = tuple(x.shape)
+        return x.mean(dim=(2, 3))
+
+    def backward(self, dy):
+        n, c, h, w = self._cache
+        return (dy / (h * w))[:, :, None, None].expand(n, c, h, w)
+
+    def to_torch(self):
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())

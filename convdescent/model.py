@@ -1,0 +1,258 @@
+"""Sequential models: a list of layers run forward in order and backward in reverse."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import torch
+
+from .layers.base import Layer
+
+
+def _set_data(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
+                         f"the model expects {tuple(target.shape)}")
+    target.copy_(value)
+
+
+class Sequential:
+    """A stack of layers with named parameters, explicit backward, summary, state_dict and torch export.
+
+    Args:
+        layers: the layers, in order.
+        input_shape: (C, H, W) or (features,), without the batch axis; builds the model at once when given.
+        seed: seeds the initializers (``None``: torch's global generator).
+        dtype, device: where parameters live.
+
+    Parameters are named ``<layer>.<param>`` with automatic layer names such as ``conv1``, ``dense2``.
+    """
+
+    def __init__(self, layers: Iterable[Layer], input_shape=None, seed: int | None = None,
+                 dtype: torch.dtype = torch.float32, device="cpu", name: str = "sequential"):
+        self.layers: list[Layer] = list(layers)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes convdescent layers; item {i} is {type(layer).__name__}. "
+                                f"Wrap torch modules in TorchModule(...)")
+        self.name = name
+        self.input_shape = None
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._assign_names()
+        if self.layers:
+            self.layers[0].needs_input_grad = False
+        if input_shape is not None:
+            self.build(input_shape, seed=seed)
+
+    def _assign_names(self) -> None:
+        counts: dict[str, int] = {}
+        taken = {layer.name for layer in self.layers if layer.name}
+        for layer in self.layers:
+            if layer.name:
+                continue
+            while True:
+                counts[layer.kind] = counts.get(layer.kind, 0) + 1
+                candidate = f"{layer.kind}{counts[layer.kind]}"
+                if candidate not in taken:
+                    break
+            layer.name = candidate
+            taken.add(candidate)
+        names = [layer.name for layer in self.layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"layer names must be unique, got duplicates {dupes}")
+
+    # -- building ----------------------------------------------------------------------------
+    def build(self, input_shape, seed: int | None = None) -> "Sequential":
+        """Create every layer's parameters for inputs of ``input_shape`` (no batch axis)."""
+        shape = tuple(int(s) for s in input_shape)
+        if not shape or any(s <= 0 for s in shape):
+            raise ValueError(f"input_shape must be positive sizes like (1, 28, 28), got {input_shape!r}")
+        self.input_shape = shape
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(int(seed))
+        for layer in self.layers:
+            shape = layer.build(shape, generator=gen, dtype=self.dtype, device=self.device)
+        self.output_shape = shape
+        return self
+
+    def _require_built(self) -> None:
+        if self.input_shape is None:
+            raise RuntimeError("the model is not built: pass input_shape=(C, H, W) or call build(input_shape)")
+
+    # -- parameters --------------------------------------------------------------------------
+    def params(self) -> "OrderedDict[str, torch.Tensor]":
+        """All trainable tensors by qualified name (the model's own tensors, not copies)."""
+        out = OrderedDict()
+        for layer in self.layers:
+            out.update(layer.named_params(f"{layer.name}."))
+        return out
+
+    def grads(self) -> "OrderedDict[str, torch.Tensor]":
+        """The gradients written by the last ``backward``, keyed like ``params()``."""
+        out = OrderedDict()
+        for layer in self.layers:
+            try:
+                out.update(layer.named_grads(f"{layer.name}."))
+            except KeyError:
+                raise RuntimeError("no gradients yet: run forward and backward first") from None
+        return out
+
+    def buffers(self) -> "OrderedDict[str, torch.Tensor]":
+        out = OrderedDict()
+        for layer in self.layers:
+            out.update(layer.named_buffers(f"{layer.name}."))
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params().values())
+
+    def all_layers(self) -> list[tuple[str, Layer]]:
+        """Every layer with its qualified name, nested ones included, in forward order."""
+        found: list[tuple[str, Layer]] = []
+
+        def visit(layer: Layer, prefix: str) -> None:
+            found.append((prefix + layer.name, layer))
+            for sub in layer.sublayers():
+                visit(sub, f"{prefix}{layer.name}.")
+
+        for layer in self.layers:
+            visit(layer, "")
+        return found
+
+    # -- computation -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Run all layers; x is (N, *input_shape). Keeps what backward needs."""
+        self._require_built()
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"model '{self.name}' expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        for layer in self.layers:
+            layer.training = train
+            x = layer.forward(x, train)
+        return x
+
+    __call__ = forward
+
+    def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
+        """Propagate dL/doutput back; fills every layer's grads and returns dL/dinput (or None)."""
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def set_input_grad(self, needed: bool) -> None:
+        """Ask the first layer to return dL/dinput (saliency, gradcheck) or to skip it (training)."""
+        if self.layers:
+            self.layers[0].needs_input_grad = needed
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Outputs (logits) for x in evaluation mode, in batches to bound memory."""
+        outs = [self.forward(x[i:i + batch_size], train=False) for i in range(0, x.shape[0], batch_size)]
+        for layer in self.layers:  # drop what forward kept for a backward that will not come
+            layer.clear_cache()
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """Parameters and buffers by name (references; clone before keeping across training)."""
+        out = self.params()
+        out.update(self.buffers())
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy tensors into the model by name; with ``strict`` every name must match both ways."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict does not match the model: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for key, target in own.items():
+                if key in state:
+                    _set_data(target, state[key].to(device=target.device, dtype=target.dtype), key)
+
+    def to(self, device=None, dtype=None) -> "Sequential":
+        """Move every parameter and buffer (returns self)."""
+        for _, layer in self.all_layers():
+            layer.to(device=device, dtype=dtype)
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    # -- description -------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the architecture with ``Sequential.from_config``."""
+        return {"name": self.name, "input_shape": list(self.input_shape) if self.input_shape else None,
+                "layers": [layer_config(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], seed: int | None = None, dtype=torch.float32,
+                    device="cpu") -> "Sequential":
+        layers = [layer_from_config(c) for c in config["layers"]]
+        return cls(layers, input_shape=config.get("input_shape"), seed=seed, dtype=dtype, device=device,
+                   name=config.get("name", "sequential"))
+
+    def summary(self) -> str:
+        """A table of layers, output shapes and parameter counts."""
+        self._require_built()
+        rows = [("Layer (type)", "Output shape", "Params")]
+        for layer in self.layers:
+            count = sum(p.numel() for _, p in layer.named_params())
+            rows.append((f"{layer.name} ({type(layer).__name__})",
+                         "(None, " + ", ".join(map(str, layer.output_shape)) + ")", f"{count:,}"))
+        w0 = max(len(r[0]) for r in rows) + 2
+        w1 = max(len(r[1]) for r in rows) + 2
+        w2 = max(len(r[2]) for r in rows)
+        line = "-" * (w0 + w1 + w2)
+        out = [f'Model "{self.name}"  input (None, ' + ", ".join(map(str, self.input_shape)) + ")", line]
+        for i, r in enumerate(rows):
+            out.append(f"{r[0]:<{w0}}{r[1]:<{w1}}{r[2]:>{w2}}")
+            if i == 0:
+                out.append(line)
+        out.append(line)
+        total = self.num_params()
+        nbytes = sum(p.numel() * p.element_size() for p in self.params().values())
+        out.append(f"Total params: {total:,} ({nbytes / 2**20:.2f} MiB)")
+        return "\n".join(out)
+
+    def to_torch(self) -> torch.nn.Sequential:
+        """An equivalent ``torch.nn.Sequential`` of standard modules with copies of the weights.
+
+        Module names equal layer names, so its state_dict keys match ``self.state_dict()`` for plain layers.
+        """
+        self._require_built()
+        return torch.nn.Sequential(OrderedDict((layer.name, layer.to_torch()) for layer in self.layers))
+
+    def __repr__(self) -> str:
+        return f"Sequential({', '.join(repr(layer) for layer in self.layers)})"
+
+
+def layer_config(layer: Layer) -> dict[str, Any]:
+    cfg = layer.get_config()
+    return {"class": type(layer).__name__, "config": _plain(cfg)}
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def layer_from_config(entry: dict[str, Any]) -> Layer:
+    from .layers import LAYERS
+
+    cls_name = entry.get("class")
+    if cls_name not in LAYERS:
+        raise ValueError(f"unknown layer class {cls_name!r} in model config; known: {sorted(LAYERS)}")
+    return LAYERS[cls_name].from_config(entry.get("config", {}))
