@@ -36,7 +36,9 @@ class ReLU(_Elementwise):
     def backward(self, dy):
         y = self._cache
         self._cache = None
-        return dy * (y > 0)
+        # y >= 0, so sign(y) is exactly the indicator [x > 0]; float arithmetic is much faster on CPU
+        # than building a bool mask.
+        return dy * torch.sign(y)
 
     def to_torch(self):
         return torch.nn.ReLU()

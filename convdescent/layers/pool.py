@@ -5,9 +5,9 @@ Max pooling, window (ph, pw), stride (sh, sw), no padding ("valid", as Keras' de
     y[n, c, i, j] = max_{k < ph, l < pw} x[n, c, i*sh + k, j*sw + l]
     dL/dx[n, c, p, q] = sum_{i, j} delta[n, c, i, j] * [ (p, q) is the first arg-max of window (i, j) ]
 
-The window is visited offset by offset: each offset (k, l) is a strided view of the whole input, so the
-forward is ph*pw elementwise maxima and the backward ph*pw masked scatter-adds, whatever the batch size. Ties
-go to the first offset in row-major order, as in torch.
+The window is reduced offset by offset, each offset a strided view of the whole input, first along the
+width and then along the height, so the cost is a few elementwise operations per offset whatever the batch
+size. Ties go to the first arg-max in row-major order, as in torch.
 
 Average pooling:
 
@@ -51,8 +51,49 @@ class _Pool2D(Layer):
         return {"pool_size": self.pool_size, "stride": self.stride, "name": self.name}
 
 
+def _offset(ndim: int, dim: int, start: int, count: int, step: int) -> tuple:
+    """Index selecting ``count`` positions ``start, start + step, ...`` along ``dim``."""
+    index = [slice(None)] * ndim
+    index[dim] = slice(start, start + step * (count - 1) + 1, step)
+    return tuple(index)
+
+
+def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int):
+    """Max over windows of k along ``dim`` with stride s, plus what the backward needs.
+
+    Returns (best, gains) where gains[l-1] is 1.0 where offset l strictly beat offsets 0..l-1, else 0.0.
+    The masks are kept as floats: comparisons that produce bool tensors are several times slower on CPU
+    than float arithmetic, and sign(v - best) clamped at 0 is exactly the strict "greater than" indicator.
+    """
+    best = x[_offset(x.dim(), dim, 0, n_out, s)]
+    gains = []
+    for l in range(1, k):
+        v = x[_offset(x.dim(), dim, l, n_out, s)]
+        gains.append(torch.sign(v - best).clamp_min_(0.0))
+        best = torch.maximum(best, v)
+    if k == 1:
+        best = best.clone()
+    return best, gains
+
+
+def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, s: int, n_out: int) -> torch.Tensor:
+    """Route dbest to the first arg-max of each window: the last offset whose gain is 1, else offset 0."""
+    dx = torch.zeros(shape, dtype=dbest.dtype, device=dbest.device)
+    rest = dbest
+    for l in range(len(gains), 0, -1):
+        share = rest * gains[l - 1]
+        dx[_offset(len(shape), dim, l, n_out, s)] += share
+        rest = rest - share
+    dx[_offset(len(shape), dim, 0, n_out, s)] += rest
+    return dx
+
+
 class MaxPool2D(_Pool2D):
     """Max pooling over (ph, pw) windows.
+
+    Max over a rectangle is the max over rows of the max within each row, so the window is reduced in
+    two 1-D passes (width, then height); taking the first strict maximum in each pass picks the first
+    arg-max in row-major order, the same element torch picks on ties.
 
     Args:
         pool_size: int or (ph, pw).
@@ -65,29 +106,19 @@ class MaxPool2D(_Pool2D):
         check_rank(x, 4, self)
         n, c, h, w = x.shape
         _, ho, wo = self.compute_output_shape((c, h, w))
-        xh = x.permute(0, 2, 3, 1)  # channels-last view: each strided offset reads rows of C floats
-        best = None
-        arg = None
-        for t, (k, l, sl_h, sl_w) in enumerate(self._windows(ho, wo)):
-            v = xh[:, sl_h, sl_w, :]
-            if best is None:
-                best = v.clone(memory_format=torch.contiguous_format)
-                arg = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
-                continue
-            better = v > best
-            best = torch.where(better, v, best)
-            arg.masked_fill_(better, t)
-        self._cache = (arg, (n, c, h, w), (ho, wo))
-        return best.permute(0, 3, 1, 2)
+        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        xh = x.permute(0, 2, 3, 1)  # channels-last view: offsets read runs of C contiguous floats
+        row_max, gains_w = _max_1d(xh, 2, pw, sw, wo)           # (N, H, Wo, C)
+        out, gains_h = _max_1d(row_max, 1, ph, sh, ho)          # (N, Ho, Wo, C)
+        self._cache = (gains_w, gains_h, (n, h, w, c), tuple(row_max.shape), (ho, wo))
+        return out.permute(0, 3, 1, 2)
 
     def backward(self, dy):
-        arg, (n, c, h, w), (ho, wo) = self._cache
+        gains_w, gains_h, x_shape, row_shape, (ho, wo) = self._cache
         self._cache = None
-        dyh = dy.permute(0, 2, 3, 1)
-        dx = torch.zeros((n, h, w, c), dtype=dy.dtype, device=dy.device)
-        zero = torch.zeros((), dtype=dy.dtype, device=dy.device)
-        for t, (k, l, sl_h, sl_w) in enumerate(self._windows(ho, wo)):
-            dx[:, sl_h, sl_w, :] += torch.where(arg == t, dyh, zero)
+        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, sh, ho)
+        dx = _max_1d_backward(d_row, gains_w, x_shape, 2, sw, wo)
         return dx.permute(0, 3, 1, 2)
 
     def to_torch(self):
