@@ -4,13 +4,17 @@ from .activations import LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 from .base import Layer
 from .conv import Conv2D
 from .dense import Dense
+from .dropout import Dropout
+from .norm import BatchNorm1D, BatchNorm2D
 from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from .reshape import Flatten
+from .residual import Residual
+from .torch_module import TorchModule
 
 LAYERS: dict[str, type[Layer]] = {
     cls.__name__: cls
     for cls in (Conv2D, Dense, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Tanh,
-                Sigmoid, Softmax)
+                Sigmoid, Softmax, Dropout, BatchNorm2D, BatchNorm1D, Residual, TorchModule)
 }
 
 
@@ -21,4 +25,5 @@ def register_layer(cls: type[Layer]) -> type[Layer]:
 
 
 __all__ = ["Layer", "Conv2D", "Dense", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "ReLU",
-           "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "LAYERS", "register_layer"]
+           "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "Dropout", "BatchNorm2D", "BatchNorm1D", "Residual",
+           "TorchModule", "LAYERS", "register_layer"]

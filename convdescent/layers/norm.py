@@ -1,0 +1,204 @@
+"""Batch normalization (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
+Reducing Internal Covariate Shift") with an explicit backward.
+
+For each channel c, over the M = N*H*W values it takes in the batch (M = N for dense features):
+
+    mu = (1/M) sum x                    var = (1/M) sum (x - mu)^2       (biased, used to normalize)
+    r  = 1 / sqrt(var + eps)            xhat = (x - mu) * r
+    y  = weight * xhat + bias
+
+Backward, with delta = dL/dy and the sums over the same M values:
+
+    dL/dbias   = sum delta
+    dL/dweight = sum delta * xhat
+    dL/dx      = (weight * r / M) * (M * delta - dL/dbias - xhat * dL/dweight)
+
+The last line is the compact form of the chain rule through mu and var (derived in docs/gradients.md).
+In evaluation mode mu and var are the running statistics, constants, so dL/dx = delta * weight * r.
+
+Running statistics follow torch: running = (1 - momentum) * running + momentum * batch, with the unbiased
+variance var * M / (M - 1) for running_var; ``momentum=None`` gives the cumulative average over all batches
+seen so far. Parameter and buffer names (weight, bias, running_mean, running_var, num_batches_tracked) are
+torch's, so ``to_torch()`` gives an ``nn.BatchNorm2d``/``nn.BatchNorm1d`` with an identical state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layer
+
+
+class _BatchNorm(Layer):
+    kind = "bn"
+    _torch_cls = torch.nn.BatchNorm2d
+    _ranks: tuple[int, ...] = (4,)
+    _expect = "(N, C, H, W)"  # the accepted input shapes, for error messages
+
+    def __init__(self, momentum: float | None = 0.1, eps: float = 1e-5, num_features: int | None = None,
+                 name: str | None = None):
+        super().__init__(name)
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features <= 0):
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.momentum = None if momentum is None else float(momentum)
+        self.eps = float(eps)
+        self.num_features = num_features
+        self.running_mean: torch.Tensor | None = None
+        self.running_var: torch.Tensor | None = None
+        self.num_batches_tracked: torch.Tensor | None = None
+
+    # -- shapes ------------------------------------------------------------------------------
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) + 1 not in self._ranks:
+            raise ValueError(f"{type(self).__name__} expects inputs of shape {self._expect}, "
+                             f"got per-sample shape {tuple(input_shape)}")
+        return tuple(input_shape)
+
+    def build(self, input_shape, generator=None, dtype=torch.float32, device="cpu"):
+        out = super().build(input_shape)
+        c = input_shape[0]
+        if self.num_features is not None and self.num_features != c:
+            raise ValueError(f"{type(self).__name__} '{self.name}' was given num_features={self.num_features}, "
+                             f"but its input has {c} channels")
+        self.num_features = c
+        self.params["weight"] = torch.ones(c, dtype=dtype, device=device)
+        self.params["bias"] = torch.zeros(c, dtype=dtype, device=device)
+        self.running_mean = torch.zeros(c, dtype=dtype, device=device)
+        self.running_var = torch.ones(c, dtype=dtype, device=device)
+        self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
+        return out
+
+    def buffers(self):
+        if self.running_mean is None:
+            return {}
+        return {"running_mean": self.running_mean, "running_var": self.running_var,
+                "num_batches_tracked": self.num_batches_tracked}
+
+    def to(self, device=None, dtype=None):
+        super().to(device=device, dtype=dtype)
+        if self.running_mean is not None:
+            self.running_mean = self.running_mean.to(device=device, dtype=dtype)
+            self.running_var = self.running_var.to(device=device, dtype=dtype)
+            self.num_batches_tracked = self.num_batches_tracked.to(device=device)
+        return self
+
+    # -- computation -------------------------------------------------------------------------
+    def _dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Axes reduced over: every axis but the channel axis 1."""
+        return (0,) + tuple(range(2, x.dim()))
+
+    def _view(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel vector (C,) shaped to broadcast against x (N, C, ...)."""
+        return v.view((1, -1) + (1,) * (x.dim() - 2))
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() not in self._ranks or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__} '{self.name}' expects input of shape {self._expect} with "
+                             f"C={self.num_features}, got shape {tuple(x.shape)}")
+
+    def forward(self, x, train=False):
+        self._check(x)
+        dims = self._dims(x)
+        weight, bias = self.params["weight"], self.params["bias"]
+        if train:
+            m = x.numel() // x.shape[1]
+            if m < 2:
+                raise ValueError(f"{type(self).__name__} '{self.name}' needs more than one value per channel in "
+                                 f"training mode, got input of shape {tuple(x.shape)}; use a batch of at least 2")
+            mean = x.mean(dim=dims)
+            centered = x - self._view(mean, x)
+            var = (centered * centered).mean(dim=dims)
+            self._update_running(mean, var, m)
+        else:
+            mean, var = self.running_mean, self.running_var
+            centered = x - self._view(mean, x)
+        r = torch.rsqrt(var + self.eps)
+        xhat = centered * self._view(r, x)
+        self._cache = (xhat, r, train)
+        return xhat * self._view(weight, x) + self._view(bias, x)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
+        # In place, so tensors handed out by state_dict() stay the live buffers.
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            # torch's cumulative moving average: factor 1/t at the t-th batch, kept on the device (no sync).
+            factor = 1.0 / self.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean * factor)
+        self.running_var.mul_(1 - factor).add_(var * (factor * m / (m - 1)))
+
+    def backward(self, dy):
+        xhat, r, train = self._cache
+        self._cache = None
+        dims = self._dims(dy)
+        weight = self.params["weight"]
+        dbias = dy.sum(dim=dims)
+        dweight = (dy * xhat).sum(dim=dims)
+        self.grads["weight"] = dweight
+        self.grads["bias"] = dbias
+        if not self.needs_input_grad:
+            return None
+        scale = self._view(weight * r, dy)
+        if not train:
+            return dy * scale
+        m = dy.numel() // dy.shape[1]
+        return (scale / m) * (m * dy - self._view(dbias, dy) - xhat * self._view(dweight, dy))
+
+    # -- description -------------------------------------------------------------------------
+    def get_config(self):
+        return {"momentum": self.momentum, "eps": self.eps, "num_features": self.num_features, "name": self.name}
+
+    def to_torch(self):
+        w = self.params["weight"]
+        bn = self._torch_cls(self.num_features, eps=self.eps, momentum=self.momentum)
+        bn = bn.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            bn.weight.copy_(w)
+            bn.bias.copy_(self.params["bias"])
+            bn.running_mean.copy_(self.running_mean)
+            bn.running_var.copy_(self.running_var)
+            bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        return bn
+
+
+class BatchNorm2D(_BatchNorm):
+    """Batch normalization of conv feature maps: statistics per channel over (N, H, W).
+
+    Args:
+        momentum: weight of the new batch in the running statistics (torch's convention, 0.1); None for
+            the cumulative average over all batches.
+        eps: added to the variance before the square root.
+        num_features: optional; the channel count C, inferred when the model is built.
+
+    Shapes: (N, C, H, W) -> (N, C, H, W); params ``weight`` (C,), ``bias`` (C,); buffers ``running_mean`` (C,),
+    ``running_var`` (C,), ``num_batches_tracked`` ().
+    """
+
+    _torch_cls = torch.nn.BatchNorm2d
+    _ranks = (4,)
+    _expect = "(N, C, H, W)"
+
+
+class BatchNorm1D(_BatchNorm):
+    """Batch normalization of dense features: statistics per feature over the batch (and L when 3-D).
+
+    Args:
+        momentum: weight of the new batch in the running statistics (torch's convention, 0.1); None for
+            the cumulative average over all batches.
+        eps: added to the variance before the square root.
+        num_features: optional; the feature count C, inferred when the model is built.
+
+    Shapes: (N, C) or (N, C, L), unchanged; params ``weight`` (C,), ``bias`` (C,); buffers as BatchNorm2D.
+    """
+
+    _torch_cls = torch.nn.BatchNorm1d
+    _ranks = (2, 3)
+    _expect = "(N, C) or (N, C, L)"
