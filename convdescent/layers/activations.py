@@ -38,7 +38,8 @@ class ReLU(_Elementwise):
         self._cache = None
         # y >= 0, so sign(y) is exactly the indicator [x > 0]; float arithmetic is much faster on CPU
         # than building a bool mask.
-        return dy * torch.sign(y)
+        grad = torch.sign(y)
+        return grad.mul_(dy)
 
     def to_torch(self):
         return torch.nn.ReLU()

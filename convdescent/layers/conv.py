@@ -14,8 +14,8 @@ Backward, with delta = dL/dy:
 The last line is the "full" convolution of delta with the flipped kernel (for stride 1); here it is
 computed as its scatter form (col2im), which is the same sum. See docs/gradients.md.
 
-Implementation: the patches of x are laid out as a matrix ``cols`` of shape (N*Ho*Wo, C*kh*kw) in the
-channels-last order (one row per output position), so forward is one matrix product and dW another. The
+Implementation: the patches of x are laid out as a matrix ``cols`` of shape (N*Ho*Wo, C*kh*kw) (one row
+per output position), so forward is one matrix product and dW another. The
 output is returned as a logical (N, F, Ho, Wo) tensor in ``torch.channels_last`` memory format, which the
 pooling and conv layers downstream read without copies.
 """
@@ -125,13 +125,17 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         sh, sw = self.stride
         pt, pb, pl, pr = self.pads(h, w)
-        xh = x.permute(0, 2, 3, 1)  # (N, H, W, C): a free view when x is channels_last
         if pt or pb or pl or pr:
-            xh = torch.nn.functional.pad(xh, (0, 0, pl, pr, pt, pb))
-        # (N, Ho, Wo, C, kh, kw) patch view, copied once into the (N*Ho*Wo, C*kh*kw) matrix.
-        patches = xh.unfold(1, kh, sh).unfold(2, kw, sw)
-        ho, wo = patches.shape[1], patches.shape[2]
-        cols = patches.reshape(n * ho * wo, c * kh * kw)
+            x = torch.nn.functional.pad(x, (pl, pr, pt, pb))
+        ho = (h + pt + pb - kh) // sh + 1
+        wo = (w + pl + pr - kw) // sw + 1
+        # cols_t[(c, k, l), (n, i, j)] = xp[n, c, i*sh + k, j*sw + l], filled by one strided copy per
+        # kernel offset (much faster than copying unfold()'s patches, whose innermost run is only kw long).
+        cols_t = torch.empty((c, kh, kw, n, ho, wo), dtype=x.dtype, device=x.device)
+        for k in range(kh):
+            for l in range(kw):
+                cols_t[:, k, l] = x[:, :, k:k + sh * (ho - 1) + 1:sh, l:l + sw * (wo - 1) + 1:sw].transpose(0, 1)
+        cols = cols_t.view(c * kh * kw, n * ho * wo).t()  # (N*Ho*Wo, C*kh*kw), one row per output position
         wmat = self.params["weight"].reshape(self.filters, c * kh * kw)
         if self.use_bias:
             out = torch.addmm(self.params["bias"], cols, wmat.t())

@@ -76,15 +76,29 @@ def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int):
     return best, gains
 
 
-def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, s: int, n_out: int) -> torch.Tensor:
+def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, k: int, s: int, n_out: int) -> torch.Tensor:
     """Route dbest to the first arg-max of each window: the last offset whose gain is 1, else offset 0."""
+    ndim = len(shape)
+    if k == s:
+        # Windows tile the axis without overlap: every input position gets exactly one value (or none,
+        # past the last window), so write the shares in place instead of zero-filling and adding.
+        dx = torch.empty(shape, dtype=dbest.dtype, device=dbest.device)
+        if n_out * s < shape[dim]:
+            dx.narrow(dim, n_out * s, shape[dim] - n_out * s).zero_()
+        rest = dbest
+        for l in range(k - 1, 0, -1):
+            share = dx[_offset(ndim, dim, l, n_out, s)]
+            torch.mul(rest, gains[l - 1], out=share)
+            rest = rest - share
+        dx[_offset(ndim, dim, 0, n_out, s)] = rest
+        return dx
     dx = torch.zeros(shape, dtype=dbest.dtype, device=dbest.device)
     rest = dbest
-    for l in range(len(gains), 0, -1):
+    for l in range(k - 1, 0, -1):
         share = rest * gains[l - 1]
-        dx[_offset(len(shape), dim, l, n_out, s)] += share
+        dx[_offset(ndim, dim, l, n_out, s)] += share
         rest = rest - share
-    dx[_offset(len(shape), dim, 0, n_out, s)] += rest
+    dx[_offset(ndim, dim, 0, n_out, s)] += rest
     return dx
 
 
@@ -117,8 +131,8 @@ class MaxPool2D(_Pool2D):
         gains_w, gains_h, x_shape, row_shape, (ho, wo) = self._cache
         self._cache = None
         (ph, pw), (sh, sw) = self.pool_size, self.stride
-        d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, sh, ho)
-        dx = _max_1d_backward(d_row, gains_w, x_shape, 2, sw, wo)
+        d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho)
+        dx = _max_1d_backward(d_row, gains_w, x_shape, 2, pw, sw, wo)
         return dx.permute(0, 3, 1, 2)
 
     def to_torch(self):
