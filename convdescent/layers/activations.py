@@ -18,6 +18,7 @@ from .base import Layer
 
 class _Elementwise(Layer):
     kind = "act"
+    samplewise = True
 
     def get_config(self):
         return {"name": self.name}

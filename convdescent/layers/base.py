@@ -30,6 +30,10 @@ class Layer:
     """
 
     kind = "layer"
+    # True when the layer treats every example on its own (no batch statistics, no shared randomness):
+    # forward on a batch equals forward on its pieces, and parameter gradients add up over the pieces.
+    # Sequential runs a leading stack of such layers in cache-sized chunks.
+    samplewise = False
 
     def __init__(self, name: str | None = None):
         self.params: dict[str, torch.Tensor] = {}

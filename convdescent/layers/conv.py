@@ -51,6 +51,7 @@ class Conv2D(Layer):
     """
 
     kind = "conv"
+    samplewise = True
 
     def __init__(self, filters: int, kernel_size=3, stride=1, padding="valid", use_bias: bool = True,
                  kernel_init="glorot_uniform", bias_init="zeros", in_channels: int | None = None,

@@ -24,6 +24,7 @@ from .base import Layer, check_rank, pair
 
 class _Pool2D(Layer):
     kind = "pool"
+    samplewise = True
 
     def __init__(self, pool_size=2, stride=None, name: str | None = None):
         super().__init__(name)
@@ -177,6 +178,7 @@ class GlobalAvgPool2D(Layer):
     """
 
     kind = "gap"
+    samplewise = True
 
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 3:

@@ -13,6 +13,7 @@ class Flatten(Layer):
     """Flatten every axis but the batch axis, in (C, H, W) order so weights match torch.nn.Flatten."""
 
     kind = "flatten"
+    samplewise = True
 
     def compute_output_shape(self, input_shape):
         return (math.prod(input_shape),)
