@@ -237,17 +237,39 @@ def random_affine(x: torch.Tensor, degrees: float = 0.0, scale: float = 0.0, tra
     Returns:
         `(B, C, H, W)`.
     """
-    b, c, h, w = x.shape
-    angle = _uniform(b, -degrees, degrees, generator, x) * (math.pi / 180.0)
+    b = len(x)
+    angle = _uniform(b, -degrees, degrees, generator, x)
     s = _uniform(b, 1.0 - scale, 1.0 + scale, generator, x)
-    tx = _uniform(b, -translate, translate, generator, x) * (2.0 / w)
-    ty = _uniform(b, -translate, translate, generator, x) * (2.0 / h)
-    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    # affine_grid works in [-1, 1] coordinates; these factors keep the rotation a rotation on non-square
-    # images (conjugating by the pixel scaling diag(W/2, H/2)).
+    tx = _uniform(b, -translate, translate, generator, x)
+    ty = _uniform(b, -translate, translate, generator, x)
+    return affine(x, angle, s, tx, ty, fill)
+
+
+def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
+           fill=0.0) -> torch.Tensor:
+    """Rotate each image by `angle` degrees (counter-clockwise as displayed), zoom by `scale` and shift
+    by (tx, ty) pixels (right, down), about the image centre, with bilinear resampling.
+
+    Args:
+        x: float images `(B, C, H, W)`.
+        angle, scale, tx, ty: per-image parameters `(B,)`.
+        fill: value of pixels that come from outside the image.
+
+    Returns:
+        `(B, C, H, W)`.
+    """
+    b, c, h, w = x.shape
+    rad = angle.to(x.dtype) * (math.pi / 180.0)
+    cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
+    # theta maps output coordinates in [-1, 1] to input coordinates: the inverse of the wanted motion.
+    # The h/w factors keep the rotation a rotation on non-square images (conjugating by the pixel
+    # scaling diag(W/2, H/2)).
+    ntx, nty = tx.to(x.dtype) * (2.0 / w), ty.to(x.dtype) * (2.0 / h)
+    a11, a12 = cos, -sin * (h / w)
+    a21, a22 = sin * (w / h), cos
     theta = torch.stack([
-        torch.stack([cos, -sin * (h / w), tx], 1),
-        torch.stack([sin * (w / h), cos, ty], 1),
+        torch.stack([a11, a12, -(a11 * ntx + a12 * nty)], 1),
+        torch.stack([a21, a22, -(a21 * ntx + a22 * nty)], 1),
     ], 1)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
