@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .base import Layer, check_rank, pair
+from .conv import same_padding
 
 
 class _Pool2D(Layer):
@@ -113,9 +114,40 @@ class MaxPool2D(_Pool2D):
     Args:
         pool_size: int or (ph, pw).
         stride: int or pair; defaults to pool_size (non-overlapping windows).
+        padding: "valid" (none, the default), "same" (output ceil(H / stride), extra padding after, as
+            TensorFlow), or an int / pair of at most half the pool size (as torch). Padded positions
+            never win a window.
 
-    Shapes: (N, C, H, W) -> (N, C, (H - ph) // sh + 1, (W - pw) // sw + 1).
+    Shapes: (N, C, H, W) -> (N, C, (H + pad_h - ph) // sh + 1, (W + pad_w - pw) // sw + 1).
     """
+
+    def __init__(self, pool_size=2, stride=None, padding="valid", name: str | None = None):
+        super().__init__(pool_size, stride, name)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = pair(padding, "padding", allow_zero=True)
+            if any(p > k // 2 for p, k in zip(self.padding, self.pool_size)):
+                raise ValueError(f"padding must be at most half of pool_size {self.pool_size}, got {padding!r}")
+
+    def pads(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Padding (top, bottom, left, right) for an input of spatial size (h, w)."""
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        if self.padding == "same":
+            return (*same_padding(h, self.pool_size[0], self.stride[0]),
+                    *same_padding(w, self.pool_size[1], self.stride[1]))
+        ph, pw = self.padding
+        return ph, ph, pw, pw
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"MaxPool2D expects inputs of shape (C, H, W), got {tuple(input_shape)}")
+        c, h, w = input_shape
+        pt, pb, pl, pr = self.pads(h, w)
+        return super().compute_output_shape((c, h + pt + pb, w + pl + pr))
 
     def forward(self, x, train=False):
         check_rank(x, 4, self)
@@ -123,21 +155,36 @@ class MaxPool2D(_Pool2D):
         _, ho, wo = self.compute_output_shape((c, h, w))
         (ph, pw), (sh, sw) = self.pool_size, self.stride
         xh = x.permute(0, 2, 3, 1)  # channels-last view: offsets read runs of C contiguous floats
+        pt, pb, pl, pr = pads = self.pads(h, w)
+        if any(pads):
+            # The lowest finite value rather than -inf: it never wins a window, and the difference of two
+            # padded entries is 0 rather than nan.
+            xh = torch.nn.functional.pad(xh, (0, 0, pl, pr, pt, pb), value=torch.finfo(x.dtype).min)
+            h, w = h + pt + pb, w + pl + pr
         row_max, gains_w = _max_1d(xh, 2, pw, sw, wo)           # (N, H, Wo, C)
         out, gains_h = _max_1d(row_max, 1, ph, sh, ho)          # (N, Ho, Wo, C)
-        self._cache = (gains_w, gains_h, (n, h, w, c), tuple(row_max.shape), (ho, wo))
+        self._cache = (gains_w, gains_h, (n, h, w, c), tuple(row_max.shape), (ho, wo), pads)
         return out.permute(0, 3, 1, 2)
 
     def backward(self, dy):
-        gains_w, gains_h, x_shape, row_shape, (ho, wo) = self._cache
+        gains_w, gains_h, x_shape, row_shape, (ho, wo), (pt, pb, pl, pr) = self._cache
         self._cache = None
         (ph, pw), (sh, sw) = self.pool_size, self.stride
         d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho)
         dx = _max_1d_backward(d_row, gains_w, x_shape, 2, pw, sw, wo)
+        if pt or pb or pl or pr:
+            dx = dx[:, pt:x_shape[1] - pb, pl:x_shape[2] - pr, :]
         return dx.permute(0, 3, 1, 2)
 
+    def get_config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding, "name": self.name}
+
     def to_torch(self):
-        return torch.nn.MaxPool2d(self.pool_size, self.stride)
+        pt, pb, pl, pr = self.pads(*self.input_shape[1:]) if self.input_shape else (0, 0, 0, 0)
+        if pt == pb and pl == pr:
+            return torch.nn.MaxPool2d(self.pool_size, self.stride, padding=(pt, pl))
+        return torch.nn.Sequential(torch.nn.ConstantPad2d((pl, pr, pt, pb), float("-inf")),
+                                   torch.nn.MaxPool2d(self.pool_size, self.stride))
 
 
 class AvgPool2D(_Pool2D):
