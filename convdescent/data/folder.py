@@ -16,10 +16,9 @@ COLOR_MODES = ("grayscale", "rgb")
 def _parse_size(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
-        image_size = (image_size, image_size)
+    pair = (image_size, image_size) if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
     try:
-        h, w = (int(v) for v in image_size)
+        h, w = (int(v) for v in pair)
     except (TypeError, ValueError):
         raise ValueError(f"image_size must be an int or a (height, width) pair, got {image_size!r}") from None
     if h <= 0 or w <= 0:
