@@ -8,6 +8,7 @@ errors `DataError`, `CorruptFile`, `DatasetNotFound`, `DownloadError`.
 from .augment import Augment, default_augment_spec, make_augment
 from .cifar import safe_unpickle
 from .dataset import Dataset, load_dataset, split_train_val
+from .download import fetch, verify
 from .errors import ChecksumMismatch, CorruptFile, DataError, DatasetNotFound, DownloadError
 from .folder import load_image_folder, load_npz
 from .idx import read_idx, write_idx
@@ -30,7 +31,7 @@ from .registry import (
 __all__ = [
     "Augment", "BatchLoader", "ChecksumMismatch", "CorruptFile", "DataError", "Dataset", "DatasetNotFound",
     "DatasetSpec", "DownloadError", "FileSpec", "Normalizer", "REGISTRY", "cache_root", "default_augment_spec",
-    "find", "get_spec", "load_dataset", "load_image_folder", "load_npz", "locate", "make_augment",
+    "fetch", "find", "get_spec", "load_dataset", "load_image_folder", "load_npz", "locate", "make_augment",
     "missing_message", "read_idx", "register_dataset", "safe_unpickle", "search_places", "split_train_val",
-    "unregister_dataset", "write_idx",
+    "unregister_dataset", "verify", "write_idx",
 ]
