@@ -1,0 +1,203 @@
+"""Plots of the search tools: the range test, search trials against the learning rate, optimizer curves.
+
+matplotlib with the Agg backend (no display needed); each function writes a PNG atomically and returns
+its path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RULE_COLORS = {"valley": "tab:green", "steepest": "tab:orange", "min/10": "tab:purple"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> str:
+    """Write a figure as PNG through a temporary file and a rename, then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _pyplot().close(fig)
+    return str(path)
+
+
+def plot_lr_find(result, path) -> str:
+    """The range test: raw and smoothed loss against the learning rate, each rule's suggestion marked.
+
+    Args:
+        result: an ``LRFindResult``.
+        path: PNG file to write.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lrs, raw, sm = result.lrs, result.losses, result.smoothed
+    n = result.num_valid
+    finite = np.isfinite(raw)
+    ax.plot(lrs[finite], raw[finite], color="0.75", lw=0.8, label="loss per batch")
+    ax.plot(lrs[:n], sm[:n], color="tab:blue", lw=2, label="smoothed loss (EMA)")
+    if len(lrs) > n:
+        stop_lr = lrs[n]
+        ax.axvline(stop_lr, color="tab:red", ls=":", lw=1)
+        ax.annotate(f"stop: {result.stop_reason}", (stop_lr, 0.98), xycoords=("data", "axes fraction"),
+                    ha="right", va="top", rotation=90, color="tab:red", fontsize=8)
+    if result.good_range:
+        ax.axvspan(*result.good_range, color="tab:green", alpha=0.08, label="valley (good range)")
+    for rule, s in result.suggestions.items():
+        if s.lr is None:
+            continue
+        rec = rule == result.recommended
+        ax.axvline(s.lr, color=RULE_COLORS.get(rule, "k"), lw=2.2 if rec else 1.2, ls="-" if rec else "--",
+                   label=f"{rule}: {s.lr:.1e}" + ("  (recommended)" if rec else ""))
+        if s.index is not None and s.index < n and rule != "min/10":
+            ax.plot([s.lr], [sm[s.index]], "o", color=RULE_COLORS.get(rule, "k"), ms=8 if rec else 5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    valid = sm[:n][np.isfinite(sm[:n])]
+    if len(valid):
+        lo, hi = float(valid.min()), float(max(valid[0], np.median(valid)))
+        pad = 0.1 * max(hi - lo, 1e-12)
+        finite_raw = raw[:n][finite[:n]]
+        top = hi + 4 * pad if not len(finite_raw) else min(float(finite_raw.max()), hi + 6 * pad)
+        ax.set_ylim(lo - 2 * pad, max(top, hi + pad))
+    title = "Learning-rate range test"
+    if result.recommended is not None:
+        title += f": recommended {result.recommended_lr:.1e} ({result.recommended})"
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left")
+    if result.reason:
+        fig.text(0.01, -0.02, _wrap(result.reason, 120), fontsize=8, va="top")
+    return save_figure(fig, path)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def plot_trials(rows, path, metric: str = "val_acc") -> str:
+    """Validation accuracy against learning rate, one color per optimizer, pruned and failed trials marked.
+
+    Args:
+        rows: trial records (dicts with "lr", "optimizer", "state", metric and "last_val_acc").
+        path: PNG file to write.
+        metric: the key plotted for complete trials.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    optimizers = sorted({r.get("optimizer", "?") for r in rows})
+    cmap = plt.get_cmap("tab10")
+    for k, name in enumerate(optimizers):
+        color = cmap(k % 10)
+        mine = [r for r in rows if r.get("optimizer", "?") == name and r.get("lr") is not None]
+        done = [r for r in mine if r["state"] == "COMPLETE" and r.get(metric) is not None]
+        pruned = [r for r in mine if r["state"] == "PRUNED" and r.get("last_val_acc") is not None]
+        failed = [r for r in mine if r["state"] == "FAIL"]
+        if done:
+            ax.scatter([r["lr"] for r in done], [r[metric] for r in done], color=color, s=40,
+                       label=f"{name}", zorder=3)
+        if pruned:
+            ax.scatter([r["lr"] for r in pruned], [r["last_val_acc"] for r in pruned], color=color, marker="x",
+                       s=40, label=f"{name} (pruned: last reported)", zorder=3)
+        if failed:
+            ax.scatter([r["lr"] for r in failed], [0.0] * len(failed), color=color, marker="v", s=30,
+                       label=f"{name} (failed)", zorder=3)
+    best = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None]
+    if best:
+        b = max(best, key=lambda r: r[metric])
+        ax.scatter([b["lr"]], [b[metric]], s=220, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
+                   label=f"best: trial {b['number']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Search trials: validation accuracy against learning rate")
+    ax.grid(True, which="both", alpha=0.25)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_curves(curves, path, key: str = "val_acc", ylabel: str = "validation accuracy", title: str = "") -> str:
+    """Per-epoch curves of several optimizers (each seed thin, the mean thick) in one plot.
+
+    Args:
+        curves: {optimizer: [list of per-epoch values, one list per seed]}.
+        path: PNG file to write.
+        key, ylabel, title: labels.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab10")
+    for k, (name, runs) in enumerate(curves.items()):
+        color = cmap(k % 10)
+        runs = [list(r) for r in runs if r]
+        for r in runs:
+            ax.plot(range(1, len(r) + 1), r, color=color, alpha=0.3, lw=0.8)
+        if runs:
+            length = min(len(r) for r in runs)
+            mean = np.mean(np.array([r[:length] for r in runs], dtype=float), axis=0)
+            ax.plot(range(1, length + 1), mean, color=color, lw=2, label=f"{name} (mean of {len(runs)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} per epoch")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_lr_grid(results, path) -> str:
+    """The learning-rate tuning stage of a comparison: score against learning rate, per optimizer.
+
+    Args:
+        results: {optimizer: [(lr, score or nan), ...]}.
+        path: PNG file to write.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab10")
+    for k, (name, pts) in enumerate(results.items()):
+        pts = sorted(pts)
+        xs = [p[0] for p in pts]
+        ys = [p[1] if p[1] is not None and math.isfinite(p[1]) else np.nan for p in pts]
+        ax.plot(xs, ys, "o-", color=cmap(k % 10), label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Learning-rate tuning (log grid)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
