@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from . import init as initializers
+from .layers import BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .model import Sequential
 
 
@@ -30,6 +31,81 @@ def register_model(name: str):
         MODELS[name] = fn
         return fn
     return deco
+
+
+@register_model("seed_cnn_bn")
+def seed_cnn_bn(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
+                dtype=torch.float32, device="cpu") -> Sequential:
+    """The tutorial's network with its remedies for unstable gradients: batch normalization and dropout.
+
+    Conv2D(32, 3x3, no bias) -> BatchNorm2D -> ReLU -> MaxPool 2x2 -> Flatten -> Dense(128, no bias)
+    -> BatchNorm1D -> ReLU -> Dropout(0.5) -> Dense(K).
+
+    Choices: the layers before a batch norm have no bias, since the norm's shift replaces it (Ioffe &
+    Szegedy 2015). Dropout sits only after the last normalized layer, right before the classifier: dropout
+    placed before a batch norm shifts the variance its running statistics see between training and
+    evaluation (Li et al. 2019, "Understanding the Disharmony between Dropout and Batch Normalization by
+    Variance Shift"), so the Dropout(0.25) after pooling of the classic Keras example is left out.
+    """
+    return Sequential([Conv2D(32, 3, use_bias=False), BatchNorm2D(), ReLU(), MaxPool2D(2), Flatten(),
+                       Dense(128, use_bias=False), BatchNorm1D(), ReLU(), Dropout(0.5), Dense(num_classes)],
+                      input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="seed_cnn_bn")
+
+
+def _deepobs_truncated_normal(shape, generator=None, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Normal with std 0.05 truncated at two standard deviations (TensorFlow's truncated_normal), as DeepOBS."""
+    t = torch.empty(shape, dtype=dtype)
+    torch.nn.init.trunc_normal_(t, mean=0.0, std=0.05, a=-0.1, b=0.1, generator=generator)
+    return t.to(device)
+
+
+def _deepobs_bias(shape, generator=None, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The constant 0.05 DeepOBS gives the biases of its 2c2d network."""
+    return torch.full(shape, 0.05, dtype=dtype, device=device)
+
+
+# Registered by name so that get_config()/from_config() can rebuild the DeepOBS networks.
+initializers.INITIALIZERS.setdefault("deepobs_truncated_normal", _deepobs_truncated_normal)
+initializers.INITIALIZERS.setdefault("deepobs_bias", _deepobs_bias)
+
+
+@register_model("2c2d")
+def deepobs_2c2d(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
+                 dtype=torch.float32, device="cpu") -> Sequential:
+    """DeepOBS' 2c2d network for (Fashion-)MNIST (Schneider et al. 2019, "DeepOBS: A Deep Learning Optimizer
+    Benchmark Suite").
+
+    Conv2D(32, 5x5, same) -> ReLU -> MaxPool 2x2 stride 2 same -> Conv2D(64, 5x5, same) -> ReLU
+    -> MaxPool 2x2 stride 2 same -> Flatten -> Dense(1024) -> ReLU -> Dense(K); weights from a normal with
+    std 0.05 truncated at two std, biases 0.05, as in DeepOBS. For 28x28 inputs: 3,274,634 parameters.
+    """
+    w, b = "deepobs_truncated_normal", "deepobs_bias"
+    return Sequential([
+        Conv2D(32, 5, padding="same", kernel_init=w, bias_init=b), ReLU(), MaxPool2D(2, 2, padding="same"),
+        Conv2D(64, 5, padding="same", kernel_init=w, bias_init=b), ReLU(), MaxPool2D(2, 2, padding="same"),
+        Flatten(), Dense(1024, kernel_init=w, bias_init=b), ReLU(), Dense(num_classes, kernel_init=w, bias_init=b),
+    ], input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="2c2d")
+
+
+@register_model("3c3d")
+def deepobs_3c3d(input_shape=(3, 32, 32), num_classes: int = 10, seed: int | None = None,
+                 dtype=torch.float32, device="cpu") -> Sequential:
+    """DeepOBS' 3c3d network for CIFAR-10/100 (Schneider et al. 2019).
+
+    Conv2D(64, 5x5, valid) -> ReLU -> MaxPool 3x3 stride 2 same -> Conv2D(96, 3x3, valid) -> ReLU
+    -> MaxPool 3x3 stride 2 same -> Conv2D(128, 3x3, same) -> ReLU -> MaxPool 3x3 stride 2 same -> Flatten
+    -> Dense(512) -> ReLU -> Dense(256) -> ReLU -> Dense(K). Conv weights Glorot normal, dense weights Glorot
+    uniform, biases 0, as in DeepOBS. For 32x32 inputs the flattened features are 3x3x128 = 1152 and the
+    network has 895,210 parameters. DeepOBS trains it with an L2 penalty of 0.002 on the weights; that
+    belongs to the optimizer settings, not to the network.
+    """
+    conv = {"kernel_init": "glorot_normal", "bias_init": "zeros"}
+    return Sequential([
+        Conv2D(64, 5, padding="valid", **conv), ReLU(), MaxPool2D(3, 2, padding="same"),
+        Conv2D(96, 3, padding="valid", **conv), ReLU(), MaxPool2D(3, 2, padding="same"),
+        Conv2D(128, 3, padding="same", **conv), ReLU(), MaxPool2D(3, 2, padding="same"),
+        Flatten(), Dense(512), ReLU(), Dense(256), ReLU(), Dense(num_classes),
+    ], input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="3c3d")
 
 
 def make_model(name: str, input_shape, num_classes: int = 10, seed: int | None = None,

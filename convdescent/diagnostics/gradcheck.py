@@ -403,7 +403,8 @@ def check_layer(layer: Layer, input_shape, batch_size: int = 2, train: bool = Tr
     for owner, param, tensor, grad in targets:
         qualified = "input" if param == "input" else (f"{layer.name}.{owner}" if owner else layer.name)
         indices = _choose(grad, max_elements, gen)
-        numeric, kinked = _compare(run_forward, difference, record, tensor, eps, indices)
+        # clone: an output may be a view of the input (Flatten), which the next perturbation would change
+        numeric, kinked = _compare(lambda: run_forward().clone(), difference, record, tensor, eps, indices)
         results.append(_result(qualified, param, grad, numeric, kinked, indices))
     layer.clear_cache()
     return results

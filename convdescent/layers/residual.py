@@ -136,6 +136,11 @@ class Residual(Layer):
             shape = tuple(layer.compute_output_shape(shape))
         return shape
 
+    def to(self, device=None, dtype=None):
+        for layer in self.sublayers():
+            layer.to(device=device, dtype=dtype)
+        return self
+
     # -- computation -------------------------------------------------------------------------
     def forward(self, x, train=False):
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:

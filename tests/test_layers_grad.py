@@ -1,0 +1,440 @@
+"""Every layer's backward against float64 central finite differences and against torch autograd.
+
+For each layer, N_CONFIGS configurations are drawn from a seeded RNG (batch sizes, channel counts, odd and
+even spatial sizes, every stride and padding mode, with and without bias, train and eval mode); each is its
+own test id. The scalar loss is L = sum(y * R) with a random R, so dL/dy = R.
+
+- Finite differences: ``check_layer`` on every element of the input and of every parameter, float64, relative
+  error (as defined in convdescent.diagnostics.gradcheck) at most 1e-7. Inputs of ReLU-like layers are drawn
+  at least 0.1 away from 0 and max-pool inputs are distinct values spaced far more than the step apart, so
+  no finite difference straddles a kink (and the test asserts none did).
+- Autograd: the same layer against the equivalent torch.nn.functional computation, outputs and gradients,
+  relative error max|a - b| / max|b| at most 1e-10 in float64 and 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convdescent.diagnostics import check_layer
+from convdescent.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                                GlobalAvgPool2D, Layer, LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid, Softmax,
+                                Tanh, TorchModule)
+from convdescent.layers.norm import _BatchNorm
+
+N_CONFIGS = 50
+FD_TOL = 1e-7
+AUTOGRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+# Kinks are kept >= 0.01 away, so a step of 1e-5 never crosses one; it has 10x less rounding error than 1e-6.
+EPS = 1e-5
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[], Layer]
+    input_shape: tuple
+    batch: int
+    train: bool
+    x_kind: str = "normal"  # "normal", "away" (|x| >= 0.1) or "distinct" (all values distinct)
+    max_kinks: int = 0      # only branches with hidden ReLUs, whose pre-activations are not controlled
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# -- drawing configurations ----------------------------------------------------------------------------
+def _spatial(rng, lo=1, hi=7):
+    return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
+def conv_cases():
+    rng = random.Random(1001)
+    paddings = ["valid", "same", "int", "pair"]
+    strides = [(1, 1), (2, 2), (3, 3), (1, 2), (2, 1), (3, 2)]
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        kind = paddings[i % 4]
+        stride = strides[(i // 4) % len(strides)]
+        k = (rng.randint(1, 3), rng.randint(1, 3))
+        padding = {"valid": "valid", "same": "same", "int": rng.randint(0, 2),
+                   "pair": (rng.randint(0, 2), rng.randint(0, 2))}[kind]
+        h, w = _spatial(rng, 1, 7)
+        c, f, n = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 3)
+        bias = i % 3 != 2
+        try:
+            Conv2D(f, k, stride, padding).compute_output_shape((c, h, w))
+        except ValueError:
+            continue  # kernel larger than the padded input: drawn again
+        cases.append(Case(f"conv{i}-n{n}c{c}f{f}-{h}x{w}-k{k[0]}x{k[1]}-s{stride[0]}x{stride[1]}-p{padding}-b{int(bias)}",
+                          lambda f=f, k=k, s=stride, p=padding, b=bias: Conv2D(f, k, s, p, use_bias=b),
+                          (c, h, w), n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def dense_cases():
+    rng = random.Random(1002)
+    cases = []
+    for i in range(N_CONFIGS):
+        n, d_in, units, bias = rng.randint(1, 4), rng.randint(1, 7), rng.randint(1, 5), i % 3 != 2
+        cases.append(Case(f"dense{i}-n{n}-in{d_in}-out{units}-b{int(bias)}",
+                          lambda u=units, b=bias: Dense(u, use_bias=b), (d_in,), n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def maxpool_cases():
+    rng = random.Random(1003)
+    paddings = ["valid", "same", "int"]
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        pool = (rng.randint(1, 3), rng.randint(1, 3))
+        stride = None if i % 4 == 0 else (rng.randint(1, 3), rng.randint(1, 3))
+        kind = paddings[i % 3]
+        padding = {"valid": "valid", "same": "same",
+                   "int": (rng.randint(0, pool[0] // 2), rng.randint(0, pool[1] // 2))}[kind]
+        h, w = _spatial(rng, 1, 7)
+        c, n = rng.randint(1, 3), rng.randint(1, 3)
+        try:
+            MaxPool2D(pool, stride, padding=padding).compute_output_shape((c, h, w))
+        except ValueError:
+            continue
+        cases.append(Case(f"maxpool{i}-n{n}c{c}-{h}x{w}-p{pool[0]}x{pool[1]}-s{stride}-pad{padding}",
+                          lambda p=pool, s=stride, pad=padding: MaxPool2D(p, s, padding=pad), (c, h, w), n,
+                          train=bool(i % 2), x_kind="distinct", seed=i))
+    return cases
+
+
+def avgpool_cases():
+    rng = random.Random(1004)
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        pool = (rng.randint(1, 3), rng.randint(1, 3))
+        stride = None if i % 4 == 0 else (rng.randint(1, 3), rng.randint(1, 3))
+        h, w = _spatial(rng, 1, 7)
+        c, n = rng.randint(1, 3), rng.randint(1, 3)
+        if h < pool[0] or w < pool[1]:
+            continue
+        cases.append(Case(f"avgpool{i}-n{n}c{c}-{h}x{w}-p{pool[0]}x{pool[1]}-s{stride}",
+                          lambda p=pool, s=stride: AvgPool2D(p, s), (c, h, w), n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def shape_cases(name, make, rng_seed, x_kind="normal", flat_ok=True, maps_only=False):
+    """Configurations for layers that take any shape: flat (F,) or maps (C, H, W)."""
+    rng = random.Random(rng_seed)
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(1, 4)
+        if maps_only or not flat_ok or i % 2:
+            shape = (rng.randint(1, 3),) + _spatial(rng, 1, 5)
+        else:
+            shape = (rng.randint(1, 8),)
+        cases.append(Case(f"{name}{i}-n{n}-{'x'.join(map(str, shape))}", make(rng), shape, n,
+                          train=bool(i % 3 == 1), x_kind=x_kind, seed=i))
+    return cases
+
+
+def dropout_cases():
+    rng = random.Random(1010)
+    rates = [0.0, 0.1, 0.3, 0.5, 0.9]
+    cases = []
+    for i in range(N_CONFIGS):
+        rate = rates[i % len(rates)]
+        n = rng.randint(1, 4)
+        shape = (rng.randint(1, 8),) if i % 2 else (rng.randint(1, 3),) + _spatial(rng, 1, 5)
+        cases.append(Case(f"dropout{i}-r{rate}-n{n}-{'x'.join(map(str, shape))}",
+                          lambda r=rate, s=i: Dropout(r, seed=s), shape, n, train=(i // 5) % 2 == 0, seed=i))
+    return cases
+
+
+def bn2d_cases():
+    rng = random.Random(1011)
+    momenta = [0.1, 0.5, None, 1.0]
+    cases = []
+    for i in range(N_CONFIGS):
+        n, c = rng.randint(2, 3), rng.randint(1, 3)
+        h, w = _spatial(rng, 1, 4)
+        if n * h * w < 4:
+            h, w = h + 1, w + 1  # at least 4 values per channel so the batch variance is not degenerate
+        mom, eps = momenta[i % 4], [1e-5, 1e-3][i % 2]
+        cases.append(Case(f"bn2d{i}-n{n}c{c}-{h}x{w}-m{mom}-e{eps}", lambda m=mom, e=eps: BatchNorm2D(m, e),
+                          (c, h, w), n, train=(i // 2) % 2 == 0, seed=i))
+    return cases
+
+
+def bn1d_cases():
+    rng = random.Random(1012)
+    momenta = [0.1, 0.5, None]
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(4, 6)
+        shape = (rng.randint(1, 5),) if i % 3 else (rng.randint(1, 3), rng.randint(1, 3))
+        mom, eps = momenta[i % 3], [1e-5, 1e-3][i % 2]
+        cases.append(Case(f"bn1d{i}-n{n}-{'x'.join(map(str, shape))}-m{mom}-e{eps}",
+                          lambda m=mom, e=eps: BatchNorm1D(m, e), shape, n, train=(i // 2) % 2 == 0, seed=i))
+    return cases
+
+
+def residual_cases():
+    rng = random.Random(1013)
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(2, 3)
+        kind = i % 5
+        if kind == 4:  # dense block on flat features
+            d_in, d_out = rng.randint(1, 5), rng.randint(1, 5)
+            proj = "auto" if d_in != d_out else rng.choice([None, "auto", True])
+            make = lambda d=d_out, p=proj: Residual([Dense(d), Tanh(), Dense(d)], projection=p)
+            shape, hidden = (d_in,), 0
+        else:
+            c, f = rng.randint(1, 2), rng.randint(1, 3)
+            h, w = _spatial(rng, 2, 5)
+            s = rng.choice([1, 2]) if kind >= 2 else 1
+            proj = "auto" if (f != c or s != 1) else rng.choice([None, "auto", True])
+            if kind == 0:
+                make = lambda f=f, p=proj: Residual([Conv2D(f, 3, padding="same")], projection=p)
+            elif kind == 1:
+                make = lambda f=f, p=proj: Residual([Conv2D(f, 3, padding="same"), Tanh(),
+                                                     Conv2D(f, (1, 3), padding="same")], projection=p)
+            elif kind == 2:
+                make = lambda f=f, s=s, p=proj: Residual([Conv2D(f, 3, stride=s, padding="same", use_bias=False),
+                                                          BatchNorm2D(), ReLU(),
+                                                          Conv2D(f, 3, padding="same")], projection=p)
+            else:
+                make = lambda f=f, s=s, p=proj: Residual([Conv2D(f, 2, stride=s, padding="same"), Sigmoid()],
+                                                         projection=p)
+            shape, hidden = (c, h, w), kind == 2
+        cases.append(Case(f"residual{i}-kind{kind}-n{n}-{'x'.join(map(str, shape))}-proj{proj}", make, shape, n,
+                          train=bool(i % 2), max_kinks=2 if hidden else 0, seed=i))
+    return cases
+
+
+def torch_module_cases():
+    rng = random.Random(1014)
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(2, 3)
+        kind = i % 6
+        c, h, w = rng.randint(1, 3), *_spatial(rng, 3, 5)
+        if kind == 0:
+            f, k = rng.randint(1, 3), rng.randint(1, 3)
+            make, shape = (lambda c=c, f=f, k=k: TorchModule(torch.nn.Conv2d(c, f, k, padding=k // 2))), (c, h, w)
+        elif kind == 1:
+            d_in, d_out = rng.randint(1, 6), rng.randint(1, 4)
+            make, shape = (lambda a=d_in, b=d_out: TorchModule("torch.nn.Linear", {"in_features": a,
+                                                                                  "out_features": b})), (d_in,)
+        elif kind == 2:
+            make, shape = (lambda: TorchModule("torch.nn.GELU")), (c, h, w)
+        elif kind == 3:
+            make, shape = (lambda c=c: TorchModule(torch.nn.GroupNorm(1, c))), (c, h, w)
+        elif kind == 4:
+            make, shape = (lambda c=c: TorchModule(torch.nn.BatchNorm2d(c))), (c, h, w)
+        else:
+            make, shape = (lambda c=c: TorchModule(torch.nn.Sequential(torch.nn.Conv2d(c, 2, 3), torch.nn.Tanh(),
+                                                                       torch.nn.Flatten()))), (c, h, w)
+        cases.append(Case(f"torch{i}-kind{kind}-n{n}-{'x'.join(map(str, shape))}", make, shape, n,
+                          train=bool(i % 2), seed=i))
+    return cases
+
+
+CASES = {
+    "Conv2D": conv_cases(),
+    "Dense": dense_cases(),
+    "MaxPool2D": maxpool_cases(),
+    "AvgPool2D": avgpool_cases(),
+    "GlobalAvgPool2D": shape_cases("gap", lambda rng: GlobalAvgPool2D, 1005, maps_only=True),
+    "Flatten": shape_cases("flatten", lambda rng: Flatten, 1006),
+    "ReLU": shape_cases("relu", lambda rng: ReLU, 1007, x_kind="away"),
+    "LeakyReLU": shape_cases("leaky", lambda rng: (lambda a=rng.choice([0.0, 0.01, 0.2, 1.5]): LeakyReLU(a)),
+                             1008, x_kind="away"),
+    "Tanh": shape_cases("tanh", lambda rng: Tanh, 1009),
+    "Sigmoid": shape_cases("sigmoid", lambda rng: Sigmoid, 1015),
+    "Softmax": shape_cases("softmax", lambda rng: Softmax, 1016, flat_ok=True),
+    "Dropout": dropout_cases(),
+    "BatchNorm2D": bn2d_cases(),
+    "BatchNorm1D": bn1d_cases(),
+    "Residual": residual_cases(),
+    "TorchModule": torch_module_cases(),
+}
+# Softmax is defined over the class axis of (N, K) inputs.
+CASES["Softmax"] = [c for c in CASES["Softmax"] if len(c.input_shape) == 1] + [
+    Case(f"softmax-extra{i}-n{1 + i % 4}-{2 + i % 7}", Softmax, (2 + i % 7,), 1 + i % 4, train=bool(i % 2), seed=100 + i)
+    for i in range(N_CONFIGS - sum(len(c.input_shape) == 1 for c in CASES["Softmax"]))]
+
+ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES.items() for case in cases]
+
+
+# -- building a case ---------------------------------------------------------------------------------
+def _walk(layer):
+    yield layer
+    for sub in layer.sublayers():
+        yield from _walk(sub)
+
+
+def build_case(case: Case, dtype=torch.float64):
+    """The built layer (random biases and batch-norm state), its input x and the upstream gradient R."""
+    gen = torch.Generator().manual_seed(10_000 + case.seed)
+    layer = case.make()
+    layer.name = "layer"
+    layer.build(case.input_shape, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        for sub in _walk(layer):
+            if isinstance(sub, _BatchNorm):
+                sub.params["weight"].copy_(torch.rand(sub.num_features, generator=gen, dtype=dtype) + 0.5)
+                sub.params["bias"].copy_(torch.randn(sub.num_features, generator=gen, dtype=dtype))
+                sub.running_mean.copy_(torch.randn(sub.num_features, generator=gen, dtype=dtype) * 0.5)
+                sub.running_var.copy_(torch.rand(sub.num_features, generator=gen, dtype=dtype) + 0.5)
+                sub.num_batches_tracked.fill_(3)
+            elif "bias" in sub.params and not isinstance(sub, TorchModule):
+                sub.params["bias"].copy_(torch.randn(sub.params["bias"].shape, generator=gen, dtype=dtype) * 0.5)
+    shape = (case.batch,) + tuple(case.input_shape)
+    if case.x_kind == "away":
+        mag = torch.rand(shape, generator=gen, dtype=dtype) * 1.4 + 0.1
+        sign = torch.randint(0, 2, shape, generator=gen).to(dtype) * 2 - 1
+        x = mag * sign
+    elif case.x_kind == "distinct":
+        numel = math.prod(shape)
+        x = (torch.randperm(numel, generator=gen).to(dtype) / numel - 0.5).reshape(shape) * 4  # spacing 4/numel
+    else:
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+    out_shape = (case.batch,) + tuple(layer.output_shape)
+    r = torch.randn(out_shape, generator=gen, dtype=dtype)
+    return layer, x, r
+
+
+# -- the torch.nn.functional references --------------------------------------------------------------
+def same_pads(size, k, s):
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def explicit_pads(padding, kernel, stride, h, w):
+    """(left, right, top, bottom) for F.pad, recomputed here from the padding argument."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        (pt, pb), (pl, pr) = same_pads(h, kernel[0], stride[0]), same_pads(w, kernel[1], stride[1])
+        return pl, pr, pt, pb
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return pw, pw, ph, ph
+
+
+def reference(layer, x, params, buffers, train, y_engine, prefix=""):
+    """The layer's computation in torch.nn.functional, differentiable by autograd."""
+    p = lambda key: params.get(prefix + key)
+    if isinstance(layer, Conv2D):
+        pads = explicit_pads(layer.padding, layer.kernel_size, layer.stride, x.shape[2], x.shape[3])
+        return F.conv2d(F.pad(x, pads), p("weight"), p("bias"), stride=layer.stride)
+    if isinstance(layer, Dense):
+        return F.linear(x, p("weight"), p("bias"))
+    if isinstance(layer, MaxPool2D):
+        pads = explicit_pads(layer.padding, layer.pool_size, layer.stride, x.shape[2], x.shape[3])
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), layer.pool_size, layer.stride)
+    if isinstance(layer, AvgPool2D):
+        return F.avg_pool2d(x, layer.pool_size, layer.stride)
+    if isinstance(layer, GlobalAvgPool2D):
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+    if isinstance(layer, Flatten):
+        return torch.flatten(x, 1)
+    if isinstance(layer, LeakyReLU):
+        return F.leaky_relu(x, layer.negative_slope)
+    if isinstance(layer, ReLU):
+        return F.relu(x)
+    if isinstance(layer, Tanh):
+        return torch.tanh(x)
+    if isinstance(layer, Sigmoid):
+        return torch.sigmoid(x)
+    if isinstance(layer, Softmax):
+        return F.softmax(x, dim=1)
+    if isinstance(layer, Dropout):
+        if not train or layer.rate == 0:
+            return x
+        kept = (y_engine != 0).to(x.dtype)  # inputs are nonzero, so a zero output means a dropped unit
+        return x * kept / (1 - layer.rate)
+    if isinstance(layer, _BatchNorm):
+        rm, rv = buffers[prefix + "running_mean"], buffers[prefix + "running_var"]
+        nbt = buffers[prefix + "num_batches_tracked"]
+        momentum = layer.momentum if layer.momentum is not None else 1.0 / (float(nbt) + 1)
+        return F.batch_norm(x, rm, rv, p("weight"), p("bias"), training=train, momentum=momentum, eps=layer.eps)
+    if isinstance(layer, Residual):
+        h = x
+        for sub in layer.layers:
+            h = reference(sub, h, params, buffers, train, None, f"{prefix}{sub.name}.")
+        skip = x if layer.projection is None else reference(layer.projection, x, params, buffers, train, None,
+                                                            f"{prefix}projection.")
+        return h + skip
+    if isinstance(layer, TorchModule):
+        layer.module.train(train)
+        own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        return torch.func.functional_call(layer.module, own, (x,))
+    raise AssertionError(f"no reference for {type(layer).__name__}")
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-30)
+    return float((a - b).abs().max()) / scale if a.numel() else 0.0
+
+
+# -- the tests -----------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run these tiny shapes on one thread: threaded BLAS only adds synchronization at this size, and on a
+    busy machine its barriers can make a 6x3 matrix product take milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("layer_name,case", ALL)
+def test_backward_matches_finite_differences(layer_name, case):
+    layer, x, r = build_case(case)
+    results = check_layer(layer, case.input_shape, batch_size=case.batch, train=case.train, x=x, upstream=r,
+                          eps=EPS, max_elements=None)
+    assert {res.name for res in results} == {"input"} | {f"layer.{n}" for n, _ in layer.named_params()}
+    for res in results:
+        assert res.checked == math.prod(res.shape), f"{case.id}: {res.name} not fully checked"
+        assert res.kinks <= case.max_kinks, f"{case.id}: {res.name} crossed {res.kinks} kinks"
+        assert res.max_rel_error <= FD_TOL, f"{case.id}: {res.name} finite-difference error {res}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layer_name,case", ALL)
+def test_backward_matches_autograd(layer_name, case, dtype):
+    layer, x, r = build_case(case, dtype=dtype)
+    tol = AUTOGRAD_TOL[dtype]
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    y = layer.forward(x, case.train)
+    dx = layer.backward(r)
+    grads = {n: g.clone() for n, g in layer.named_grads()}
+    leaves = {n: p.detach().clone().requires_grad_() for n, p in layer.named_params()}
+    xr = x.clone().requires_grad_()
+    with torch.enable_grad():
+        yr = reference(layer, xr, leaves, buffers, case.train, y)
+        assert yr.shape == y.shape, f"{case.id}: output shape {tuple(y.shape)} vs torch {tuple(yr.shape)}"
+        (yr * r).sum().backward()
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert rel_error(y, yr.detach()) <= tol, f"{case.id}: forward differs from torch"
+    assert rel_error(dx, xr.grad) <= tol, f"{case.id}: dL/dx differs from autograd"
+    assert set(grads) == set(leaves)
+    for name, leaf in leaves.items():
+        assert grads[name].shape == leaf.shape
+        assert rel_error(grads[name], leaf.grad) <= tol, f"{case.id}: dL/d{name} differs from autograd"
+    # Batch norm's running statistics move as torch's. A running mean can land near 0 by cancellation, so its
+    # error is measured against the statistics' unit scale rather than its own size.
+    for name, buf in layer.named_buffers():
+        if not isinstance(layer, TorchModule) and name in buffers and buf.is_floating_point():
+            err = float((buf - buffers[name]).abs().max())
+            assert err <= tol * max(1.0, float(buffers[name].abs().max())), \
+                f"{case.id}: buffer {name} differs from torch by {err}"
