@@ -210,11 +210,10 @@ def random_crop(x: torch.Tensor, padding: int, generator=None, fill=0.0) -> torc
     padded[:, :, p:p + h, p:p + w] = x
     oy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=x.device)
     ox = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows, cols]
+    # Two gathers (rows, then columns) are several times faster than one 4-index advanced-indexing gather.
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * p)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 def random_flip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
