@@ -1,0 +1,430 @@
+"""The ``convdescent`` command: train, evaluate, predict, report, runs, optimizers, data, and the command
+groups other modules register (``COMMAND_MODULES``).
+
+Every command returns its exit status: 0 on success, 2 for bad arguments, data, configuration or
+checkpoints (one ``convdescent: error: ...`` line, no traceback), 3 when training stopped on non-finite
+values, 128 + the signal number when SIGINT/SIGTERM interrupted training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+# Modules that add their own command groups; each exposes register(subparsers) (the data module's is
+# add_data_parser) and sets func(args) -> exit status on its parsers.
+COMMAND_MODULES = ["convdescent.data.cli", "convdescent.diagnostics.cli", "convdescent.search.cli"]
+
+EXIT_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+class CliError(Exception):
+    """A problem with the command's input, reported as one line."""
+
+
+# ----------------------------------------------------------------------------------------------- train flags
+
+def _batch(text: str):
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}")
+    return value
+
+
+def _count(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an image count or a fraction, got {text!r}") from None
+
+
+def _floats(text: str):
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.9,0.999, got {text!r}") from None
+
+
+def _ints(text: str):
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 3000,6000, got {text!r}") from None
+
+
+def _scalar(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if "," in text:
+        return [_scalar(t) for t in text.split(",") if t]
+    return text
+
+
+def _key_value(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"must look like KEY=VALUE (e.g. warmup_steps=500), got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise argparse.ArgumentTypeError(f"must look like KEY=VALUE, got {text!r}")
+    return key, _scalar(value.strip())
+
+
+# flag -> (schedule parameter, type)
+SCHEDULE_FLAGS = {
+    "warmup_steps": ("warmup_steps", int), "warmup_epochs": ("warmup_epochs", float),
+    "decay_steps": ("decay_steps", int), "step_size": ("step_size", int), "gamma": ("gamma", float),
+    "milestones": ("milestones", _ints),
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The train flags: one per configuration key (``--batch-size`` is ``batch_size``), plus the
+    schedule-parameter shortcuts and the display switches."""
+    from .train.config import GROUP_TITLES, OPTIONS
+
+    p.add_argument("--config", metavar="TOML", help="read settings from a TOML file; flags override them")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    groups = {g: p.add_argument_group(title) for g, title in GROUP_TITLES.items()}
+    for o in OPTIONS:
+        if o.key == "schedule_params":
+            continue
+        flag = "--" + o.key.replace("_", "-")
+        kw: dict = {"dest": o.key, "default": None}
+        shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
+        help_text = o.help + shown
+        if o.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif o.kind == "int":
+            kw["type"] = int
+        elif o.kind == "float":
+            kw["type"] = float
+        elif o.kind == "batch":
+            kw["type"] = _batch
+            kw["metavar"] = "N|full"
+        elif o.kind == "count":
+            kw["type"] = _count
+        elif o.kind == "floats":
+            kw["type"] = _floats
+            kw["metavar"] = "B1,B2"
+        else:
+            kw["type"] = str
+        if o.choices:
+            kw["choices"] = o.choices
+        if o.key == "early_stopping":
+            kw["metavar"] = "PATIENCE"
+        groups[o.group].add_argument(flag, help=help_text, **kw)
+    g = groups["optimizer"]
+    for flag, (param, conv) in SCHEDULE_FLAGS.items():
+        g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=conv, default=None,
+                       help=f"schedule parameter {param}")
+    g.add_argument("--reduce-on-plateau", dest="sched_plateau", type=int, metavar="PATIENCE", default=None,
+                   help="use the reduce_on_plateau schedule: cut the rate after PATIENCE epochs without "
+                        "improvement of the validation loss")
+    g.add_argument("--plateau-factor", dest="sched_plateau_factor", type=float, default=None,
+                   help="factor of the reduce_on_plateau cut (default 0.1)")
+    g.add_argument("--schedule-param", dest="schedule_param", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="any schedule parameter, e.g. --schedule-param alpha=0.01 (repeatable)")
+    d = p.add_argument_group("Display")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="print only the final summary")
+    mode.add_argument("--json-lines", action="store_true", help="print epoch records, events and the summary as "
+                                                                "JSON objects, one per line")
+
+
+def train_config_from_args(args) -> dict:
+    """The configuration given on the command line: the --config file, then the flags over it."""
+    from .train.config import OPTIONS, load_toml
+
+    cfg: dict = {}
+    if args.config:
+        cfg.update(load_toml(args.config))
+    for o in OPTIONS:
+        value = getattr(args, o.key, None)
+        if value is not None:
+            cfg[o.key] = value
+    params = dict(cfg.get("schedule_params") or {})
+    for flag, (param, _) in SCHEDULE_FLAGS.items():
+        value = getattr(args, f"sched_{flag}", None)
+        if value is not None:
+            params[param] = value
+    if args.sched_plateau is not None:
+        if cfg.get("schedule", "constant") not in ("constant", "reduce_on_plateau"):
+            raise CliError(f"--reduce-on-plateau conflicts with --schedule {cfg['schedule']}; give one of them")
+        cfg["schedule"] = "reduce_on_plateau"
+        params["patience"] = args.sched_plateau
+    if args.sched_plateau_factor is not None:
+        params["factor"] = args.sched_plateau_factor
+    for key, value in args.schedule_param:
+        params[key] = value
+    if params:
+        cfg["schedule_params"] = params
+    if args.epochs is not None and args.steps is not None:
+        raise CliError(f"give --epochs or --steps, not both (got --epochs {args.epochs} --steps {args.steps})")
+    if args.epochs is not None:
+        cfg.pop("steps", None)
+        cfg["epochs"] = args.epochs
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .train.run import train_from_config
+    from .train.trainer import NonFiniteError, TrainingInterrupted
+
+    display = "quiet" if args.quiet else "json" if args.json_lines else "auto"
+    config = train_config_from_args(args)
+    try:
+        if args.resume:
+            overrides = {k: v for k, v in config.items()}
+            train_from_config(overrides, resume=args.resume, display=display)
+        else:
+            train_from_config(config, display=display)
+    except NonFiniteError as e:
+        print(f"convdescent: training stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except TrainingInterrupted as e:
+        run_dir = getattr(e, "run_dir", None) or args.resume or "RUN_DIR"
+        print(f"convdescent: {e.signal_name} received: stopped after step {e.step} (epoch {e.epoch}); a "
+              f"checkpoint was written. Continue with: convdescent train --resume {run_dir}", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluate / predict
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "data"
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .train.checkpoint import atomic_write_bytes
+    from .train.evaluation import (EVALUATION_FILE, confusion_png, evaluate_model, format_evaluation,
+                                   save_evaluation)
+    from .train.run import load_run
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    name = args.dataset or run.dataset
+    same = name == run.dataset
+    cfg = run.config
+    data = load_dataset(name, data_dir=args.data_dir or cfg.get("data_dir"),
+                        val_split=cfg["val_split"] if same else (0 if args.split == "test" else cfg["val_split"]),
+                        seed=cfg.get("split_seed", 0))
+    if tuple(data.input_shape) != tuple(run.model.input_shape):
+        raise CliError(f"dataset {name} has images of shape {tuple(data.input_shape)}, the model of "
+                       f"{run.path} takes {tuple(run.model.input_shape)}")
+    if data.num_classes != len(run.classes):
+        raise CliError(f"dataset {name} has {data.num_classes} classes, the model of {run.path} predicts "
+                       f"{len(run.classes)}")
+    x, y = data.split(args.split)
+    if len(x) == 0:
+        raise CliError(f"dataset {name} has no {args.split} images"
+                       + ("; the run used val_split 0" if args.split == "val" else ""))
+    ev = evaluate_model(run.model, run.loss(), x, y, run.normalizer, len(run.classes), cfg["eval_batch_size"])
+    title = f"{run.path.name}: {args.checkpoint} checkpoint ({run.checkpoint}.pt) on {name} {args.split}"
+    if args.json:
+        print(json.dumps({"run": str(run.path), "checkpoint": run.checkpoint, "dataset": name, "split": args.split,
+                          "loss": ev["loss"], "acc": ev["acc"], "n": ev["n"],
+                          "per_class_acc": {c: (None if math.isnan(a) else a)
+                                            for c, a in zip(run.classes, ev["per_class_acc"].tolist())},
+                          "confusion": ev["confusion"].tolist()}))
+    else:
+        print(format_evaluation(ev, run.classes, title))
+    if args.output:
+        png_path = Path(args.output)
+    elif same and args.split == "test":
+        png_path = run.path / "confusion.png"
+    else:
+        png_path = run.path / f"confusion-{_safe(name)}-{args.split}.png"
+    atomic_write_bytes(png_path, confusion_png(ev["confusion"], run.classes, title))
+    if same and args.split == "test" and not (run.path / EVALUATION_FILE).exists():
+        save_evaluation(run.path / EVALUATION_FILE, ev, "test", name)
+    if not args.json:
+        print(f"\nconfusion matrix written to {png_path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .train.evaluation import predict_files
+    from .train.run import load_run
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    results = predict_files(run.model, run.normalizer, run.classes, args.images, top_k=args.top_k, strict=args.strict)
+    for r in results:
+        if args.json:
+            print(json.dumps({"path": r["path"], "top": [{"class": c, "probability": p} for c, p in r["top"]],
+                              "notes": r["notes"]}))
+            continue
+        for note in r["notes"]:
+            print(f"note: {r['path']}: {note}", file=sys.stderr)
+        ranked = "  ".join(f"{i + 1}. {c} {p:.3f}" for i, (c, p) in enumerate(r["top"]))
+        print(f"{r['path']}: {ranked}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- report / runs
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(Path(args.run_dir), args.output)
+    print(f"report written to {path}")
+    return 0
+
+
+def _cell(v, spec=".4f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def cmd_runs(args) -> int:
+    from .train.run import default_runs_dir, list_runs
+
+    root = Path(args.dir) if args.dir else default_runs_dir()
+    rows = list_runs(root)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        print(f"no runs in {root}")
+        return 0
+    table = [("run", "status", "model", "dataset", "epochs", "best val_acc", "test acc", "wall time")]
+    for r in rows:
+        wall = r.get("wall_time_s")
+        table.append((r["run"], str(r.get("status") or "-"), str(r.get("model") or "-"), str(r.get("dataset") or "-"),
+                      r["epochs"], _cell(r.get("best_val_acc")), _cell(r.get("test_acc")),
+                      "-" if wall is None else f"{wall:.0f}s"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\n{len(rows)} run(s) in {root}")
+    return 0
+
+
+def cmd_optimizers(args) -> int:
+    from .optim import list_optimizers_text
+
+    print(list_optimizers_text())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+def _register_modules(sub) -> None:
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that command group is not part of this installation
+            raise
+        register = getattr(mod, "register", None) or getattr(mod, "add_data_parser", None)
+        if register is None:
+            raise RuntimeError(f"{name} is listed in COMMAND_MODULES but has no register(subparsers)")
+        register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command."""
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="convdescent", description="Train convolutional networks by gradient "
+                                 "descent with explicit, verified, observable gradients.")
+    ap.add_argument("--version", action="version", version=f"convdescent {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model and write a run directory",
+                       description="Train a model. Every setting is a flag or a key of a TOML file given with "
+                                   "--config (flags win); the resolved settings are saved as config.toml in "
+                                   "the run directory.")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--dataset", help="evaluate on another dataset (default: the run's)")
+    p.add_argument("--data-dir", help="folder searched first for the dataset")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--output", help="where to write the confusion-matrix PNG")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes of image files with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse images of another size or channel count instead of converting them")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="rebuild a run's report.html")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="where to write the report (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("runs", help="list runs with their key figures")
+    p.add_argument("--dir", help="folder holding the runs (default $CONVDESCENT_RUNS or ./runs)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("optimizers", help="list optimizers and learning-rate schedules")
+    p.set_defaults(func=cmd_optimizers)
+
+    _register_modules(sub)
+    return ap
+
+
+def _known_errors() -> tuple:
+    from .data import DataError
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+
+    return (CliError, ConfigError, CheckpointError, DataError, ValueError, FileNotFoundError, ImportError)
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _known_errors() as e:
+        message = str(e).strip() or type(e).__name__
+        print(f"convdescent: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("convdescent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

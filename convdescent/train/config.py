@@ -1,0 +1,295 @@
+"""Run configuration: every choice of a training run as one flat dict, read from and written to TOML.
+
+The keys are the ``convdescent train`` flags with underscores (``--batch-size`` is ``batch_size``), so a
+TOML file, the command line and a Python dict describe a run the same way. ``resolve_config`` fills the
+defaults and checks every value; the resolved dict is saved as ``config.toml`` in the run directory and
+rebuilds the run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its default, its kind of value and what it means.
+
+    ``kind`` is one of: str, int, float, bool, batch (int or "full"), count (int or fraction), floats (list),
+    dict, strs (list of strings).
+    """
+
+    key: str
+    default: Any
+    kind: str
+    help: str
+    group: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    # what is trained
+    Option("model", "seed_cnn", "str", "model name (see convdescent.models.MODELS)", "model"),
+    Option("loss", "cross_entropy", "str", "loss name", "model", ("cross_entropy", "mse")),
+    Option("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy target", "model", minimum=0.0),
+    # data
+    Option("dataset", "fashion-mnist", "str", "dataset name, 'npz:PATH' or 'folder:PATH'", "data"),
+    Option("data_dir", None, "str", "folder searched first for the dataset files", "data"),
+    Option("val_split", 5000, "count", "training images held out for validation (count or fraction; 0: none)",
+           "data", minimum=0),
+    Option("split_seed", 0, "int", "seed of the validation split (fixed so runs with other seeds compare)", "data"),
+    Option("normalize", "unit", "str", "input scaling: unit (x/255) or dataset (per-channel mean/std)", "data",
+           ("unit", "dataset")),
+    Option("augment", "", "str", "augmentation spec such as 'crop:4,flip' ('' for none)", "data"),
+    Option("batch_size", 32, "batch", "images per step, or 'full' for full-batch gradient descent", "data",
+           minimum=1),
+    Option("chunk_size", 4096, "int", "images per chunk when accumulating a full-batch gradient", "data",
+           minimum=1),
+    Option("drop_last", False, "bool", "skip the last incomplete batch of each epoch", "data"),
+    # how long
+    Option("epochs", 10, "int", "passes over the training set (ignored when steps is set)", "train", minimum=1),
+    Option("steps", None, "int", "total optimizer steps instead of epochs", "train", minimum=1),
+    # optimizer
+    Option("optimizer", "adam", "str", "optimizer name (convdescent optimizers lists them)", "optimizer"),
+    Option("lr", 1e-3, "float", "learning rate (peak for one_cycle)", "optimizer", minimum=0.0),
+    Option("momentum", None, "float", "momentum (sgd, rmsprop)", "optimizer", minimum=0.0),
+    Option("nesterov", None, "bool", "Nesterov momentum (sgd)", "optimizer"),
+    Option("weight_decay", None, "float", "weight decay (coupled or decoupled as the optimizer defines)",
+           "optimizer", minimum=0.0),
+    Option("betas", None, "floats", "Adam-style moment decays, e.g. [0.9, 0.999]", "optimizer"),
+    Option("eps", None, "float", "denominator term of adaptive optimizers", "optimizer", minimum=0.0),
+    Option("clip_norm", None, "float", "clip the global gradient norm to this value", "optimizer", minimum=0.0),
+    Option("clip_value", None, "float", "clip each gradient element to [-v, v]", "optimizer", minimum=0.0),
+    Option("agc", None, "float", "adaptive gradient clipping factor (Brock et al. 2021)", "optimizer",
+           minimum=0.0),
+    Option("record_norms", False, "bool", "record gradient/update norms and clipping inside the optimizer "
+           "every step", "optimizer"),
+    Option("schedule", "constant", "str", "learning-rate schedule name", "optimizer"),
+    Option("schedule_params", {}, "dict", "schedule parameters, e.g. {warmup_steps = 500}", "optimizer"),
+    # trainer
+    Option("seed", 0, "int", "seed of the initial weights, the batch order and augmentation", "train"),
+    Option("device", "auto", "str", "auto, cpu, cuda or cuda:N", "train"),
+    Option("precision", "fp32", "str", "fp32, or bf16 compute with fp32 master weights", "train",
+           ("fp32", "bf16")),
+    Option("on_nan", "stop", "str", "on a non-finite loss or gradient: stop, or rollback (restore the last "
+           "good state and halve the learning rate)", "train", ("stop", "rollback")),
+    Option("max_rollbacks", 3, "int", "how many rollbacks --on-nan rollback may make", "train", minimum=0),
+    Option("nan_check_every", 50, "int", "steps between checks for non-finite values (one host sync each)",
+           "train", minimum=1),
+    Option("early_stopping", 0, "int", "stop after this many epochs without improvement (0: off)", "train",
+           minimum=0),
+    Option("min_delta", 0.0, "float", "smallest change of the monitored value that counts as improvement",
+           "train", minimum=0.0),
+    Option("monitor", "auto", "str", "value watched by early stopping and the best checkpoint: auto (val_acc "
+           "when there is a validation split, else loss), val_acc, val_loss, acc or loss", "train",
+           ("auto", "val_acc", "val_loss", "acc", "loss")),
+    Option("restore_best", True, "bool", "early stopping restores the best weights", "train"),
+    Option("eval_batch_size", 1000, "int", "images per evaluation batch", "train", minimum=1),
+    # output
+    Option("out", "runs", "str", "folder that holds run directories", "output"),
+    Option("name", None, "str", "run name (default: the model name)", "output"),
+    Option("log_every", 50, "int", "steps between step records in metrics.jsonl (0: epochs only)", "output",
+           minimum=0),
+    Option("checkpoint_every", 0, "int", "also write the last checkpoint every N steps (0: at epoch ends)",
+           "output", minimum=0),
+    Option("tensorboard", False, "bool", "write TensorBoard event files (needs the tensorboard package)",
+           "output"),
+)
+
+OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+GROUP_TITLES = {"model": "What is trained", "data": "Data", "train": "Training", "optimizer": "Optimizer",
+                "output": "Output"}
+# Keys that may change when a run is resumed; the others define the run and must stay as saved.
+RESUMABLE_KEYS = ("epochs", "steps", "on_nan", "max_rollbacks", "nan_check_every", "log_every",
+                  "checkpoint_every", "tensorboard", "device", "data_dir", "eval_batch_size")
+
+
+def default_config() -> dict[str, Any]:
+    """Every key with its default value (None for unset optional settings)."""
+    return {o.key: (dict(o.default) if isinstance(o.default, dict) else o.default) for o in OPTIONS}
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(OPTION_BY_KEY), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTION_BY_KEY)}"
+    return ConfigError(f"unknown configuration key {key!r} in {source}{hint}")
+
+
+def _check_value(opt: Option, value: Any, source: str) -> Any:
+    where = f"{opt.key} (in {source})" if source != "arguments" else opt.key
+    if value is None:
+        if opt.default is None:
+            return None
+        raise ConfigError(f"{where} must be set, got None; its default is {opt.default!r}")
+    kind = opt.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        value = float(value)
+    elif kind == "batch":
+        if value == "full":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a positive integer or 'full', got {value!r}")
+    elif kind == "count":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be an image count or a fraction in [0, 1), got {value!r}")
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            if value.is_integer() and value >= 1:
+                value = int(value)
+            else:
+                raise ConfigError(f"{where} as a fraction must be in [0, 1), got {value!r}")
+    elif kind == "floats":
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} must be a list of numbers such as [0.9, 0.999], got {value!r}")
+        value = [float(v) for v in value]
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table such as {{warmup_steps = 500}}, got {value!r}")
+        value = dict(value)
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, opt.choices))}, got {value!r}")
+    if opt.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value < opt.minimum:
+        raise ConfigError(f"{where} must be >= {opt.minimum:g}, got {value!r}")
+    return value
+
+
+def resolve_config(config: dict[str, Any] | None = None, source: str = "arguments") -> dict[str, Any]:
+    """Defaults filled in and every value checked: the configuration a run is built from.
+
+    Args:
+        config: any subset of the keys of ``OPTIONS``; None values mean "use the default".
+        source: where the values came from, for error messages ("run.toml", "arguments").
+
+    Returns:
+        A new dict with every key.
+
+    Raises:
+        ConfigError: an unknown key or a bad value (the message names both).
+    """
+    out = default_config()
+    for key, value in (config or {}).items():
+        if key not in OPTION_BY_KEY:
+            raise _unknown_key(key, source)
+        if value is None and OPTION_BY_KEY[key].default is not None:
+            continue
+        out[key] = _check_value(OPTION_BY_KEY[key], value, source)
+    if out["name"] is not None and (not out["name"] or "/" in out["name"] or out["name"] in (".", "..")):
+        raise ConfigError(f"name must be a plain folder name without '/', got {out['name']!r}")
+    if out["device"] != "auto" and not (out["device"] == "cpu" or out["device"].startswith("cuda")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {out['device']!r}")
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run configuration from a TOML file (flat keys; the section headers written by
+    ``dump_toml`` are accepted too and flattened).
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or holds an unknown key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in GROUP_TITLES and isinstance(value, dict) and key not in OPTION_BY_KEY:
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in OPTION_BY_KEY:
+            raise _unknown_key(key, str(path))
+    return flat
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return key
+    return _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        out = ['"']
+        for ch in value:
+            if ch == '"':
+                out.append('\\"')
+            elif ch == "\\":
+                out.append("\\\\")
+            elif ch == "\n":
+                out.append("\\n")
+            elif ch == "\t":
+                out.append("\\t")
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(items) + "}" if items else "{}"
+    raise ConfigError(f"cannot write {type(value).__name__} value {value!r} to TOML")
+
+
+def dump_toml(config: dict[str, Any], header: str = "") -> str:
+    """TOML text for a configuration: flat keys in groups with comments; None values are left out
+    (reading the file back gives the same resolved configuration)."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    for group, title in GROUP_TITLES.items():
+        opts = [o for o in OPTIONS if o.group == group and config.get(o.key) is not None]
+        if not opts:
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"# {title}")
+        for o in opts:
+            lines.append(f"{o.key} = {_toml_value(config[o.key])}  # {o.help}")
+    extra = [k for k in config if k not in OPTION_BY_KEY]
+    if extra:
+        raise ConfigError(f"unknown configuration keys {extra}")
+    return "\n".join(lines) + "\n"

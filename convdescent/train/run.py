@@ -1,0 +1,481 @@
+"""Run directories: ``train_from_config`` (what ``convdescent train`` runs), ``load_run`` and ``list_runs``.
+
+A run directory ``runs/<date>-<time>-<name>/`` holds:
+
+- ``config.toml``: the resolved configuration (``convdescent train --config config.toml`` rebuilds the run);
+- ``metrics.jsonl``: a record per epoch and every ``log_every`` steps;
+- ``checkpoints/last.pt`` and ``checkpoints/best.pt``: model, optimizer and schedule state, random
+  generator states, epoch, step and position in the data order (see ``Trainer.checkpoint_payload``);
+- ``evaluation.npz``: test loss, accuracy, confusion matrix and the most confident mistakes;
+- ``summary.json``: status, best and final validation accuracy, test accuracy, wall time;
+- ``report.html``: the self-contained report (``convdescent.report``); ``tensorboard/`` with --tensorboard.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+import torch
+
+from .. import optim
+from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
+                        resolve_monitor, truncate_metrics)
+from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
+from .config import OPTION_BY_KEY, RESUMABLE_KEYS, ConfigError, dump_toml, load_toml, resolve_config
+from .evaluation import EVALUATION_FILE, confusion_png, evaluate_model, load_evaluation, save_evaluation
+from .history import History
+from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callbacks
+
+CONFIG_FILE = "config.toml"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
+
+
+def default_runs_dir() -> Path:
+    """Where run directories go by default: $CONVDESCENT_RUNS, else ./runs."""
+    return Path(os.environ.get("CONVDESCENT_RUNS") or "runs")
+
+
+@dataclass
+class RunResult:
+    """What ``train_from_config`` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        summary: the contents of summary.json.
+        history: the per-epoch History.
+        model: the trained model (final weights; the best ones if early stopping restored them).
+        status: "completed" or "early_stopping".
+    """
+
+    run_dir: Path
+    summary: dict
+    history: History
+    model: Any
+    status: str
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> "cuda" when a GPU is usable, else "cpu"; other names are checked."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA device is available; use --device cpu "
+                          f"or auto")
+    return name
+
+
+def _new_run_dir(out: Path, name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = out / f"{stamp}-{name}"
+    path, i = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            i += 1
+            path = Path(f"{base}-{i}")
+
+
+def _build(cfg: dict, dataset=None, normalizer_dict=None):
+    """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration."""
+    from ..data import BatchLoader, Normalizer, load_dataset
+    from ..losses import make_loss
+    from ..models import make_model
+
+    device = torch.device(cfg["device"])
+    if dataset is None:
+        dataset = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], val_split=cfg["val_split"],
+                               seed=cfg["split_seed"])
+    if len(dataset.x_train) == 0:
+        raise ConfigError(f"dataset {cfg['dataset']!r} has no training images")
+    if normalizer_dict is not None:
+        normalizer = Normalizer.from_dict(normalizer_dict)
+    elif cfg["normalize"] == "dataset":
+        normalizer = Normalizer.from_data(dataset.x_train)
+    else:
+        normalizer = Normalizer.unit()
+    model = make_model(cfg["model"], dataset.input_shape, dataset.num_classes, seed=cfg["seed"], device=device)
+    if cfg["loss"] == "cross_entropy":
+        loss = make_loss("cross_entropy", label_smoothing=cfg["label_smoothing"])
+    else:
+        if cfg["label_smoothing"]:
+            raise ConfigError(f"label_smoothing applies to the cross_entropy loss, not {cfg['loss']!r}")
+        loss = make_loss(cfg["loss"])
+    full = cfg["batch_size"] == "full"
+    loader = BatchLoader(dataset.x_train, dataset.y_train, cfg["batch_size"], shuffle=True,
+                         drop_last=cfg["drop_last"] and not full, seed=cfg["seed"], normalizer=normalizer,
+                         augment=cfg["augment"] or None, device=device, dtype=model.dtype,
+                         chunk_size=cfg["chunk_size"] if full else None)
+    spe = loader.steps_per_epoch
+    total = cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * spe
+    schedule = cfg["schedule"] if cfg["schedule"] != "constant" else None
+    optimizer = optim.optimizer_from_args(
+        cfg["optimizer"], cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+        weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"], clip_norm=cfg["clip_norm"],
+        clip_value=cfg["clip_value"], agc=cfg["agc"], schedule=schedule, schedule_params=cfg["schedule_params"],
+        total_steps=total, steps_per_epoch=spe, record=cfg["record_norms"])
+    val = None
+    if len(dataset.x_val):
+        val = (dataset.x_val.to(device), dataset.y_val.to(device))
+    return dataset, normalizer, model, loss, optimizer, loader, val
+
+
+def _resume_config(run_dir: Path, overrides: dict | None) -> dict:
+    saved = resolve_config(load_toml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+    cfg = dict(saved)
+    for key, value in (overrides or {}).items():
+        if key not in OPTION_BY_KEY:
+            raise ConfigError(f"unknown configuration key {key!r}")
+        if value is None:
+            continue
+        checked = resolve_config({key: value})[key]
+        if checked == saved[key]:
+            continue
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"{key} cannot change when resuming (the run used {saved[key]!r}, got {checked!r}); "
+                              f"only {', '.join(RESUMABLE_KEYS)} may change. Start a new run instead")
+        cfg[key] = checked
+    if overrides and overrides.get("epochs") is not None and overrides.get("steps") is None:
+        cfg["steps"] = None  # asking for epochs on resume means epochs, even if the run was planned in steps
+    return cfg
+
+
+def _say(stream: TextIO | None, text: str) -> None:
+    if stream is not None:
+        stream.write(text + "\n")
+        stream.flush()
+
+
+def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] = (), out=None, *,
+                      resume=None, run_dir=None, display="auto", stream: TextIO | None = None, dataset=None,
+                      handle_signals: bool = True, report: bool = True) -> RunResult:
+    """Train a run described by a configuration dict and write its run directory.
+
+    Args:
+        config: configuration keys (see ``convdescent.train.config.OPTIONS``); missing keys take defaults.
+            With ``resume`` these are overrides, of which only ``RESUMABLE_KEYS`` may differ.
+        callbacks: extra callbacks (e.g. a pruning callback reading ``logs["val_acc"]`` in ``on_epoch_end``).
+        out: folder holding run directories (overrides ``config["out"]``).
+        resume: a run directory to continue from its last checkpoint.
+        run_dir: exact run directory to create (instead of ``<out>/<date>-<time>-<name>``).
+        display: "auto" (progress bar on a terminal, else epoch lines), "lines", "bar", "json" or "quiet".
+        stream: where display lines go (default sys.stdout).
+        dataset: an already loaded ``Dataset`` to use instead of loading ``config["dataset"]``.
+        handle_signals: stop cleanly on SIGINT/SIGTERM after the current step, with a checkpoint.
+        report: write report.html at the end.
+
+    Returns:
+        ``RunResult`` with the run directory, the summary, the History and the model.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad configuration, data or checkpoint (clear messages).
+        NonFiniteError: training hit non-finite values (the summary records it; the last good checkpoint stays).
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written and ``--resume`` continues.
+    """
+    out_stream = stream if stream is not None else sys.stdout
+    talk = out_stream if display not in ("quiet", "json", 0) else None
+    if resume is not None:
+        run_path = Path(resume)
+        if not (run_path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run_path} is not a run directory (no {CONFIG_FILE}); pass the folder that "
+                                  f"'convdescent train' wrote")
+        cfg = _resume_config(run_path, config)
+        ckpt = load_checkpoint(run_path / "checkpoints" / "last.pt")
+        cfg["device"] = resolve_device(cfg["device"])
+    else:
+        cfg = resolve_config(config)
+        if out is not None:
+            cfg["out"] = str(out)
+        if cfg["name"] is None:
+            cfg["name"] = cfg["model"]
+        cfg["device"] = resolve_device(cfg["device"])
+        ckpt = None
+    torch.manual_seed(cfg["seed"])
+    try:
+        dataset, normalizer, model, loss, optimizer, loader, val = _build(
+            cfg, dataset, ckpt.get("normalizer") if ckpt else None)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+    if ckpt is not None:
+        if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(dataset.classes):
+            raise CheckpointError(f"the checkpoint in {run_path} was trained on classes {ckpt['classes'][:5]}..., "
+                                  f"the dataset now has {dataset.classes[:5]}...; resume with the same data")
+    else:
+        run_path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(cfg["out"]), cfg["name"])
+        run_path.mkdir(parents=True, exist_ok=True)
+
+    has_val = val is not None
+    monitor, _ = resolve_monitor(cfg["monitor"], has_val)
+    cbs: list[Callback] = list(callbacks)
+    if cfg["early_stopping"]:
+        cbs.append(EarlyStopping(monitor, cfg["early_stopping"], cfg["min_delta"], cfg["restore_best"]))
+    checkpointer = Checkpointer(run_path / "checkpoints", monitor, cfg["checkpoint_every"])
+    cbs.append(checkpointer)
+    cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
+    if cfg["tensorboard"]:
+        cbs.append(TensorBoardLogger(run_path / "tensorboard", max(cfg["log_every"], 1)))
+    cbs += display_callbacks(display, out_stream)
+    trainer = Trainer(model, loss, optimizer, loader, val, epochs=cfg["epochs"] if cfg["steps"] is None else None,
+                      steps=cfg["steps"], callbacks=cbs, precision=cfg["precision"], on_nan=cfg["on_nan"],
+                      max_rollbacks=cfg["max_rollbacks"], nan_check_every=cfg["nan_check_every"],
+                      eval_batch_size=cfg["eval_batch_size"], handle_signals=handle_signals,
+                      notice_stream=sys.stderr if display not in ("quiet", 0) else None)
+    trainer.extra = {"config": cfg, "classes": list(dataset.classes), "normalizer": normalizer.to_dict(),
+                     "dataset": dataset.name, "input_shape": list(dataset.input_shape)}
+    if ckpt is not None:
+        try:
+            trainer.load_checkpoint_state(ckpt)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint {run_path / 'checkpoints' / 'last.pt'} does not fit this run's "
+                                  f"model and optimizer: {e}") from None
+        if trainer.step >= trainer.total_steps:
+            raise ConfigError(f"the run in {run_path} already finished its {trainer.total_steps} steps "
+                              f"({trainer.epochs} epochs); pass a larger --epochs or --steps to train further")
+        truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
+
+    header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
+    atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    if ckpt is not None:
+        _say(talk, f"Resuming {run_path} at step {trainer.step} (epoch {loader.epoch + 1}, batch "
+                   f"{loader.position} of {len(loader)})")
+    else:
+        _say(talk, f"Run {run_path}")
+    _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}: "
+               f"{len(dataset.x_train)} train / {len(dataset.x_val)} val / {len(dataset.x_test)} test images, "
+               f"device {cfg['device']}, {cfg['precision']}")
+    _say(talk, f"Optimizer {optim.describe(optimizer)}")
+    status = "completed"
+    error: BaseException | None = None
+    try:
+        trainer.run()
+        status = trainer.stop_reason or "completed"
+    except NonFiniteError as e:
+        status, error = "nonfinite", e
+    except TrainingInterrupted as e:
+        status, error = "interrupted", e
+    except BaseException as e:
+        status, error = ("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"), e
+    summary = _write_summary(run_path, cfg, trainer, dataset, model, loss, normalizer, status, started, error,
+                             checkpointer)
+    if report:
+        try:
+            from ..report import build_report
+
+            build_report(run_path)
+        except Exception as e:  # a broken figure must not lose a finished run
+            _say(sys.stderr, f"convdescent: warning: report.html could not be written: {e}")
+    if error is not None:
+        error.run_dir = run_path
+        if isinstance(error, NonFiniteError):
+            last = run_path / "checkpoints" / "last.pt"
+            kept = f" The last good checkpoint is kept: {last}" if last.exists() else ""
+            error.args = (str(error) + "." + kept,)
+        raise error
+    _say(talk, _final_block(summary))
+    if display == "json":
+        out_stream.write(json.dumps(_finite_json({"type": "summary", **summary})) + "\n")
+        out_stream.flush()
+    return RunResult(run_path, summary, trainer.history, model, status)
+
+
+def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, loss, normalizer, status: str,
+                   started: str, error, checkpointer: Checkpointer) -> dict:
+    h = trainer.history
+    summary: dict[str, Any] = {
+        "status": status, "run_dir": str(run_path), "name": cfg["name"], "model": cfg["model"],
+        "dataset": dataset.name, "optimizer": optim.describe(trainer.optimizer), "epochs": trainer.epochs,
+        "epochs_done": len(h), "steps": trainer.step, "total_steps": trainer.total_steps,
+        "best_val_acc": h.best_val_acc, "best_epoch": h.best_epoch,
+        "final_val_acc": h.final.get("val_acc", math.nan), "final_val_loss": h.final.get("val_loss", math.nan),
+        "final_loss": h.final.get("loss", math.nan), "final_acc": h.final.get("acc", math.nan),
+        "test_loss": math.nan, "test_acc": math.nan, "train_time_s": trainer.elapsed,
+        "rollbacks": trainer.rollbacks, "device": cfg["device"], "precision": cfg["precision"],
+        "params": model.num_params(), "started": started,
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    prev = _read_json(run_path / SUMMARY_FILE)
+    summary["wall_time_s"] = trainer.elapsed
+    if prev and isinstance(prev.get("first_started"), str):
+        summary["first_started"] = prev["first_started"]
+    else:
+        summary["first_started"] = started
+    if error is not None:
+        summary["error"] = str(error) if isinstance(error, (NonFiniteError, TrainingInterrupted)) else \
+            f"{type(error).__name__}: {error}"
+        if isinstance(error, TrainingInterrupted):
+            summary["resume"] = f"convdescent train --resume {run_path}"
+    if status in ("completed", "early_stopping") and len(dataset.x_test):
+        ev = evaluate_model(model, loss, dataset.x_test, dataset.y_test, normalizer, dataset.num_classes,
+                            cfg["eval_batch_size"])
+        save_evaluation(run_path / EVALUATION_FILE, ev, "test", dataset.name)
+        atomic_write_bytes(run_path / "confusion.png",
+                           confusion_png(ev["confusion"], dataset.classes, f"{dataset.name} test"))
+        summary["test_loss"], summary["test_acc"] = ev["loss"], ev["acc"]
+        summary["test_weights"] = "best (restored by early stopping)" if any(
+            e.get("event") == "restored_best" for e in h.events) else "final"
+    if checkpointer.best is not None:
+        summary["best_checkpoint"] = {"monitor": checkpointer.monitor, "value": checkpointer.best,
+                                      "epoch": checkpointer.best_epoch}
+    atomic_write_text(run_path / SUMMARY_FILE, json.dumps(_finite_json(summary), indent=2) + "\n")
+    return summary
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _final_block(s: dict) -> str:
+    best = _fmt(s.get("best_val_acc"))
+    if s.get("best_epoch"):
+        best += f" (epoch {s['best_epoch']})"
+    return "\n".join([
+        f"Best val_acc {best} - final val_acc {_fmt(s.get('final_val_acc'))} - "
+        f"test_acc {_fmt(s.get('test_acc'))} - wall time {s['wall_time_s']:.1f}s",
+        f"Run written to {s['run_dir']}",
+    ])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl file (lines cut short by a crash are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+@dataclass
+class Run:
+    """A run directory read back by ``load_run``.
+
+    Attributes:
+        path: the run directory.
+        config: the resolved configuration (config.toml).
+        model: the model with the chosen checkpoint's weights, in evaluation mode.
+        normalizer: the run's input normalizer; ``classes``: class names; ``dataset``: dataset name.
+        checkpoint: which checkpoint was loaded ("best" or "last"); ``checkpoint_path``: its file.
+        metrics: records of metrics.jsonl; ``summary``: summary.json (empty dict if absent).
+        history: the History stored in the checkpoint.
+    """
+
+    path: Path
+    config: dict
+    model: Any
+    normalizer: Any
+    classes: list
+    dataset: str
+    checkpoint: str
+    checkpoint_path: Path
+    metrics: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    history: History = field(default_factory=History)
+
+    @property
+    def evaluation(self) -> dict | None:
+        """The test evaluation saved with the run (evaluation.npz), or None."""
+        return load_evaluation(self.path / EVALUATION_FILE)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def loss(self):
+        from ..losses import make_loss
+
+        if self.config.get("loss", "cross_entropy") == "cross_entropy":
+            return make_loss("cross_entropy", label_smoothing=self.config.get("label_smoothing", 0.0))
+        return make_loss(self.config["loss"])
+
+
+def load_run(run_dir, checkpoint: str = "best", device="cpu") -> Run:
+    """Read a run directory: configuration, model (best or last checkpoint), normalizer, classes, metrics.
+
+    Args:
+        run_dir: a folder written by ``convdescent train`` / ``train_from_config``.
+        checkpoint: "best" (falls back to "last" when the run has no best.pt yet) or "last".
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: not a run directory, or its checkpoint is missing, truncated or foreign.
+    """
+    from ..data import Normalizer
+    from ..model import Sequential
+
+    path = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    if not path.is_dir():
+        raise CheckpointError(f"run directory {path} does not exist")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} is not a run directory (no {CONFIG_FILE}); pass a folder written by "
+                              f"'convdescent train'")
+    config = resolve_config(load_toml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+    ck_dir = path / "checkpoints"
+    which = checkpoint
+    if which == "best" and not (ck_dir / "best.pt").exists():
+        which = "last"
+    ck_path = ck_dir / f"{which}.pt"
+    ckpt = load_checkpoint(ck_path)
+    try:
+        model = Sequential.from_config(ckpt["model_config"], device=device)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ck_path} does not describe a loadable model: {e}") from None
+    normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else Normalizer.unit()
+    classes = list(ckpt.get("classes") or [str(i) for i in range(model.output_shape[-1])])
+    history = History.from_dict(ckpt["history"]) if ckpt.get("history") else History()
+    return Run(path=path, config=config, model=model, normalizer=normalizer, classes=classes,
+               dataset=str(ckpt.get("dataset", config["dataset"])), checkpoint=which, checkpoint_path=ck_path,
+               metrics=read_metrics(path / METRICS_FILE), summary=_read_json(path / SUMMARY_FILE) or {},
+               history=history)
+
+
+def list_runs(out=None) -> list[dict]:
+    """Key figures of every run directory under ``out`` (default ``default_runs_dir()``), newest first."""
+    root = Path(out) if out is not None else default_runs_dir()
+    if not root.is_dir():
+        return []
+    rows = []
+    for d in sorted(root.iterdir(), reverse=True):
+        if not (d / CONFIG_FILE).is_file():
+            continue
+        s = _read_json(d / SUMMARY_FILE) or {}
+        if not s:
+            try:
+                cfg = load_toml(d / CONFIG_FILE)
+            except ConfigError:
+                cfg = {}
+            s = {"status": "running or crashed", "model": cfg.get("model"), "dataset": cfg.get("dataset")}
+        rows.append({"run": d.name, "path": str(d), "status": s.get("status"), "model": s.get("model"),
+                     "dataset": s.get("dataset"), "epochs": f"{s.get('epochs_done', '?')}/{s.get('epochs', '?')}",
+                     "best_val_acc": s.get("best_val_acc"), "test_acc": s.get("test_acc"),
+                     "wall_time_s": s.get("wall_time_s")})
+    return rows

@@ -1,0 +1,197 @@
+"""The training step: forward, loss, explicit backward, optimizer update. The hot path of every run.
+
+Everything here stays on the device: the loss and the count of correct predictions are returned as
+tensors, so a step never waits for the device (no ``.item()``); the caller reads them when it reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..optim import apply_updates
+
+
+@torch.no_grad()
+def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch.Tensor):
+    """One gradient-descent step on a batch.
+
+    Args:
+        model: a built ``Sequential``.
+        loss_fn: a loss returning ``(loss, dL/dlogits)``.
+        optimizer: a ``GradientTransformation``; ``opt_state`` its state.
+        xb: inputs (B, C, H, W), already normalized; yb: labels (B,) int64.
+
+    Returns:
+        (loss tensor (), number of correct predictions tensor (), new optimizer state).
+    """
+    logits = model.forward(xb, train=True)
+    loss, dlogits = loss_fn(logits, yb)
+    model.backward(dlogits)
+    params = model.params()
+    updates, opt_state = optimizer.update(model.grads(), opt_state, params)
+    apply_updates(params, updates)
+    correct = (logits.argmax(dim=1) == yb).sum()
+    return loss, correct, opt_state
+
+
+@torch.no_grad()
+def compute_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precision=None,
+                      denominator: int | None = None):
+    """Forward, loss and backward on a batch, without updating anything.
+
+    Args:
+        xb: inputs (B, C, H, W); yb: labels (B,).
+        precision: a ``Precision`` (None: compute in the model's own dtype).
+        denominator: the loss's mean denominator (full-batch chunks pass the whole set's size).
+
+    Returns:
+        (loss tensor (), correct tensor (), grads dict name -> tensor in the parameters' dtype). With fp32
+        the grads are the layers' own tensors, overwritten by the next backward.
+    """
+    if precision is None or not precision.mixed:
+        logits = model.forward(xb, train=True)
+        loss, dlogits = loss_fn(logits, yb, denominator=denominator)
+        model.backward(dlogits)
+        return loss, (logits.argmax(dim=1) == yb).sum(), model.grads()
+    with precision.compute():
+        logits = precision.cast_logits(model.forward(precision.cast_input(xb), train=True))
+        loss, dlogits = loss_fn(logits, yb, denominator=denominator)
+        model.backward(precision.cast_output_grad(dlogits))
+        grads = precision.master_grads(model.grads())
+    return loss, (logits.argmax(dim=1) == yb).sum(), grads
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+@torch.no_grad()
+def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precision=None,
+                      denominator: int | None = None):
+    """``compute_gradients`` layer by layer, noting the first non-finite tensor (slow; for diagnosis).
+
+    Returns:
+        (loss, correct, grads, problem) where problem is None or a dict with ``where`` ("forward", "loss",
+        "backward"), ``layer`` and ``tensor`` naming the first non-finite value in computation order.
+    """
+    model._require_built()
+    problem = None
+    ctx = precision.compute() if precision is not None and precision.mixed else _null()
+    with ctx:
+        x = precision.cast_input(xb) if precision is not None else xb
+        if not _finite(x):
+            problem = {"where": "forward", "layer": "input", "tensor": "input batch"}
+        for layer in model.layers:
+            layer.training = True
+            x = layer.forward(x, True)
+            if problem is None and not _finite(x):
+                problem = {"where": "forward", "layer": layer.name,
+                           "tensor": f"output of {layer.name} ({type(layer).__name__})"}
+        logits = precision.cast_logits(x) if precision is not None else x
+        loss, dlogits = loss_fn(logits, yb, denominator=denominator)
+        if problem is None and not _finite(loss):
+            problem = {"where": "loss", "layer": model.layers[-1].name, "tensor": "loss"}
+        dy = precision.cast_output_grad(dlogits) if precision is not None else dlogits
+        for layer in reversed(model.layers):
+            dy = layer.backward(dy)
+            if problem is None:
+                for name, g in layer.named_grads(f"{layer.name}."):
+                    if not _finite(g):
+                        problem = {"where": "backward", "layer": layer.name, "tensor": f"gradient of {name}"}
+                        break
+        grads = model.grads()
+        if precision is not None:
+            grads = precision.master_grads(grads)
+    return loss, (logits.argmax(dim=1) == yb).sum(), grads, problem
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def accumulate_gradients(model, loss_fn, chunks, total: int, precision=None, checked: bool = False):
+    """Full-batch gradient: sum the gradients of chunks so the result is the gradient of the mean loss.
+
+    Args:
+        chunks: iterable of (xb, yb) covering the whole training set once.
+        total: the number of examples over all chunks (the mean's denominator).
+        precision: a ``Precision`` or None.
+        checked: compute layer by layer and report the first non-finite tensor (see ``checked_gradients``).
+
+    Returns:
+        (grads dict, loss tensor (), correct tensor ()) for the whole set; with ``checked`` a fourth item,
+        the problem found (or None).
+    """
+    acc = None
+    loss_sum = None
+    correct = None
+    problem = None
+    for xb, yb in chunks:
+        if checked:
+            loss, c, grads, p = checked_gradients(model, loss_fn, xb, yb, precision, denominator=total)
+            problem = problem or p
+        else:
+            loss, c, grads = compute_gradients(model, loss_fn, xb, yb, precision, denominator=total)
+        if acc is None:
+            acc = {k: g.clone() for k, g in grads.items()}
+            loss_sum = loss.clone()
+            correct = c
+        else:
+            torch._foreach_add_(list(acc.values()), list(grads.values()))
+            loss_sum += loss
+            correct += c
+    if acc is None:
+        raise ValueError("full-batch gradient over an empty training set")
+    if checked:
+        return acc, loss_sum, correct, problem
+    return acc, loss_sum, correct
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, normalizer=None):
+    """Mean loss and accuracy of ``model`` on (x, y) in evaluation mode, in batches.
+
+    Args:
+        x: inputs (N, C, H, W), uint8 (normalized here with ``normalizer``) or float.
+        y: labels (N,).
+
+    Returns:
+        (mean loss, accuracy) as Python floats.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return float("nan"), float("nan")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, n, batch_size):
+        xb = x[i:i + batch_size]
+        yb = y[i:i + batch_size]
+        if normalizer is not None:
+            xb = normalizer(xb)
+        logits = model.forward(xb, train=False)
+        loss_sum += loss_fn.value(logits, yb).double() * xb.shape[0]
+        correct += (logits.argmax(dim=1) == yb).sum()
+    for layer in model.layers:
+        layer.clear_cache()
+    return float(loss_sum) / n, float(correct) / n
+
+
+@torch.no_grad()
+def predict_logits(model, x: torch.Tensor, batch_size: int = 1000, normalizer=None) -> torch.Tensor:
+    """Logits (N, K) of ``model`` on uint8 (normalized with ``normalizer``) or float inputs (N, C, H, W)."""
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size]
+        if normalizer is not None:
+            xb = normalizer(xb)
+        outs.append(model.forward(xb, train=False))
+    for layer in model.layers:
+        layer.clear_cache()
+    if not outs:
+        return torch.empty((0, 0))
+    return torch.cat(outs)
