@@ -164,7 +164,7 @@ def test_checksum_mismatch_with_valid_structure_is_rejected(server, tiny, tmp_pa
     other, _ = synthetic_images(40, 10, (8, 8), seed=99)
     fake = dict(files)
     fake["train-images-idx3-ubyte.gz"] = gzip.compress(encode_idx(other))
-    register("tiny-fake", [server.serve("/fake/", fake)], )
+    register("tiny-fake", [server.serve("/fake/", fake)])
     with pytest.raises(DownloadError, match="checksum mismatch"):
         dl.fetch("tiny-fake", progress=False)
     assert _cache_listing(tmp_path) in ([], ["tiny-fake"])

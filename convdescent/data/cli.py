@@ -82,8 +82,8 @@ def _cmd_list(args) -> int:
 
 def _cmd_fetch(args) -> int:
     from .download import fetch
-    from .sources import summarize_checks, verify_found
     from .registry import Found, Place, get_spec
+    from .sources import summarize_checks, verify_found
 
     spec = get_spec(args.name)
     dest = fetch(spec.name, dest_dir=args.dest, mirrors=args.mirror, progress=not args.no_progress, force=args.force)
@@ -122,15 +122,15 @@ def render_grid(images, labels, classes, title: str | None = None, cols: int | N
     """
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = len(images)
     cols = cols or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
     fig = Figure(figsize=(1.6 * cols, 1.75 * rows + (0.4 if title else 0)), dpi=100)
+    # An explicit Agg canvas: no pyplot, so the caller's global matplotlib backend is left alone.
+    FigureCanvasAgg(fig)
     for i in range(rows * cols):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.axis("off")

@@ -236,8 +236,9 @@ def fetch(name: str, dest_dir: str | Path | None = None, mirrors=None, progress:
           retries: int = 3, backoff: float | None = None, timeout: float = 30.0) -> Path:
     """Download a registered dataset into the user cache (or `dest_dir`) and verify it.
 
-    Files already present and valid are kept unless `force`. Everything is downloaded into a staging
-    folder and verified as a whole dataset first; only then are the files renamed into place.
+    Nothing is downloaded when the destination already holds a complete set that verifies (unless
+    `force`). Otherwise every file is downloaded into a staging folder and the set is verified as a whole
+    first; only then are the files renamed into place.
 
     Args:
         name: dataset name.

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .augment import Augment, make_augment
+from .augment import make_augment
 from .normalize import Normalizer
 
 _MASK64 = (1 << 64) - 1

@@ -94,8 +94,12 @@ def _stat_key(path: Path) -> dict:
     return {"origin": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _raw_name(fs: FileSpec) -> str:
+    return fs.name[:-3] if fs.name.endswith(".gz") else fs.name
+
+
 def _dcache_get(spec: DatasetSpec, fs: FileSpec, src: Path):
-    raw = _dcache_dir(spec) / fs.alt_names[0]
+    raw = _dcache_dir(spec) / _raw_name(fs)
     meta_path = raw.with_name(raw.name + ".json")
     try:
         meta = json.loads(meta_path.read_text())
@@ -113,7 +117,7 @@ def _dcache_get(spec: DatasetSpec, fs: FileSpec, src: Path):
 
 def _dcache_put(spec: DatasetSpec, fs: FileSpec, src: Path, header: bytes, arr: np.ndarray, digest: str,
                 check: FileCheck) -> None:
-    raw = _dcache_dir(spec) / fs.alt_names[0]
+    raw = _dcache_dir(spec) / _raw_name(fs)
     try:
         with atomic_open(raw, "wb") as f:
             f.write(header)
@@ -168,7 +172,7 @@ def check_idx_file(spec: DatasetSpec, fs: FileSpec, path: Path, use_cache: bool 
                 raise ChecksumMismatch(
                     path,
                     f"checksum mismatch: the decompressed content has sha256 {digest}, the official "
-                    f"{spec.name} {fs.alt_names[0]} has {fs.content_sha256}"
+                    f"{spec.name} {_raw_name(fs)} has {fs.content_sha256}"
                     + (f" (and the file's md5 {stored[0]} is not the published {fs.md5})" if stored and fs.md5 else "")
                     + "; the file is corrupt or a different dataset: delete it and fetch it again",
                 )
