@@ -112,7 +112,7 @@ def _transfer(url: str, tmp: Path, fs: FileSpec, timeout: float, progress: bool)
         reason = e.reason
         if isinstance(reason, socket.gaierror):
             raise _MirrorDown(f"cannot resolve the host ({reason})") from None
-        if isinstance(reason, (ConnectionRefusedError,)):
+        if isinstance(reason, ConnectionRefusedError):
             raise _MirrorDown("connection refused") from None
         raise _Retryable(f"{reason}") from None
     except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:

@@ -27,7 +27,7 @@ class BatchLoader:
     """Iterate over `(xb, yb)` batches of a dataset kept in memory as uint8.
 
     The images stay uint8 on `device` (the GPU when training there). Each epoch draws a permutation from a
-    `torch.Generator` seeded by (seed, epoch); each batch is one `index_select`, one fused normalize op and,
+    `torch.Generator` seeded by (seed, epoch); each batch is one `index_select`, one normalize (convert, multiply-add) and,
     if given, a batch-wise augmentation seeded by (seed, epoch, batch index). So the batches of an epoch
     depend only on (seed, epoch), and a resumed run sees exactly the same remaining batches.
 
