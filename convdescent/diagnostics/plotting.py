@@ -1,0 +1,90 @@
+"""Small matplotlib helpers shared by the diagnostics: headless figures, atomic PNG writes, inline images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    # Diagnostics run on servers and in tests: never try to open a window.
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def new_figure(rows: int, cols: int, size=(3.2, 3.0)):
+    """A figure with a (rows, cols) grid of axes, always returned as a 2-D array.
+
+    Args:
+        rows, cols: grid shape.
+        size: (width, height) in inches of one panel.
+
+    Returns:
+        (figure, axes array of shape (rows, cols)).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG through a temporary file and a rename, then close it.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def figure_to_data_uri(fig, dpi: int = 100) -> str:
+    """Render ``fig`` to a ``data:image/png;base64,...`` URI (for self-contained HTML) and close it."""
+    plt = _pyplot()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_to_data_uri(path: str | Path) -> str:
+    """Read a PNG file into a ``data:`` URI."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text through a temporary file in the same folder and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
