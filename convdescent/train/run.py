@@ -88,7 +88,7 @@ def _new_run_dir(out: Path, name: str) -> Path:
 
 def _build(cfg: dict, dataset=None, normalizer_dict=None):
     """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration."""
-    from ..data import BatchLoader, Normalizer, load_dataset
+    from ..data import BatchLoader, Normalizer, load_dataset, make_augment
     from ..losses import make_loss
     from ..models import make_model
 
@@ -112,9 +112,10 @@ def _build(cfg: dict, dataset=None, normalizer_dict=None):
             raise ConfigError(f"label_smoothing applies to the cross_entropy loss, not {cfg['loss']!r}")
         loss = make_loss(cfg["loss"])
     full = cfg["batch_size"] == "full"
+    augment = make_augment(cfg["augment"], dataset=dataset.name) if cfg["augment"] else None
     loader = BatchLoader(dataset.x_train, dataset.y_train, cfg["batch_size"], shuffle=True,
                          drop_last=cfg["drop_last"] and not full, seed=cfg["seed"], normalizer=normalizer,
-                         augment=cfg["augment"] or None, device=device, dtype=model.dtype,
+                         augment=augment, device=device, dtype=model.dtype,
                          chunk_size=cfg["chunk_size"] if full else None)
     spe = loader.steps_per_epoch
     total = cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * spe
