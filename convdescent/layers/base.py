@@ -137,20 +137,21 @@ class Layer:
 
 def pair(value, argname: str, allow_zero: bool = False) -> tuple[int, int]:
     """Normalize an int or a pair of ints into a pair, with an error naming ``argname``."""
+    given = value  # errors quote what the caller passed, e.g. "got -3", not the expanded pair
     if isinstance(value, bool):
-        raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{argname} must be an int or a pair of ints, got {given!r}")
     if isinstance(value, int):
         value = (value, value)
     try:
         a, b = value
     except (TypeError, ValueError):
-        raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}") from None
+        raise ValueError(f"{argname} must be an int or a pair of ints, got {given!r}") from None
     for v in (a, b):
         if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{argname} must be an int or a pair of ints, got {value!r}")
+            raise ValueError(f"{argname} must be an int or a pair of ints, got {given!r}")
         if v < 0 or (v == 0 and not allow_zero):
             bound = "non-negative" if allow_zero else "positive"
-            raise ValueError(f"{argname} must be {bound}, got {value!r}")
+            raise ValueError(f"{argname} must be {bound}, got {given!r}")
     return int(a), int(b)
 
 
