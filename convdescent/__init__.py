@@ -1,9 +1,10 @@
 """convdescent: train convolutional networks by gradient descent with explicit, verified gradients."""
 
-from .layers import (AvgPool2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, Layer, LeakyReLU, MaxPool2D, ReLU,
-                     Sigmoid, Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
+                     LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid, Softmax, Tanh, TorchModule)
 from .losses import MSE, SoftmaxCrossEntropy, make_loss
 from .model import Sequential
-from .models import make_model, seed_cnn
+from .models import deepobs_2c2d, deepobs_3c3d, make_model, seed_cnn, seed_cnn_bn
+from .diagnostics.gradcheck import check_layer, gradcheck
 
 __version__ = "0.1.0"
