@@ -119,8 +119,15 @@ def default_config() -> dict[str, Any]:
     return {o.key: (dict(o.default) if isinstance(o.default, dict) else o.default) for o in OPTIONS}
 
 
+# Names other tools use for the same settings: suggested, never accepted silently.
+SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "batchsize": "batch_size",
+            "opt": "optimizer", "wd": "weight_decay", "lr_schedule": "schedule", "scheduler": "schedule",
+            "validation_split": "val_split", "patience": "early_stopping", "grad_clip": "clip_norm",
+            "max_grad_norm": "clip_norm", "output_dir": "out", "run_name": "name"}
+
+
 def _unknown_key(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(OPTION_BY_KEY), n=1)
+    close = [SYNONYMS[key]] if key in SYNONYMS else difflib.get_close_matches(key, list(OPTION_BY_KEY), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTION_BY_KEY)}"
     return ConfigError(f"unknown configuration key {key!r} in {source}{hint}")
 
@@ -224,7 +231,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in GROUP_TITLES and isinstance(value, dict) and key not in OPTION_BY_KEY:
+        is_section = key in GROUP_TITLES and isinstance(value, dict) and (
+            key not in OPTION_BY_KEY or OPTION_BY_KEY[key].kind != "dict")
+        if is_section:
             flat.update(value)
         else:
             flat[key] = value
