@@ -9,19 +9,11 @@ import tempfile
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
-
-    # Diagnostics run on servers and in tests: never try to open a window.
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def new_figure(rows: int, cols: int, size=(3.2, 3.0)):
     """A figure with a (rows, cols) grid of axes, always returned as a 2-D array.
+
+    The figure is a plain ``matplotlib.figure.Figure`` rendered by Agg, without pyplot, so the caller's
+    matplotlib backend and open figures are left alone.
 
     Args:
         rows, cols: grid shape.
@@ -30,18 +22,28 @@ def new_figure(rows: int, cols: int, size=(3.2, 3.0)):
     Returns:
         (figure, axes array of shape (rows, cols)).
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
 
 
+def figure_to_png(fig, dpi: int = 100) -> bytes:
+    """Render ``fig`` to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG through a temporary file and a rename, then close it.
+    """Write ``fig`` as a PNG through a temporary file and a rename (never a half-written file).
 
     Returns:
         The path written.
     """
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,20 +55,12 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    finally:
-        plt.close(fig)
     return path
 
 
 def figure_to_data_uri(fig, dpi: int = 100) -> str:
-    """Render ``fig`` to a ``data:image/png;base64,...`` URI (for self-contained HTML) and close it."""
-    plt = _pyplot()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    """Render ``fig`` to a ``data:image/png;base64,...`` URI (for self-contained HTML)."""
+    return "data:image/png;base64," + base64.b64encode(figure_to_png(fig, dpi)).decode("ascii")
 
 
 def png_to_data_uri(path: str | Path) -> str:
