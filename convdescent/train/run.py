@@ -169,7 +169,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         out: folder holding run directories (overrides ``config["out"]``).
         resume: a run directory to continue from its last checkpoint.
         run_dir: exact run directory to create (instead of ``<out>/<date>-<time>-<name>``).
-        display: "auto" (progress bar on a terminal, else epoch lines), "lines", "bar", "json" or "quiet".
+        display: "auto" (progress bar on a terminal, else epoch lines), "lines", "bar", "json" (JSON lines),
+            "quiet" (only the final summary lines) or "none" (nothing at all).
         stream: where display lines go (default sys.stdout).
         dataset: an already loaded ``Dataset`` to use instead of loading ``config["dataset"]``.
         handle_signals: stop cleanly on SIGINT/SIGTERM after the current step, with a checkpoint.
@@ -184,7 +185,9 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written and ``--resume`` continues.
     """
     out_stream = stream if stream is not None else sys.stdout
-    talk = out_stream if display not in ("quiet", "json", 0) else None
+    if display not in ("auto", "lines", "bar", "json", "quiet", "none"):
+        raise ValueError(f"display must be auto, lines, bar, json, quiet or none, got {display!r}")
+    talk = out_stream if display in ("auto", "lines", "bar") else None
     if resume is not None:
         run_path = Path(resume)
         if not (run_path / CONFIG_FILE).is_file():
@@ -227,12 +230,12 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
     cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
     if cfg["tensorboard"]:
         cbs.append(TensorBoardLogger(run_path / "tensorboard", max(cfg["log_every"], 1)))
-    cbs += display_callbacks(display, out_stream)
+    cbs += display_callbacks("quiet" if display == "none" else display, out_stream)
     trainer = Trainer(model, loss, optimizer, loader, val, epochs=cfg["epochs"] if cfg["steps"] is None else None,
                       steps=cfg["steps"], callbacks=cbs, precision=cfg["precision"], on_nan=cfg["on_nan"],
                       max_rollbacks=cfg["max_rollbacks"], nan_check_every=cfg["nan_check_every"],
                       eval_batch_size=cfg["eval_batch_size"], handle_signals=handle_signals,
-                      notice_stream=sys.stderr if display not in ("quiet", 0) else None)
+                      notice_stream=sys.stderr if display != "none" else None)
     trainer.extra = {"config": cfg, "classes": list(dataset.classes), "normalizer": normalizer.to_dict(),
                      "dataset": dataset.name, "input_shape": list(dataset.input_shape)}
     if ckpt is not None:
@@ -285,8 +288,9 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             kept = f" The last good checkpoint is kept: {last}" if last.exists() else ""
             error.args = (str(error) + "." + kept,)
         raise error
-    _say(talk, _final_block(summary))
-    if display == "json":
+    if display not in ("json", "none"):
+        _say(out_stream, _final_block(summary))
+    elif display == "json":
         out_stream.write(json.dumps(_finite_json({"type": "summary", **summary})) + "\n")
         out_stream.flush()
     return RunResult(run_path, summary, trainer.history, model, status)
@@ -373,6 +377,18 @@ def read_metrics(path: str | Path) -> list[dict]:
     return out
 
 
+def history_from_metrics(records: list[dict]) -> History:
+    """The History of a run rebuilt from its metrics.jsonl records (epoch records and events)."""
+    h = History()
+    for r in records:
+        if r.get("type") == "epoch":
+            h.append({k: (math.nan if r.get(k) is None else r[k]) for k in ("epoch", "step", "loss", "acc",
+                                                                            "val_loss", "val_acc", "lr", "time")})
+        elif r.get("type") == "event":
+            h.events.append({k: v for k, v in r.items() if k != "type"})
+    return h
+
+
 @dataclass
 class Run:
     """A run directory read back by ``load_run``.
@@ -384,7 +400,7 @@ class Run:
         normalizer: the run's input normalizer; ``classes``: class names; ``dataset``: dataset name.
         checkpoint: which checkpoint was loaded ("best" or "last"); ``checkpoint_path``: its file.
         metrics: records of metrics.jsonl; ``summary``: summary.json (empty dict if absent).
-        history: the History stored in the checkpoint.
+        history: the whole run's History (from metrics.jsonl).
     """
 
     path: Path
@@ -452,11 +468,11 @@ def load_run(run_dir, checkpoint: str = "best", device="cpu") -> Run:
         raise CheckpointError(f"checkpoint {ck_path} does not describe a loadable model: {e}") from None
     normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt.get("normalizer") else Normalizer.unit()
     classes = list(ckpt.get("classes") or [str(i) for i in range(model.output_shape[-1])])
-    history = History.from_dict(ckpt["history"]) if ckpt.get("history") else History()
+    metrics = read_metrics(path / METRICS_FILE)
+    history = history_from_metrics(metrics) if metrics else History.from_dict(ckpt.get("history") or {})
     return Run(path=path, config=config, model=model, normalizer=normalizer, classes=classes,
                dataset=str(ckpt.get("dataset", config["dataset"])), checkpoint=which, checkpoint_path=ck_path,
-               metrics=read_metrics(path / METRICS_FILE), summary=_read_json(path / SUMMARY_FILE) or {},
-               history=history)
+               metrics=metrics, summary=_read_json(path / SUMMARY_FILE) or {}, history=history)
 
 
 def list_runs(out=None) -> list[dict]:
