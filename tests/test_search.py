@@ -2,8 +2,6 @@
 
 import json
 import math
-import multiprocessing
-import time
 
 import numpy as np
 import optuna

@@ -127,7 +127,6 @@ def _default_out(kind: str) -> Path:
 # ----------------------------------------------------------------------------------------------- lr-find
 
 def cmd_lr_find(args) -> int:
-    from ..optim import OPTIMIZERS
     from ..train.checkpoint import atomic_write_text
     from ..train.config import resolve_config
     from ..train.run import _build, resolve_device
@@ -149,11 +148,9 @@ def cmd_lr_find(args) -> int:
           if cfg.get(k) is not None}
     if cfg.get("betas") is not None:
         hp["betas"] = tuple(cfg["betas"])
-    for k in list(hp):
-        if k not in ("clip_norm", "clip_value", "agc") and k not in OPTIMIZERS[name].defaults:
-            raise ValueError(f"{k} does not apply to {name}")
     print(f"Range test: {cfg['model']} on {dataset.name} ({len(dataset.x_train)} training images), {name}, "
-          f"batch {cfg['batch_size']}, lr {args.start:g} -> {args.end:g} over {args.steps} steps", flush=True)
+          f"batch {cfg['batch_size']}, lr {args.start:g} -> {args.end:g} over {args.steps} steps",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     result = lr_find(model, loss, loader, name, start_lr=args.start, end_lr=args.end, num_steps=args.steps,
                      beta=args.beta, diverge_factor=args.diverge, skip_start=args.skip_start, **hp)
     out = Path(args.out) if args.out else _default_out("lr-find")

@@ -22,11 +22,11 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .space import SearchSpace, SearchSpaceError, point_key
+from .space import SearchSpace, point_key
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "halving", "none")
@@ -103,14 +103,11 @@ def open_storage(spec: str | None):
         # several processes write the file: wait for its lock instead of failing at once
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     if url.startswith(("postgresql", "postgres")):
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            try:
-                import psycopg  # noqa: F401
-            except ImportError:
-                raise SearchError("a PostgreSQL storage needs a driver: pip install psycopg2-binary "
-                                  "(or pip install 'convdescent[postgres]')") from None
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is None:
+            raise SearchError("a PostgreSQL storage needs a driver: pip install psycopg2-binary "
+                              "(or pip install 'convdescent[postgres]')")
         if url.startswith("postgres://"):
             url = "postgresql://" + url[len("postgres://"):]
     try:
@@ -555,7 +552,7 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
         config = resolve_config(best_config(settings, params), source="search")
         header = (f"Best trial {best['number']} of search {settings.study_name!r}: validation accuracy "
                   f"{best['value']:.4f}" + (f" (trained on {settings.train_subset} images)" if settings.train_subset
-                                            else "") + f"\nTrain it with: convdescent train --config best.toml")
+                                            else "") + "\nTrain it with: convdescent train --config best.toml")
         atomic_write_text(out_dir / "best.toml", dump_toml(config, header=header))
         files["best_config"] = str(out_dir / "best.toml")
         summary.update({"best_trial": best["number"], "best_value": best["value"], "best_params": params,

@@ -7,6 +7,7 @@ whole, so the trials are judged on the same images as full runs).
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class TrialRunner:
         callbacks = [pruning] if pruning is not None else []
         try:
             result = train_from_config(config, callbacks=callbacks, display="quiet", dataset=dataset,
-                                       handle_signals=False, report=self.report)
+                                       handle_signals=False, report=self.report, stream=io.StringIO())
         except NonFiniteError as e:
             return TrialOutcome(None, False, {"error": f"non-finite values: {e}"})
         h = result.history
