@@ -225,7 +225,7 @@ def cmd_border(args) -> int:
         name = run.config.get("model", base.name)
     else:
         name = args.model or "seed_cnn"
-        ds = load_dataset(args.dataset, data_dir=args.data_dir)
+        ds = load_dataset(args.dataset, data_dir=args.data_dir, val_split=0)  # only the test split is used
         seed = 0 if args.seed is None else args.seed
         base = make_model(name, ds.input_shape, ds.num_classes, seed=seed)
         loss, norm = make_loss("cross_entropy"), Normalizer.unit()
@@ -512,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Parse ``argv`` and run the command; errors in the input print one line and give exit status 2."""
+    from ..cli import _known_errors
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except _known_errors() as e:
         print(f"convdescent {args.command}: error: {e}", file=sys.stderr)
         return 2
 

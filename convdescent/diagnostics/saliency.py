@@ -33,7 +33,8 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
     if t.shape[0] != n:
         raise ValueError(f"target must be one class or one per image ({n}), got {t.numel()} values")
     if int(t.min()) < 0 or int(t.max()) >= k:
-        raise ValueError(f"target classes must be in [0, {k - 1}], got {t.tolist()}")
+        bad = sorted({v for v in t.tolist() if not 0 <= v < k})
+        raise ValueError(f"target classes must be in [0, {k - 1}], got {bad}")
     return t
 
 
