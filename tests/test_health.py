@@ -271,18 +271,20 @@ def test_state_dict_round_trip_and_bad_arguments():
         HealthRules(patience=0)
 
 
-def test_records_reach_metrics_jsonl_and_the_report(tmp_path):
+def test_monitor_is_on_in_train_runs_and_reaches_metrics_jsonl_and_the_report(tmp_path):
     from convdescent.train.run import read_metrics, train_from_config
 
     npz = tmp_path / "syn.npz"
     write_npz_dataset(npz, n=96, num_classes=3, shape=(1, 8, 8), seed=3)
     res = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 16, "epochs": 2,
-                             "batch_size": 16, "log_every": 0, "lr": 30.0, "optimizer": "sgd", "on_nan": "stop"},
-                            callbacks=[HealthMonitor(every=1, stream=None)], out=tmp_path / "runs",
-                            display="quiet", handle_signals=False)
+                             "batch_size": 16, "log_every": 0, "lr": 30.0, "optimizer": "sgd", "on_nan": "stop",
+                             "health_every": 1}, out=tmp_path / "runs", display="quiet", handle_signals=False)
     checks, warns = health_records(read_metrics(res.run_dir / "metrics.jsonl"))
     assert len(checks) == res.summary["steps"] and checks[0]["step"] == 1
     assert {w["rule"] for w in warns} >= {"exploding_gradients"}
     html = (res.run_dir / "report.html").read_text()
     assert 'id="section-gradient-health"' in html and 'id="gradient-health"' in html
     assert "exploding_gradients" in html and "lower the learning rate" in html
+    from convdescent.train.config import default_config
+
+    assert default_config()["health_every"] == 50  # on by default

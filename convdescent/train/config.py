@@ -100,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("name", None, "str", "run name (default: the model name)", "output"),
     Option("log_every", 50, "int", "steps between step records in metrics.jsonl (0: epochs only)", "output",
            minimum=0),
+    Option("health_every", 50, "int", "steps between gradient-health checks: per-layer gradient, update and "
+           "activation figures in metrics.jsonl, with warnings (0: off)", "output", minimum=0),
     Option("checkpoint_every", 0, "int", "also write the last checkpoint every N steps (0: at epoch ends)",
            "output", minimum=0),
     Option("tensorboard", False, "bool", "write TensorBoard event files (needs the tensorboard package)",

@@ -228,6 +228,10 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
     checkpointer = Checkpointer(run_path / "checkpoints", monitor, cfg["checkpoint_every"])
     cbs.append(checkpointer)
     cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
+    if cfg["health_every"]:
+        from ..diagnostics.health import HealthMonitor
+
+        cbs.append(HealthMonitor(every=cfg["health_every"], stream=sys.stderr if talk is not None else None))
     if cfg["tensorboard"]:
         cbs.append(TensorBoardLogger(run_path / "tensorboard", max(cfg["log_every"], 1)))
     cbs += display_callbacks("quiet" if display == "none" else display, out_stream)
