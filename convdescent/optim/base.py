@@ -135,6 +135,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             raise ValueError(
                 f"chain state has {len(state)} parts but the chain has {len(updates_fns)} transforms; "
                 "build the state with this chain's init(params)")
+        if not grads:
+            # Nothing to optimise (a model without parameters): foreach ops refuse empty lists.
+            return {}, state
         new_state = []
         for fn, s in zip(updates_fns, state):
             grads, s = fn(grads, s, params)
@@ -160,6 +163,8 @@ def apply_updates(params: Params, updates: dict) -> None:
         raise ValueError(
             f"updates must have the same keys as params; missing {missing}, unexpected {extra}")
     keys = list(updates)
+    if not keys:
+        return
     plist = [params[k] for k in keys]
     if isinstance(updates, LazyUpdates):
         if updates.pending:

@@ -78,6 +78,7 @@ class _Constant(Schedule):
         self._config = {"value": self.value}
 
     def __call__(self, step):
+        _step(step)
         return self.value
 
 
@@ -537,6 +538,7 @@ class ReduceOnPlateau(Schedule):
         return self.lr / self.base_lr if self.base_lr else 0.0
 
     def __call__(self, step):
+        _step(step)
         return self.lr
 
     def _is_better(self, a: float) -> bool:

@@ -89,7 +89,7 @@ class LazyUpdates(dict):
             yield from term.num
             if term.den is not None:
                 yield from term.den
-        if self._decay != 0.0 and self._params is not None:
+        if self._params is not None:
             yield from self._params
 
     def _snapshot(self) -> tuple[int, ...]:
@@ -146,14 +146,14 @@ class LazyUpdates(dict):
         if self._snapshot() != self._versions:
             raise RuntimeError(_MOVED_MSG)
 
-    def _evaluate(self) -> list[Tensor]:
+    def _evaluate(self, in_place: bool = True) -> list[Tensor]:
         first, rest = self._terms[0], self._terms[1:]
         c = first.cn / first.cd
         if first.den is not None:
             out = torch._foreach_div(first.num, first.den)
             if c != 1.0:
                 torch._foreach_mul_(out, c)
-        elif self._owned:
+        elif self._owned and in_place:
             out = first.num
             if c != 1.0:
                 torch._foreach_mul_(out, c)
@@ -168,6 +168,19 @@ class LazyUpdates(dict):
         if self._decay != 0.0:
             torch._foreach_add_(out, self._params, alpha=self._decay)
         return out
+
+    def peek(self) -> list[Tensor]:
+        """Compute the values into fresh tensors while leaving the expression pending, so that
+        apply_updates still takes the same (fused) path: observing the update does not change it.
+
+        Returns:
+            One tensor per key, in key order.
+        """
+        if self._status != "pending":
+            self.force()
+            return list(dict.values(self))
+        self._check_unmoved()
+        return self._evaluate(in_place=False)
 
     def force(self) -> None:
         """Compute the values now (a no-op once computed); afterwards this is an ordinary dict."""
