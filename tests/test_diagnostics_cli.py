@@ -124,3 +124,31 @@ def test_commands_are_part_of_the_main_command_line(capsys):
             convdescent_main([command, "--help"])
         assert info.value.code == 0
         assert command in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from convdescent.data.synthetic import write_npz_dataset
+    from convdescent.train.run import train_from_config
+
+    tmp = tmp_path_factory.mktemp("gradcheck-run")
+    npz = tmp / "syn.npz"
+    write_npz_dataset(npz, n=60, num_classes=3, shape=(1, 10, 10), seed=6)
+    res = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 10, "epochs": 1,
+                             "batch_size": 10, "log_every": 0}, out=tmp / "runs", display="quiet",
+                            handle_signals=False, report=False)
+    return res.run_dir
+
+
+def test_gradcheck_and_border_on_a_run_directory(tiny_run, capsys):
+    code = diag_main(["gradcheck", "--run", str(tiny_run), "--no-layer-types", "--max-elements", "8",
+                      "--batch-size", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "3 test images" in out and out.strip().splitlines()[-1].startswith("OK: ")
+    code = diag_main(["border", "--run", str(tiny_run), "--examples", "10", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(data["figures"]) == {"valid (init)", "same (init)", "trained (valid)"}
+    assert "reach" not in data["figures"]["trained (valid)"]  # same geometry as "valid": counted once
+    assert all((tiny_run / "diagnostics" / n).is_file() for n in ("border_counts.png", "border_gradients.png"))
