@@ -121,9 +121,36 @@ def test_lazy_updates_read_equals_what_apply_adds():
     optim.apply_updates(p2, u2)  # fused path
     for k in p2:
         torch.testing.assert_close(p2[k] - before[k], read[k], rtol=1e-5, atol=1e-7)
-    optim.apply_updates(p1, u1)  # evaluated path
-    for k in p1:
-        torch.testing.assert_close(p1[k], p2[k], rtol=1e-5, atol=1e-7)
+    optim.apply_updates(p1, u1)  # read first: the same term-by-term addition follows
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "rmsprop", "adam", "adamw", "nadam", "lion"])
+def test_reading_updates_never_changes_the_run(name):
+    tx = optim.make_optimizer(name, lr=0.01, **({"momentum": 0.9} if name == "sgd" else {}))
+    p1, p2 = make_params(), make_params()
+    s1, s2 = tx.init(p1), tx.init(p2)
+    for _ in range(10):
+        u1, s1 = tx.update(grad_fn(p1), s1, p1)
+        optim.apply_updates(p1, u1)
+        u2, s2 = tx.update(grad_fn(p2), s2, p2)
+        norm = optim.global_norm(list(u2.values()))  # a monitor reads them before they are applied
+        optim.apply_updates(p2, u2)
+        assert torch.isfinite(norm) and dict(u2)  # still readable after apply, having been read before
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def test_modified_updates_are_applied_as_modified():
+    params = make_params()
+    _, _, u = _adamw_updates(params)
+    before = {k: v.clone() for k, v in params.items()}
+    u["conv1.bias"] = torch.zeros(4)
+    u["dense1.bias"].mul_(2.0)
+    expected = {k: v.clone() for k, v in u.items()}
+    optim.apply_updates(params, u)
+    for k in params:
+        torch.testing.assert_close(params[k] - before[k], expected[k], rtol=1e-5, atol=1e-7)
+    assert torch.equal(params["conv1.bias"], before["conv1.bias"])
 
 
 def test_lazy_updates_behave_as_a_dict():

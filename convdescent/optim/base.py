@@ -150,8 +150,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: Params, updates: dict) -> None:
     """Add the updates to the parameters in place (``p += u``); returns nothing.
 
-    A pending :class:`~convdescent.optim.updates.LazyUpdates` is added without being evaluated (one
-    foreach op per term, as torch.optim does) and cannot be read afterwards.
+    A :class:`~convdescent.optim.updates.LazyUpdates` is added term by term (one foreach op per term, as
+    torch.optim does), whether or not it was read; if it was not read before, it cannot be read afterwards.
 
     Args:
         params: dict ``name -> Tensor`` of parameters, updated in place.
@@ -167,11 +167,7 @@ def apply_updates(params: Params, updates: dict) -> None:
         return
     plist = [params[k] for k in keys]
     if isinstance(updates, LazyUpdates):
-        if updates.pending:
-            updates.apply_to(plist)
-            return
-        updates.force()
-        torch._foreach_add_(plist, list(dict.values(updates)))
+        updates.apply_to(plist)
         return
     torch._foreach_add_(plist, [updates[k] for k in keys])
 

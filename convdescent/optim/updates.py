@@ -13,8 +13,10 @@ the coefficients; :func:`convdescent.optim.apply_updates` then adds the whole ex
 with one ``_foreach_addcdiv_``/``_foreach_add_`` per term, exactly as ``torch.optim`` does.
 
 Reading the dict in any way (``u["w"]``, ``.values()``, ``.items()``, ``dict(u)``, pickling, ...)
-evaluates the expression once into fresh tensors and from then on the object is an ordinary dict.
-Two reads are refused with a RuntimeError rather than answered wrongly: reading after
+evaluates the expression once into fresh tensors, and from then on the object reads as an ordinary dict.
+Reading changes nothing downstream: unless the values were modified after being read, ``apply_updates``
+still adds the expression term by term, so a run is the same bit for bit whether or not a monitor looked
+at its updates. Two reads are refused with a RuntimeError rather than answered wrongly: reading after
 ``apply_updates`` consumed the updates unevaluated, and reading after the tensors the expression refers to
 (the optimizer's moment buffers, say) were changed in place by a later ``update`` call.
 """
@@ -66,11 +68,12 @@ class LazyUpdates(dict):
         terms: the terms of the update; each list holds one tensor per key.
         decay: coefficient of the parameters in the update (decoupled weight decay).
         params: the parameter tensors, one per key (needed when ``decay`` is not zero).
-        owned: True when the first term's ``num`` tensors are scratch buffers that evaluation may overwrite
-            (the gradients handed to ``update``), False when they belong to optimizer state.
+        owned: True when the first term's ``num`` tensors are scratch buffers (the gradients handed to
+            ``update``), False when they belong to optimizer state; transforms may write into owned ones.
     """
 
-    __slots__ = ("_keys", "_terms", "_decay", "_params", "_owned", "_versions", "_status")
+    __slots__ = ("_keys", "_terms", "_decay", "_params", "_owned", "_versions", "_status", "_values",
+                 "_value_versions")
 
     def __init__(self, keys: Sequence[str], terms: list[Term], decay: float = 0.0,
                  params: list[Tensor] | None = None, owned: bool = False):
@@ -82,6 +85,8 @@ class LazyUpdates(dict):
         self._owned = owned
         self._status = "pending"
         self._versions = self._snapshot()
+        self._values: list[Tensor] | None = None
+        self._value_versions: tuple[int, ...] = ()
 
     # ----- the expression -------------------------------------------------------------------------
     def _tracked(self) -> Iterable[Tensor]:
@@ -99,6 +104,11 @@ class LazyUpdates(dict):
     def pending(self) -> bool:
         """True while the values have not been computed (nor consumed by apply_updates)."""
         return self._status == "pending"
+
+    @property
+    def owned(self) -> bool:
+        """Whether the first term's tensors are scratch buffers rather than optimizer state."""
+        return self._owned
 
     @property
     def terms(self) -> list[Term]:
@@ -146,15 +156,12 @@ class LazyUpdates(dict):
         if self._snapshot() != self._versions:
             raise RuntimeError(_MOVED_MSG)
 
-    def _evaluate(self, in_place: bool = True) -> list[Tensor]:
+    def _evaluate(self) -> list[Tensor]:
+        # Always into fresh tensors: the terms stay valid, so apply_updates can still use them.
         first, rest = self._terms[0], self._terms[1:]
         c = first.cn / first.cd
         if first.den is not None:
             out = torch._foreach_div(first.num, first.den)
-            if c != 1.0:
-                torch._foreach_mul_(out, c)
-        elif self._owned and in_place:
-            out = first.num
             if c != 1.0:
                 torch._foreach_mul_(out, c)
         else:
@@ -169,21 +176,8 @@ class LazyUpdates(dict):
             torch._foreach_add_(out, self._params, alpha=self._decay)
         return out
 
-    def peek(self) -> list[Tensor]:
-        """Compute the values into fresh tensors while leaving the expression pending, so that
-        apply_updates still takes the same (fused) path: observing the update does not change it.
-
-        Returns:
-            One tensor per key, in key order.
-        """
-        if self._status != "pending":
-            self.force()
-            return list(dict.values(self))
-        self._check_unmoved()
-        return self._evaluate(in_place=False)
-
     def force(self) -> None:
-        """Compute the values now (a no-op once computed); afterwards this is an ordinary dict."""
+        """Compute the values now (a no-op once computed); afterwards this reads as an ordinary dict."""
         if self._status == "forced":
             return
         if self._status == "applied":
@@ -192,24 +186,17 @@ class LazyUpdates(dict):
         values = self._evaluate()
         dict.update(self, zip(self._keys, values))
         self._status = "forced"
-        self._terms = []
-        self._params = None
-        self._versions = ()
+        self._values = values
+        self._value_versions = tuple(v._version for v in values)
 
-    def apply_to(self, params: list[Tensor]) -> None:
-        """Add the pending expression to ``params`` in place (one foreach op per term) and consume it.
+    def _values_untouched(self) -> bool:
+        current = list(dict.values(self))
+        return (len(current) == len(self._values)
+                and all(a is b for a, b in zip(current, self._values))
+                and tuple(v._version for v in current) == self._value_versions)
 
-        Args:
-            params: the parameter tensors, in this dict's key order.
-        """
-        self._require_pending()
-        self._check_unmoved()
+    def _add_terms(self, params: list[Tensor]) -> None:
         if self._decay != 0.0:
-            if self._params is None or any(a is not b for a, b in zip(self._params, params)):
-                # The decay refers to other tensors than the ones being updated: evaluate instead.
-                self.force()
-                torch._foreach_add_(params, list(dict.values(self)))
-                return
             torch._foreach_mul_(params, 1.0 + self._decay)
         for term in self._terms:
             c = term.cn / term.cd
@@ -217,6 +204,38 @@ class LazyUpdates(dict):
                 torch._foreach_addcdiv_(params, term.num, term.den, value=c)
             else:
                 torch._foreach_add_(params, term.num, alpha=c)
+
+    def apply_to(self, params: list[Tensor]) -> None:
+        """Add the updates to ``params`` in place.
+
+        The expression is added term by term (one foreach op per term, as torch.optim does) whenever it is
+        still exact to do so, i.e. whether or not the values were read, unless they were modified since;
+        otherwise the evaluated values are added. Pending updates are consumed by this.
+
+        Args:
+            params: the parameter tensors, in this dict's key order.
+        """
+        if self._status == "applied":
+            raise RuntimeError("these updates were already applied; compute new ones with update()")
+        decay_elsewhere = self._decay != 0.0 and (
+            self._params is None or any(a is not b for a, b in zip(self._params, params)))
+        if self._status == "forced":
+            if (self._terms and not decay_elsewhere and self._values_untouched()
+                    and self._snapshot() == self._versions):
+                self._add_terms(params)
+            else:
+                torch._foreach_add_(params, list(dict.values(self)))
+            # A second application (as with a plain dict) adds the evaluated values again.
+            self._terms = []
+            return
+        self._check_unmoved()
+        if decay_elsewhere:
+            # The decay refers to other tensors than the ones being updated: evaluate instead.
+            self.force()
+            self._terms = []
+            torch._foreach_add_(params, list(dict.values(self)))
+            return
+        self._add_terms(params)
         self._status = "applied"
         self._terms = []
         self._params = None
