@@ -53,7 +53,7 @@ class Spy(Callback):
 
     def __init__(self, every):
         self.every = every
-        self.grads, self.before, self.after = {}, {}, {}
+        self.grads, self.before, self.after, self.losses = {}, {}, {}, {}
 
     def wants_grads(self, step):
         return step % self.every == 0
@@ -63,6 +63,7 @@ class Spy(Callback):
         self.before[step] = {k: p.clone() for k, p in params.items()}
 
     def on_step_end(self, trainer, step, logs):
+        self.losses[step] = (logs["epoch"], float(logs["loss"]))
         if step % self.every == 0:
             self.after[step] = {k: p.clone() for k, p in trainer.model.params().items()}
 
@@ -92,7 +93,12 @@ def test_figures_match_direct_computation():
         assert rec["grad_norm"] == pytest.approx(math.sqrt(total), rel=1e-5)
         assert set(rec["layers"]) == {"conv1", "relu1", "dense1", "relu2", "dense2"}
         assert rec["layers"]["relu1"]["dead_frac"] is not None and rec["layers"]["conv1"]["dead_frac"] is None
-        assert isinstance(rec["loss"], float) and rec["epoch"] == (s - 1) // 8 + 1  # 8 batches per epoch
+        assert rec["epoch"] == (s - 1) // 8 + 1  # 8 batches per epoch
+        # loss: the mean over the steps since the previous check, within the epoch
+        since = [l for t, (e, l) in spy.losses.items() if s - 3 < t <= s and e == rec["epoch"]]
+        assert rec["loss"] == pytest.approx(sum(since) / len(since), rel=1e-5)
+        assert rec["step_loss"] == pytest.approx(spy.losses[s][1], rel=1e-6)
+    assert mon.records[-1]["step"] == 9 and mon.records[-1]["loss"] == pytest.approx(spy.losses[9][1], rel=1e-5)
 
 
 def test_activation_probe_matches_forward_across_chunks():

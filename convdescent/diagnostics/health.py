@@ -370,9 +370,10 @@ class HealthRules:
                 gain = (before - last) / abs(before) if before else 0.0
                 flat = gain < self.plateau_tol
             if self._track(("loss_plateau", "model"), flat, 1):
+                change = f"{gain:.2%} below" if gain >= 0 else f"{-gain:.2%} above"
                 warn("loss_plateau", "loss", gain, self.plateau_tol,
-                     f"mean loss over the last {w} checks is {_fmt(last)}, {gain:.2%} below the {w} checks "
-                     f"before ({_fmt(before)}); less than {self.plateau_tol:.0%}")
+                     f"mean loss over the last {w} checks is {_fmt(last)}, {change} the {w} checks before "
+                     f"({_fmt(before)}); an improvement under {self.plateau_tol:.0%}")
         return found
 
 
@@ -391,8 +392,8 @@ class HealthMonitor(Callback):
 
     and each warning one record ``{"type": "health_warning", "step", "rule", "where", "value", "threshold",
     "message", "remedy"}``. Records go to the run's metrics.jsonl (through the trainer's ``MetricsWriter``,
-    or ``sink``) and stay in ``records`` / ``warnings``; warnings are also printed. ``loss`` is the
-    mini-batch loss of the checked step.
+    or ``sink``) and stay in ``records`` / ``warnings``; warnings are also printed. ``loss`` is the mean
+    training loss over the steps since the previous check (``step_loss``: the checked batch's own loss).
 
     Steps count updates from 1, as the trainer does: with ``every=50`` steps 50, 100, ... are checked.
 
@@ -430,6 +431,7 @@ class HealthMonitor(Callback):
         self._probe: ActivationProbe | None = None
         self._clips: list[ClipSpec] = []
         self._pending: dict[str, Any] | None = None
+        self._loss_mark: tuple | None = None  # (epoch, running loss sum, examples seen) at the last check
 
     # -- hooks -------------------------------------------------------------------------------------
     def wants_grads(self, step: int) -> bool:
@@ -440,6 +442,7 @@ class HealthMonitor(Callback):
         self._probe = ActivationProbe(trainer.model) if self.activations else None
         self._clips = clip_specs(getattr(trainer, "optimizer", None))
         self._pending = None
+        self._loss_mark = None
         self._writer = None
         if self.sink is None:
             from ..train.callbacks import MetricsWriter
@@ -494,7 +497,8 @@ class HealthMonitor(Callback):
         r = self.rules
         return {"streaks": {f"{a}|{b}": n for (a, b), n in r._streaks.items()},
                 "active": sorted(f"{a}|{b}" for a, b in r._active),
-                "prev_norm": r._prev_norm, "losses": list(r._losses)}
+                "prev_norm": r._prev_norm, "losses": list(r._losses),
+                "loss_mark": None if self._loss_mark is None else list(self._loss_mark)}
 
     def load_state_dict(self, state: dict) -> None:
         r = self.rules
@@ -503,6 +507,8 @@ class HealthMonitor(Callback):
         r._prev_norm = state.get("prev_norm")
         r._losses.clear()
         r._losses.extend(float(v) for v in state.get("losses", []))
+        mark = state.get("loss_mark")
+        self._loss_mark = None if mark is None else (int(mark[0]), float(mark[1]), int(mark[2]))
 
     # -- the check ---------------------------------------------------------------------------------
     def _finish(self, trainer, pending: dict, logs: dict) -> None:
@@ -512,14 +518,14 @@ class HealthMonitor(Callback):
         wnorms = torch._foreach_norm(before)
         norms, maxs, mins, clips = pending["grad"]
         acts = pending["acts"]
-        loss = logs.get("loss")
         figures = [*norms, *maxs, *mins, *clips, *unorms, *wnorms]
         for _, mean, std, dead in acts:
             figures += [mean, std, dead if dead is not None else torch.zeros(())]
         device = figures[0].device if figures else torch.device("cpu")
-        has_loss = isinstance(loss, torch.Tensor) or isinstance(loss, (int, float))
-        if has_loss:
-            figures.append(torch.as_tensor(loss, device=device))
+        # the step's own loss, and the trainer's running loss sum of the epoch (for the interval mean)
+        extra = [logs.get("loss"), logs.get("epoch_loss_sum")]
+        present = [isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool) for v in extra]
+        figures += [torch.as_tensor(v, device=device) for v, ok in zip(extra, present) if ok]
         values = torch.stack([f.to(device=device, dtype=torch.float64).reshape(()) for f in figures]).tolist()
         k = len(names)
         cols = [values[i * k:(i + 1) * k] for i in range(6)]
@@ -532,12 +538,15 @@ class HealthMonitor(Callback):
                             "update_norm": un, "update_ratio": un / wn if wn > 0 else None,
                             "clip_frac": clip, "ndim": pending["ndims"][i]}
         rest = values[6 * k:]
+        tail = rest[3 * len(acts):]
+        step_loss = tail.pop(0) if present[0] else None
+        loss = self._interval_loss(tail[0] if present[1] else None, logs, step_loss)
         layers = {}
         for j, (name, _, _, dead) in enumerate(acts):
             mean, std, d = rest[3 * j:3 * j + 3]
             layers[name] = {"act_mean": mean, "act_std": std, "dead_frac": d if dead is not None else None}
-        record = {"type": "health", "step": int(pending["step"]), "grad_norm": math.sqrt(sq),
-                  "loss": rest[-1] if has_loss else None, "params": params, "layers": layers}
+        record = {"type": "health", "step": int(pending["step"]), "grad_norm": math.sqrt(sq), "loss": loss,
+                  "step_loss": step_loss, "params": params, "layers": layers}
         if isinstance(logs.get("epoch"), int):
             record["epoch"] = logs["epoch"]
         self.records.append(record)
@@ -548,6 +557,22 @@ class HealthMonitor(Callback):
             if self.stream is not None:
                 print(f"health warning at step {w['step']} [{w['rule']}] {w['message']}. Remedy: {w['remedy']}",
                       file=self.stream, flush=True)
+
+    def _interval_loss(self, loss_sum: float | None, logs: dict, step_loss: float | None) -> float | None:
+        """Mean training loss over the steps since the previous check, from the trainer's running epoch sums.
+
+        A single batch's loss is too noisy for the plateau rule; the trainer already keeps the epoch's loss
+        sum on the device, so the mean over the interval costs nothing extra. Falls back to the step's own
+        loss when the runner does not provide the sums.
+        """
+        seen, epoch = logs.get("epoch_seen"), logs.get("epoch")
+        if loss_sum is None or not isinstance(seen, int) or seen <= 0:
+            return step_loss
+        prev = self._loss_mark
+        self._loss_mark = (epoch, loss_sum, seen)
+        if prev is not None and prev[0] == epoch and prev[2] < seen:
+            return (loss_sum - prev[1]) / (seen - prev[2])
+        return loss_sum / seen  # first check of an epoch: the epoch so far
 
     def _emit(self, trainer, record: dict) -> None:
         target = self.sink if self.sink is not None else getattr(self, "_writer", None)
