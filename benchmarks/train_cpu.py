@@ -1,0 +1,224 @@
+"""Time the tutorial's CNN on Fashion-MNIST: convdescent against idiomatic PyTorch, in the same run.
+
+Both sides train the same network (Conv2D 32 3x3 + ReLU -> MaxPool 2x2 -> Flatten -> Dense 128 + ReLU ->
+Dense 10) with Adam(1e-3) on the same 60,000 training images scaled to [0, 1], at each batch size.
+
+- convdescent: explicit backward, ``train_step`` over a ``BatchLoader`` (uint8 in memory, normalized per batch).
+- PyTorch: nn.Sequential, DataLoader over a TensorDataset of the same float tensors, torch.optim.Adam,
+  loss.backward() (the way the PyTorch tutorials write it).
+
+Each side runs a short warm-up (not timed), then ``--epochs`` timed epochs; the printed time is the median
+seconds per epoch, and the ratio is PyTorch's median over ours (above 1: convdescent is faster). Test accuracy
+is measured after the timed epochs.
+
+The "extras" column times what ``convdescent train`` adds to the bare loop: the ``Trainer`` with a progress
+bar (drawn to a null terminal, so its redraws and running-loss reads happen), epoch lines, metrics.jsonl
+(a step record with per-layer gradient norms every 50 steps), the non-finite check with its in-memory copy of
+the last good state every 50 steps, and last/best checkpoints written atomically (with fsync) at every
+epoch end. Trainer epochs and bare-loop epochs alternate on the same data, so both see the same machine
+load; the overhead is the median Trainer epoch over the median bare epoch, minus one (the first epoch of
+each is dropped as warm-up). Validation is left out of both (it is the same ``evaluate`` call either way).
+
+    python benchmarks/train_cpu.py [--epochs 3] [--batch-sizes 32,128] [--threads 2] [--extras-epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from convdescent import SoftmaxCrossEntropy, seed_cnn
+from convdescent.data import BatchLoader, Normalizer, load_dataset
+from convdescent.optim import make_optimizer
+from convdescent.train.step import evaluate, train_step
+
+
+def run_convdescent(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+    torch.manual_seed(seed)
+    loss_fn = SoftmaxCrossEntropy()
+    norm = Normalizer.unit()
+
+    def fresh():
+        model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed)
+        opt = make_optimizer("adam", lr=1e-3)
+        return model, opt, opt.init(model.params())
+
+    model, opt, state = fresh()  # warm-up on a throwaway model so both sides start timing warm
+    loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, normalizer=norm)
+    for i, (xb, yb) in enumerate(loader):
+        if i == warmup_steps:
+            break
+        train_step(model, loss_fn, opt, state, xb, yb)
+    model, opt, state = fresh()
+    loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, normalizer=norm)
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        total = torch.zeros(())
+        for xb, yb in loader:
+            loss, _, state = train_step(model, loss_fn, opt, state, xb, yb)
+            total += loss
+        float(total)  # wait for the last step
+        times.append(time.perf_counter() - t0)
+    _, acc = evaluate(model, loss_fn, data.x_test, data.y_test, normalizer=norm)
+    return times, acc
+
+
+def run_pytorch(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    c, h, w = data.input_shape
+    x_train = data.x_train.float().div_(255)
+    x_test = data.x_test.float().div_(255)
+
+    def fresh():
+        net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                            nn.Linear(32 * ((h - 2) // 2) * ((w - 2) // 2), 128), nn.ReLU(),
+                            nn.Linear(128, data.num_classes))
+        return net, torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=batch_size, shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+
+    def epoch(net, opt, limit=None):
+        net.train()
+        for i, (xb, yb) in enumerate(loader):
+            if limit is not None and i == limit:
+                break
+            opt.zero_grad()
+            loss = criterion(net(xb), yb)
+            loss.backward()
+            opt.step()
+
+    net, opt = fresh()
+    epoch(net, opt, limit=warmup_steps)
+    net, opt = fresh()
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        epoch(net, opt)
+        times.append(time.perf_counter() - t0)
+    net.eval()
+    with torch.no_grad():
+        correct = sum(int((net(x_test[i:i + 1000]).argmax(1) == data.y_test[i:i + 1000]).sum())
+                      for i in range(0, len(x_test), 1000))
+    return times, correct / len(x_test)
+
+
+class _NullTerminal(io.TextIOBase):
+    """A terminal that shows nothing: the progress bar draws (and reads the running loss) as on a real one."""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        return len(s)
+
+
+def run_extras(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+    """Median seconds per epoch of the bare loop and of the Trainer with the train command's extras,
+    epochs alternating. Returns (bare median, trainer median, bare epochs, trainer epochs)."""
+    from convdescent.train import Callback, Checkpointer, EpochLogger, MetricsWriter, ProgressBar, Trainer
+
+    torch.manual_seed(seed)
+    loss_fn = SoftmaxCrossEntropy()
+    norm = Normalizer.unit()
+    bare_model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed)
+    bare_opt = make_optimizer("adam", lr=1e-3)
+    bare_state = [bare_opt.init(bare_model.params())]
+    bare_loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, normalizer=norm)
+    for i, (xb, yb) in enumerate(bare_loader):  # warm-up, not timed
+        if i == warmup_steps:
+            break
+        _, _, bare_state[0] = train_step(bare_model, loss_fn, bare_opt, bare_state[0], xb, yb)
+    bare_loader.set_epoch(0)
+    bare_times, full_times = [], []
+
+    def bare_epoch():
+        t0 = time.perf_counter()
+        total = torch.zeros(())
+        for xb, yb in bare_loader:
+            loss, _, bare_state[0] = train_step(bare_model, loss_fn, bare_opt, bare_state[0], xb, yb)
+            total += loss
+        float(total)
+        return time.perf_counter() - t0
+
+    class Start(Callback):
+        def on_epoch_begin(self, trainer, epoch):
+            self.t0 = time.perf_counter()
+
+    class Stop(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            full_times.append(time.perf_counter() - start.t0)
+            bare_times.append(bare_epoch())  # outside the Trainer's timed span
+
+    start = Start()
+    model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed)
+    loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, normalizer=norm)
+    with tempfile.TemporaryDirectory() as tmp:
+        term = _NullTerminal()
+        cbs = [start, Checkpointer(f"{tmp}/checkpoints", monitor="loss"), MetricsWriter(f"{tmp}/metrics.jsonl", 50),
+               ProgressBar(term), EpochLogger(term), Stop()]
+        trainer = Trainer(model, loss_fn, make_optimizer("adam", lr=1e-3), loader, None, epochs=epochs,
+                          callbacks=cbs, nan_check_every=50, handle_signals=False, notice_stream=None)
+        trainer.run()
+    b, f = statistics.median(bare_times[1:]), statistics.median(full_times[1:])
+    return b, f, bare_times, full_times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per side and batch size")
+    ap.add_argument("--batch-sizes", default="32,128")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both sides")
+    ap.add_argument("--warmup-steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--extras-epochs", type=int, default=4,
+                    help="alternating bare/Trainer epochs for the extras column (0: skip it)")
+    ap.add_argument("--only-extras", action="store_true", help="time only the extras column (no PyTorch run)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_dataset("fashion-mnist", data_dir=args.data_dir, val_split=0, seed=args.seed)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fashion-mnist "
+          f"{len(data.x_train)} train / {len(data.x_test)} test, {args.epochs} timed epochs per run")
+    rows = []
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        extras = "n/a"
+        if args.extras_epochs >= 2:
+            b, f, bt, ft = run_extras(data, bs, args.extras_epochs, args.seed, args.warmup_steps)
+            extras = f"{(f / b - 1) * 100:+.1f}%"
+            print(f"batch {bs:4d}: bare loop {b:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in bt)}) | "
+                  f"train command's Trainer {f:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in ft)}) | "
+                  f"extras {extras}", flush=True)
+        if args.only_extras:
+            rows.append((bs, None, None, None, None, None, extras))
+            continue
+        ours, ours_acc = run_convdescent(data, bs, args.epochs, args.seed, args.warmup_steps)
+        peer, peer_acc = run_pytorch(data, bs, args.epochs, args.seed, args.warmup_steps)
+        o, p = statistics.median(ours), statistics.median(peer)
+        rows.append((bs, o, p, p / o, ours_acc, peer_acc, extras))
+        print(f"batch {bs:4d}: convdescent {o:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in ours)}) "
+              f"| pytorch {p:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in peer)}) | speed-up {p / o:.2f}x "
+              f"| test acc {ours_acc:.4f} vs {peer_acc:.4f}", flush=True)
+    print("\n| batch | convdescent s/epoch | PyTorch s/epoch | speed-up | convdescent test acc | PyTorch test acc "
+          "| train extras vs bare loop |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for bs, o, p, r, oa, pa, ex in rows:
+        if o is None:
+            print(f"| {bs} | - | - | - | - | - | {ex} |")
+        else:
+            print(f"| {bs} | {o:.2f} | {p:.2f} | {r:.2f}x | {oa:.4f} | {pa:.4f} | {ex} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
