@@ -101,19 +101,41 @@ def open_storage(spec: str | None):
     if kind == "sqlite":
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # several processes write the file: wait for its lock instead of failing at once
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        return _open_rdb(url, engine_kwargs={"connect_args": {"timeout": 120}})
     if url.startswith(("postgresql", "postgres")):
         import importlib.util
 
-        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is None:
+        has3, has2 = importlib.util.find_spec("psycopg") is not None, importlib.util.find_spec("psycopg2") is not None
+        if not (has3 or has2):
             raise SearchError("a PostgreSQL storage needs a driver: pip install psycopg2-binary "
                               "(or pip install 'convdescent[postgres]')")
-        if url.startswith("postgres://"):
-            url = "postgresql://" + url[len("postgres://"):]
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
-    except Exception as e:  # SQLAlchemy raises many kinds; one message names the URL and the cause
-        raise SearchError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
+        scheme, rest = url.split("://", 1)
+        if "+" not in scheme:  # name the installed driver; SQLAlchemy's default differs between versions
+            url = ("postgresql+psycopg://" if has3 else "postgresql+psycopg2://") + rest
+    return _open_rdb(url)
+
+
+def _open_rdb(url: str, engine_kwargs: dict | None = None, attempts: int = 6):
+    """RDBStorage(url), retried when another process is creating the same tables at this moment.
+
+    Processes that start together on an empty database all try to create Optuna's schema; all but one
+    fail on the duplicate table or type, and a moment later the schema is there for them.
+    """
+    import random
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except SQLAlchemyError as e:
+            if attempt == attempts - 1:
+                raise SearchError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0]}") from None
+            time.sleep(0.5 + random.random() * (attempt + 1))
+        except Exception as e:  # a missing driver, a bad URL: one message naming the URL and the cause
+            raise SearchError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
 
 
 def _hide_password(url: str) -> str:
@@ -446,10 +468,18 @@ def trial_rows(study) -> list[dict[str, Any]]:
     test_acc, run_dir, worker, error.
     """
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    first_of: dict[str, int] = {}
+    for t in trials:
+        key = t.user_attrs.get("point_key")
+        if key is not None:
+            first_of[key] = min(first_of.get(key, t.number), t.number)
+    for t in trials:
         ua = t.user_attrs
         if "duplicate_of" in ua or ua.get("over_budget"):
             continue
+        if ua.get("point_key") is not None and first_of[ua["point_key"]] != t.number:
+            continue  # a copy another process claimed a moment ago and is about to mark as a duplicate
         params = ua.get("params") or dict(t.params)
         if t.state.name == "WAITING":
             continue
