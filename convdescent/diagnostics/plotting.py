@@ -25,7 +25,7 @@ def new_figure(rows: int, cols: int, size=(3.2, 3.0)):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
