@@ -166,11 +166,12 @@ def test_huge_learning_rate_flags_exploding_gradients():
     assert not [w for w in calm.warnings if w["rule"] in ("exploding_gradients", "vanishing_gradients")]
 
 
-def test_dead_relus_are_flagged_after_patience_checks():
+def test_dead_relus_are_flagged_after_patience_checks(capsys):
     model = small_cnn()
     with torch.no_grad():
         model.layers[4].params["bias"].fill_(-100.0)  # dense1's outputs all negative: relu2 dead
-    mon = train(model, make_optimizer("sgd", lr=0.0), HealthMonitor(every=1, stream=None), steps=4)
+    mon = train(model, make_optimizer("sgd", lr=0.0), HealthMonitor(every=1), steps=4)
+    assert "health warning at step 3 [dead_relus]" in capsys.readouterr().err  # printed on stderr by default
     dead = [w for w in mon.warnings if w["rule"] == "dead_relus"]
     assert len(dead) == 1 and dead[0]["step"] == 3 and dead[0]["where"] == "relu2"
     assert dead[0]["value"] == 1.0

@@ -39,6 +39,7 @@ from ..train.callbacks import Callback
 # Layer kinds whose outputs are summarized (activation mean/std); pure reshapes and dropout are skipped.
 _SKIP_KINDS = {"flatten", "dropout"}
 _RELU_CLASSES = {"ReLU"}
+_STDERR: Any = object()  # "print to whatever sys.stderr is when a warning comes"
 
 REMEDIES = {
     "vanishing_gradients": "use ReLU-family activations instead of sigmoid/tanh, He or Glorot initialization, "
@@ -385,7 +386,7 @@ class HealthMonitor(Callback):
     Works with ``convdescent.train.fit`` (hooks ``on_train_begin``, ``wants_grads``, ``on_gradients``,
     ``on_step_end``, ``on_train_end``). Each check makes one record
 
-        {"type": "health", "step", "epoch", "loss", "grad_norm" (global),
+        {"type": "health", "step", "epoch", "loss", "step_loss", "grad_norm" (global),
          "params": {name: {"grad_norm", "grad_max", "grad_min", "weight_norm", "update_norm",
                            "update_ratio", "clip_frac", "ndim"}},
          "layers": {name: {"act_mean", "act_std", "dead_frac" (ReLU layers only)}}}
@@ -408,7 +409,7 @@ class HealthMonitor(Callback):
         plateau_window: checks per window of the plateau rule.
         plateau_tol: smallest relative improvement between windows that is not a plateau.
         activations: also record activation statistics (wraps forward on monitored steps).
-        stream: where warnings are printed (None: not printed).
+        stream: where warnings are printed (default: sys.stderr at the time of printing; None: not printed).
         sink: callable receiving every record; default: the ``write`` of the trainer's ``MetricsWriter``.
     """
 
@@ -417,7 +418,7 @@ class HealthMonitor(Callback):
     def __init__(self, every: int = 50, *, vanish_threshold: float = 1e-7, explode_threshold: float = 1e4,
                  explode_factor: float = 10.0, ratio_range=(1e-4, 1e-2), dead_threshold: float = 0.5,
                  patience: int = 3, plateau_window: int = 5, plateau_tol: float = 0.01, activations: bool = True,
-                 stream: TextIO | None = sys.stderr, sink: Callable[[dict], None] | None = None):
+                 stream: TextIO | None = _STDERR, sink: Callable[[dict], None] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
         self.every = every
@@ -554,9 +555,10 @@ class HealthMonitor(Callback):
         for w in self.rules.evaluate(record):
             self.warnings.append(w)
             self._emit(trainer, w)
-            if self.stream is not None:
+            stream = sys.stderr if self.stream is _STDERR else self.stream
+            if stream is not None:
                 print(f"health warning at step {w['step']} [{w['rule']}] {w['message']}. Remedy: {w['remedy']}",
-                      file=self.stream, flush=True)
+                      file=stream, flush=True)
 
     def _interval_loss(self, loss_sum: float | None, logs: dict, step_loss: float | None) -> float | None:
         """Mean training loss over the steps since the previous check, from the trainer's running epoch sums.
