@@ -221,3 +221,15 @@ def test_a_lucky_early_drop_in_noisy_losses_does_not_pass_for_the_steepest_fall(
     st = result.suggestions["steepest"]
     assert st.index >= 10 and 1e-3 < st.lr < 0.3, result.report()
     assert result.recommended is not None and 1e-3 < result.recommended_lr < 0.3
+
+
+def test_a_loss_that_turns_up_without_exploding_is_reported_as_the_top_of_the_range():
+    lrs = sweep_lrs(1e-6, 10.0, 120)
+    x = np.log10(lrs)
+    # falls around 1e-3, bottoms out near 1e-1, then climbs back towards the start (dead units) but < 4x best
+    curve = 2.3 - 1.5 / (1 + np.exp(-(x + 3) * 3)) + 2.0 / (1 + np.exp(-(x + 0.5) * 4))
+    result = analyze(lrs, curve)
+    assert result.stop_reason == "reached end_lr"
+    assert any("turned up after lr" in w for w in result.warnings), result.warnings
+    flat = analyze(lrs, 2.3 - 1.5 / (1 + np.exp(-(x + 3) * 3)))
+    assert any("never blew up" in w for w in flat.warnings)

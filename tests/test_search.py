@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from convdescent.data.synthetic import synthetic_images
-from convdescent.search.space import SearchSpace, parse_dimension, point_key
+from convdescent.search.space import SearchSpace, SearchSpaceError, parse_dimension, point_key
 from convdescent.search.study import (SearchError, SearchSettings, TrialOutcome, open_storage, prepare_study,
                                       run_search, run_worker, storage_kind, trial_rows)
 from convdescent.train import load_toml, resolve_config
@@ -182,3 +182,21 @@ def test_results_best_config_trains_and_plot_marks_pruned(npz, tmp_path):
     for r in summary["rows"]:
         assert (tmp_path / "res" / "trials").exists() and r["run_dir"] and (
             __import__("pathlib").Path(r["run_dir"]) / "config.toml").is_file()
+
+
+def test_a_fixed_hyperparameter_goes_only_to_the_optimizers_that_take_it(tmp_path):
+    space = SearchSpace([parse_dimension("optimizer", "sgd,adam")], fixed={"momentum": 0.9, "lr": 0.01})
+    settings = SearchSettings(space=space, base={"momentum": 0.9, "lr": 0.01}, sampler="grid", pruner="none",
+                              study_name="fixed", out=str(tmp_path))
+    seen = {}
+
+    def runner(config, trial):
+        seen[config["optimizer"]] = config
+        return TrialOutcome(0.5, False, {"epochs_run": 1})
+
+    study, st = prepare_study(settings)
+    run_worker(settings, runner=runner, stream=open("/dev/null", "w"), study=study, storage=st)
+    assert seen["sgd"]["momentum"] == 0.9 and "momentum" not in seen["adam"]
+    assert seen["adam"]["lr"] == 0.01
+    with pytest.raises(SearchSpaceError, match="momentum=0.9 is set but no optimizer searched takes it"):
+        SearchSpace([parse_dimension("lr", "1e-3,1e-2")], fixed={"momentum": 0.9, "optimizer": "adam"})

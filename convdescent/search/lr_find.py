@@ -393,8 +393,16 @@ def analyze(lrs, losses, beta: float = 0.98, diverge_factor: float = 4.0, skip_s
     rule, why = recommend(sugg, valley, lrs[:cut], valid_s) if cut else (None, "no usable step")
     warnings = []
     if reason == "reached end_lr" and cut:
-        warnings.append(f"the loss never blew up up to lr {lrs[-1]:.2e}: the good range may extend higher; "
-                        "sweep further with a larger --end")
+        i_low = int(np.argmin(valid_s))
+        fall = float(valid_s[0] - valid_s[i_low])
+        rise = float(valid_s[-1] - valid_s[i_low])
+        if fall > 0 and rise > 0.2 * fall:
+            warnings.append(f"the loss turned up after lr {lrs[i_low]:.2e} (smoothed {valid_s[i_low]:.4g} -> "
+                            f"{valid_s[-1]:.4g}) without exceeding {diverge_factor:g}x its best, as when units "
+                            f"die rather than explode; treat {lrs[i_low]:.2e} as the top of the usable range")
+        else:
+            warnings.append(f"the loss never blew up up to lr {lrs[-1]:.2e}: the good range may extend higher; "
+                            "sweep further with a larger --end")
     elif cut < max(5, 0.1 * max(len(losses), 1)) and reason in ("diverged", "non-finite loss"):
         warnings.append(f"the sweep stopped after only {cut} steps: the start lr {lrs[0]:.2e} may already be "
                         "too high; try a smaller --start")

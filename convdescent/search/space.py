@@ -237,6 +237,11 @@ class SearchSpace:
                 takers = [n for n, e in OPTIMIZERS.items() if d.key in e.defaults]
                 raise SearchSpaceError(f"{d.key} varies but no optimizer searched takes it ({', '.join(opts)}); "
                                        f"it applies to {', '.join(takers)}")
+        for key, value in self.fixed.items():
+            if key in OPTIMIZER_HPARAMS and value is not None and not any(key in OPTIMIZERS[o].defaults for o in opts):
+                takers = [n for n, e in OPTIMIZERS.items() if key in e.defaults]
+                raise SearchSpaceError(f"{key}={value!r} is set but no optimizer searched takes it "
+                                       f"({', '.join(opts)}); it applies to {', '.join(takers)}")
 
     def applies(self, key: str, optimizer: str) -> bool:
         """Whether ``key`` is a setting of a trial that uses ``optimizer``."""

@@ -356,10 +356,21 @@ class TrialOutcome:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def trial_config(settings: SearchSettings, point: dict[str, Any], number: int) -> dict[str, Any]:
-    """The training configuration of one trial: the shared settings with the point's values."""
+def _settings_for(settings: SearchSettings, point: dict[str, Any]) -> dict[str, Any]:
+    """Shared settings with the point's values, without shared hyperparameters the point's optimizer lacks
+    (a fixed momentum applies to the sgd trials of an sgd/adam search, not to the adam ones)."""
     config = dict(settings.base)
     config.update(point)
+    optimizer = config.get("optimizer", "adam")
+    for key in list(config):
+        if key not in point and not settings.space.applies(key, optimizer):
+            del config[key]
+    return config
+
+
+def trial_config(settings: SearchSettings, point: dict[str, Any], number: int) -> dict[str, Any]:
+    """The training configuration of one trial: the shared settings with the point's values."""
+    config = _settings_for(settings, point)
     config["out"] = str(Path(settings.out) / "trials")
     config["name"] = f"trial-{number:04d}"
     return config
@@ -528,8 +539,7 @@ def format_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool = F
 
 def best_config(settings: SearchSettings, best_params: dict[str, Any]) -> dict[str, Any]:
     """The configuration ``convdescent train --config`` takes for the best trial, on the full training set."""
-    config = dict(settings.base)
-    config.update(best_params)
+    config = _settings_for(settings, best_params)
     config.pop("out", None)
     config.pop("name", None)
     return config
