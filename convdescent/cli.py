@@ -151,6 +151,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--quiet", action="store_true", help="print only the final summary")
     mode.add_argument("--json-lines", action="store_true", help="print epoch records, events and the summary as "
                                                                 "JSON objects, one per line")
+    d.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write report.html at the end ('convdescent report RUN_DIR' writes it later)")
 
 
 def train_config_from_args(args) -> dict:
@@ -196,10 +198,9 @@ def cmd_train(args) -> int:
     config = train_config_from_args(args)
     try:
         if args.resume:
-            overrides = {k: v for k, v in config.items()}
-            train_from_config(overrides, resume=args.resume, display=display)
+            train_from_config(config, resume=args.resume, display=display, report=args.report)
         else:
-            train_from_config(config, display=display)
+            train_from_config(config, display=display, report=args.report)
     except NonFiniteError as e:
         print(f"convdescent: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE

@@ -117,9 +117,9 @@ def params_of(run_dir):
 
 
 def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
-    ref = train_from_config(config(npz, tmp_path / "ref"), display="quiet", report=False)
+    ref = train_from_config(config(npz, tmp_path / "ref"), display="none", report=False)
     with pytest.raises(TrainingInterrupted) as info:
-        train_from_config(config(npz, tmp_path / "cut"), callbacks=[KillAt(17)], display="quiet", report=False)
+        train_from_config(config(npz, tmp_path / "cut"), callbacks=[KillAt(17)], display="none", report=False)
     assert info.value.signal_name == "SIGTERM" and info.value.step == 17
     run_dir = info.value.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -127,7 +127,7 @@ def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # readable without pickle code
     assert ck["step"] == 17 and ck["loader"]["epoch"] == 1 and ck["loader"]["position"] == 4  # 13 batches per epoch
     assert set(ck["rng"]["layers"]) == {"dropout1"}
-    res = train_from_config({}, resume=run_dir, display="quiet", report=False)
+    res = train_from_config({}, resume=run_dir, display="none", report=False)
     a, b = params_of(ref.run_dir), params_of(run_dir)
     assert a["step"] == b["step"] == 39
     for k in a["model"]:
@@ -141,17 +141,17 @@ def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
 
 def test_resume_refusals(npz, tmp_path):
     with pytest.raises(CheckpointError, match="not a run directory"):
-        train_from_config({}, resume=tmp_path, display="quiet")
-    done = train_from_config(config(npz, tmp_path, epochs=1), display="quiet", report=False)
+        train_from_config({}, resume=tmp_path, display="none")
+    done = train_from_config(config(npz, tmp_path, epochs=1), display="none", report=False)
     with pytest.raises(ConfigError, match="already finished"):
-        train_from_config({}, resume=done.run_dir, display="quiet")
+        train_from_config({}, resume=done.run_dir, display="none")
     with pytest.raises(ConfigError, match="lr cannot change when resuming"):
-        train_from_config({"lr": 0.5, "epochs": 2}, resume=done.run_dir, display="quiet")
-    more = train_from_config({"epochs": 2}, resume=done.run_dir, display="quiet", report=False)
+        train_from_config({"lr": 0.5, "epochs": 2}, resume=done.run_dir, display="none")
+    more = train_from_config({"epochs": 2}, resume=done.run_dir, display="none", report=False)
     assert more.history.epoch == [1, 2]
     (done.run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        train_from_config({"epochs": 3}, resume=done.run_dir, display="quiet")
+        train_from_config({"epochs": 3}, resume=done.run_dir, display="none")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_run(done.run_dir, checkpoint="last")
 
@@ -161,7 +161,7 @@ def test_sigterm_to_the_cli_then_resume(npz, tmp_path):
     out = tmp_path / "runs"
     args = [sys.executable, "-m", "convdescent.cli", "train", "--model", "seed_cnn", "--dataset", f"npz:{npz}",
             "--val-split", "40", "--batch-size", "8", "--steps", "100000", "--log-every", "1", "--out", str(out),
-            "--name", "sig", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]
+            "--name", "sig", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--no-report"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     metrics = None
@@ -185,12 +185,13 @@ def test_sigterm_to_the_cli_then_resume(npz, tmp_path):
     assert stopped >= 1
     # continue to a fixed step count and compare with an uninterrupted run of the same length
     target = stopped + 12
-    resumed = subprocess.run(args[:3] + ["train", "--resume", str(run_dir), "--steps", str(target), "--quiet"],
+    resumed = subprocess.run(args[:3] + ["train", "--resume", str(run_dir), "--steps", str(target), "--quiet",
+                                         "--no-report"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     ref = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 40, "batch_size": 8,
                              "steps": target, "log_every": 1, "out": str(tmp_path / "ref"), "optimizer": "sgd",
-                             "lr": 0.05, "momentum": 0.9}, display="quiet", report=False)
+                             "lr": 0.05, "momentum": 0.9}, display="none", report=False)
     a, b = params_of(run_dir), params_of(ref.run_dir)
     assert a["step"] == b["step"] == target
     for k in a["model"]:

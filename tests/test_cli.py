@@ -26,6 +26,17 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def builtin_sections_only():
+    # Report sections other modules register are tested with those modules.
+    import convdescent.report as report
+
+    saved = report.SECTIONS, report.SECTION_MODULES
+    report.SECTIONS, report.SECTION_MODULES = [], []
+    yield
+    report.SECTIONS, report.SECTION_MODULES = saved
+
+
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "syn.npz"
@@ -34,7 +45,7 @@ def npz(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(npz, tmp_path_factory, capsys_module):
+def trained(npz, tmp_path_factory, capsys_module, builtin_sections_only):
     out = tmp_path_factory.mktemp("runs")
     code = main(["train", "--model", "seed_cnn", "--dataset", f"npz:{npz}", "--val-split", "40", "--epochs", "3",
                  "--batch-size", "16", "--lr", "3e-3", "--log-every", "2", "--out", str(out), "--name", "cli"])
@@ -90,13 +101,13 @@ def test_train_writes_a_complete_run_directory(trained):
 
 def test_json_lines_and_quiet(npz, tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--dataset", f"npz:{npz}", "--val-split", "40", "--epochs", "2",
-                       "--batch-size", "32", "--out", tmp_path, "--json-lines", "--log-every", "0")
+                       "--batch-size", "32", "--out", tmp_path, "--json-lines", "--log-every", "0", "--no-report")
     assert code == 0
     recs = [json.loads(l) for l in out.splitlines()]
     assert [r["type"] for r in recs] == ["epoch", "epoch", "summary"]
     assert recs[-1]["status"] == "completed" and 0 <= recs[-1]["test_acc"] <= 1
     code, out, _ = run(capsys, "train", "--dataset", f"npz:{npz}", "--val-split", "40", "--epochs", "1",
-                       "--batch-size", "32", "--out", tmp_path, "--quiet")
+                       "--batch-size", "32", "--out", tmp_path, "--quiet", "--no-report")
     assert code == 0 and out.splitlines()[0].startswith("Best val_acc") and len(out.splitlines()) == 2
 
 

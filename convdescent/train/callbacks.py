@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..optim import optimizer_stats
 from .checkpoint import atomic_write_bytes, atomic_write_text, encode_checkpoint
 
 class Callback:
@@ -162,7 +163,8 @@ class EpochLogger(Callback):
         out = self._out()
         if self.json_lines:
             out.write(json.dumps(_finite_json({"type": "event", **event})) + "\n")
-        else:
+        elif event.get("event") not in ("nonfinite", "interrupted"):
+            # those two end training with an exception whose message says the same
             out.write(format_event(event) + "\n")
         out.flush()
 
@@ -255,7 +257,8 @@ class MetricsWriter(Callback):
     """Appends records to ``metrics.jsonl``: one per epoch and one every ``every`` steps.
 
     Step records hold the mean loss and accuracy of the steps since the previous step record (within the
-    epoch), the learning rate, the gradient norm before the optimizer (global and per layer) and the time.
+    epoch), the learning rate, the gradient norm before the optimizer (global and per layer) and the time;
+    with an optimizer built with ``record_norms`` also its update norm and whether clipping fired.
     Epoch records hold the epoch's ``logs``. Each line is flushed as written, so a crash loses nothing
     already recorded.
 
@@ -296,9 +299,14 @@ class MetricsWriter(Callback):
         if not (self.every > 0 and step % self.every == 0):
             return
         parts = [logs["epoch_loss_sum"].double().view(1), logs["epoch_correct"].double().view(1)]
+        stats = optimizer_stats(trainer.opt_state)
+        if stats is not None:  # the optimizer records its own norms (--record-norms)
+            parts += [stats[k].double().view(1) for k in ("update_norm", "clipped", "clipped_steps")]
         if self._norms is not None:
             parts.append(self._norms.double())
         values = torch.cat([p.to("cpu") for p in parts]).tolist()
+        if stats is not None:
+            opt_values, values = values[2:5], values[:2] + values[5:]
         loss_sum, correct = values[0], values[1]
         seen = logs["epoch_seen"]
         m_epoch, m_loss, m_correct, m_seen = self._mark
@@ -309,6 +317,10 @@ class MetricsWriter(Callback):
                   "loss": (loss_sum - m_loss) / n if n else math.nan,
                   "acc": (correct - m_correct) / n if n else math.nan,
                   "lr": trainer.current_lr(), "time": time.perf_counter() - self._t0}
+        if stats is not None:
+            record["update_norm"] = opt_values[0]
+            record["clipped"] = bool(opt_values[1])
+            record["clipped_steps"] = int(opt_values[2])
         if self._norms is not None:
             norms = values[2:]
             record["grad_norm"] = math.sqrt(sum(v * v for v in norms))

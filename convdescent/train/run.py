@@ -174,7 +174,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         stream: where display lines go (default sys.stdout).
         dataset: an already loaded ``Dataset`` to use instead of loading ``config["dataset"]``.
         handle_signals: stop cleanly on SIGINT/SIGTERM after the current step, with a checkpoint.
-        report: write report.html at the end.
+        report: write report.html at the end (not after an interruption, which should exit promptly).
 
     Returns:
         ``RunResult`` with the run directory, the summary, the History and the model.
@@ -278,7 +278,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         status, error = ("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"), e
     summary = _write_summary(run_path, cfg, trainer, dataset, model, loss, normalizer, status, started, error,
                              checkpointer)
-    if report:
+    if report and status != "interrupted":  # an interrupted run exits promptly; 'convdescent report' rebuilds
         try:
             from ..report import build_report
 
