@@ -509,3 +509,53 @@ def test_float64_parameters_keep_their_dtype():
     assert all(v.dtype == torch.float64 for v in state[0].mu.values())
     assert all(v.dtype == torch.float64 for v in params.values())
     assert math.isfinite(state[0].mu_product)
+
+
+BLOCKS = {
+    "scale": lambda: optim.scale(-2.0),
+    "scale_by_learning_rate": lambda: optim.scale_by_learning_rate(optim.warmup(0.1, 3)),
+    "trace": lambda: optim.trace(0.9, dampening=0.1),
+    "trace_scheduled": lambda: optim.trace(optim.one_cycle_momentum(20)),
+    "coupled_weight_decay": lambda: optim.coupled_weight_decay(0.1),
+    "decoupled_weight_decay": lambda: optim.decoupled_weight_decay(0.1),
+    "scale_by_rms": lambda: optim.scale_by_rms(centered=True),
+    "scale_by_adagrad": lambda: optim.scale_by_adagrad(initial_accumulator_value=0.1),
+    "scale_by_adadelta": lambda: optim.scale_by_adadelta(),
+    "scale_by_adam": lambda: optim.scale_by_adam(amsgrad=True),
+    "scale_by_nadam": lambda: optim.scale_by_nadam(),
+    "scale_by_lion": lambda: optim.scale_by_lion(),
+    "clip_by_value": lambda: optim.clip_by_value(0.1),
+    "clip_by_global_norm": lambda: optim.clip_by_global_norm(0.1),
+    "clip_by_norm": lambda: optim.clip_by_norm(0.1),
+    "adaptive_grad_clip": lambda: optim.adaptive_grad_clip(0.01),
+    "record_norms": lambda: optim.record_norms(optim.chain(optim.clip_by_norm(0.1), optim.trace(0.5))),
+    "identity": lambda: optim.identity(),
+}
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_every_block_state_round_trips(name):
+    block = BLOCKS[name]
+    tx = optim.chain(block(), optim.scale_by_learning_rate(0.01))
+    params = make_params()
+    state = run(tx, params, tx.init(params), 3)
+    saved = optim.state_dict(state)
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    restored = optim.load_state_dict(optim.chain(block(), optim.scale_by_learning_rate(0.01)).init(params),
+                                     torch.load(buf))
+    assert _same(optim.state_dict(restored), saved)
+    assert type(restored[0]) is type(state[0])
+    p_a, p_b = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    run(tx, p_a, state, 2)
+    run(tx, p_b, restored, 2)
+    assert all(torch.equal(p_a[k], p_b[k]) for k in params)

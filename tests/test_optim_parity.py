@@ -1,8 +1,6 @@
 """Each named optimizer follows its torch.optim counterpart over 300 steps (float64 and float32);
 Lion follows its paper's update written out here."""
 
-import math
-
 import pytest
 import torch
 

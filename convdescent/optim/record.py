@@ -76,7 +76,7 @@ def record_norms(inner: GradientTransformation) -> GradientTransformation:
     def init(params):
         p = next(iter(params.values()), None)
         dev = p.device if p is not None else torch.device("cpu")
-        zero = torch.zeros((), device=dev)
+        zero = torch.zeros((), dtype=p.dtype if p is not None else None, device=dev)
         no = torch.zeros((), dtype=torch.bool, device=dev)
         return RecordState(inner.init(params), zero, zero.clone(), no, torch.zeros((), dtype=torch.int64, device=dev), 0)
 

@@ -9,20 +9,26 @@ whose value depends on a metric, and it saves and restores its state.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import _checks as chk
 
 
-class Schedule:
-    """Base class: a learning-rate schedule, called as ``schedule(step) -> float``."""
+class Schedule(abc.ABC):
+    """Base class: a learning-rate schedule, called as ``schedule(step) -> float``.
+
+    Subclasses set ``name`` (the builder shown by ``repr``) and ``_config`` (its arguments).
+    """
 
     name = "schedule"
+    _config: dict[str, Any] = {}
 
+    @abc.abstractmethod
     def __call__(self, step: int) -> float:
-        raise TypeError(f"{type(self).__name__} does not define a value")  # overridden by every subclass
+        """The value for update number ``step`` (0-based)."""
 
     def get_config(self) -> dict[str, Any]:
         """The arguments that rebuild this schedule with its builder function."""
@@ -618,17 +624,13 @@ def stateful_parts(schedule: Any) -> list[ReduceOnPlateau]:
 
 # ----- registry -----------------------------------------------------------------------------------------
 
-class ScheduleEntry(tuple):
-    """Registry row: ``(builder, defaults, description)``."""
+class ScheduleEntry(NamedTuple):
+    """Registry row: the builder ``(base_lr, **params) -> Schedule``, its parameters' defaults (None marks
+    a required one), and a one-line description."""
 
-    __slots__ = ()
-
-    def __new__(cls, builder, defaults, description):
-        return super().__new__(cls, (builder, defaults, description))
-
-    builder = property(lambda self: self[0])
-    defaults = property(lambda self: self[1])
-    description = property(lambda self: self[2])
+    builder: Callable[..., Schedule]
+    defaults: dict[str, Any]
+    description: str
 
 
 def _make_constant(base_lr):
@@ -721,7 +723,7 @@ def make_schedule(name: str, base_lr: float, **params) -> Schedule:
     warm = {k: params.pop(k) for k in _WARMUP_KEYS if k in params}
     unknown = sorted(set(params) - set(entry.defaults))
     if unknown:
-        allowed = ", ".join(list(entry.defaults) + list(_WARMUP_KEYS)) or ", ".join(_WARMUP_KEYS)
+        allowed = ", ".join(list(entry.defaults) + list(_WARMUP_KEYS))
         raise ValueError(f"schedule {name!r} does not take {', '.join(unknown)}; its parameters are: {allowed}")
     missing = [k for k, v in entry.defaults.items() if v is None and k not in params]
     if missing:
