@@ -101,10 +101,10 @@ def _wrap(text: str, width: int) -> str:
 
 
 def plot_trials(rows, path, metric: str = "val_acc") -> str:
-    """Validation accuracy against learning rate, one color per optimizer, pruned and failed trials marked.
+    """Validation accuracy against learning rate, one panel per optimizer, pruned and failed trials marked.
 
     Args:
-        rows: trial records (dicts with "lr", "optimizer", "state", metric and "last_val_acc").
+        rows: trial records (dicts with "lr", "optimizer", "state", "number", metric and "last_val_acc").
         path: PNG file to write.
         metric: the key plotted for complete trials.
 
@@ -112,36 +112,44 @@ def plot_trials(rows, path, metric: str = "val_acc") -> str:
         The path written.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    optimizers = sorted({r.get("optimizer", "?") for r in rows})
+    optimizers = sorted({r.get("optimizer", "?") for r in rows}) or ["?"]
+    cols = min(len(optimizers), 3)
+    nrows = math.ceil(len(optimizers) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), sharex=True, sharey=True,
+                             squeeze=False)
     cmap = plt.get_cmap("tab10")
+    done_all = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None]
+    best = max(done_all, key=lambda r: r[metric]) if done_all else None
     for k, name in enumerate(optimizers):
+        ax = axes[k // cols][k % cols]
         color = cmap(k % 10)
         mine = [r for r in rows if r.get("optimizer", "?") == name and r.get("lr") is not None]
         done = [r for r in mine if r["state"] == "COMPLETE" and r.get(metric) is not None]
         pruned = [r for r in mine if r["state"] == "PRUNED" and r.get("last_val_acc") is not None]
         failed = [r for r in mine if r["state"] == "FAIL"]
         if done:
-            ax.scatter([r["lr"] for r in done], [r[metric] for r in done], color=color, s=40,
-                       label=f"{name}", zorder=3)
+            ax.scatter([r["lr"] for r in done], [r[metric] for r in done], color=color, s=40, zorder=3,
+                       label="complete")
         if pruned:
             ax.scatter([r["lr"] for r in pruned], [r["last_val_acc"] for r in pruned], color=color, marker="x",
-                       s=40, label=f"{name} (pruned: last reported)", zorder=3)
+                       s=50, zorder=3, label="pruned (last reported)")
         if failed:
-            ax.scatter([r["lr"] for r in failed], [0.0] * len(failed), color=color, marker="v", s=30,
-                       label=f"{name} (failed)", zorder=3)
-    best = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None]
-    if best:
-        b = max(best, key=lambda r: r[metric])
-        ax.scatter([b["lr"]], [b[metric]], s=220, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
-                   label=f"best: trial {b['number']}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Search trials: validation accuracy against learning rate")
-    ax.grid(True, which="both", alpha=0.25)
-    if rows:
-        ax.legend(fontsize=8, loc="best")
+            ax.scatter([r["lr"] for r in failed], [0.0] * len(failed), color="tab:red", marker="v", s=30, zorder=3,
+                       label="failed")
+        if best is not None and best.get("optimizer", "?") == name:
+            ax.scatter([best["lr"]], [best[metric]], s=220, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
+                       label=f"best: trial {best['number']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{name} ({len(mine)} trials)")
+        ax.grid(True, which="both", alpha=0.25)
+        if mine:
+            ax.legend(fontsize=8, loc="best")
+    for k in range(len(optimizers), nrows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("validation accuracy")
+    fig.suptitle("Search trials: validation accuracy against learning rate")
     return save_figure(fig, path)
 
 

@@ -239,8 +239,6 @@ class SearchSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSettings":
         storage = d.get("storage")
-        if isinstance(storage, str) and storage.startswith("journal:"):
-            pass
         return cls(space=SearchSpace.from_dict(d["space"]), base=dict(d["base"]), sampler=d["sampler"],
                    trials=d["trials"], grid_points=d["grid_points"], pruner=d["pruner"],
                    prune_startup=d["prune_startup"], prune_warmup=d["prune_warmup"], study_name=d["study_name"],
@@ -554,6 +552,7 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
         The summary dict (also search.json): best trial, its parameters and value, counts by state, files.
     """
     import csv
+    import io
 
     from ..train import dump_toml, resolve_config
     from ..train.checkpoint import atomic_write_text
@@ -568,15 +567,14 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     complete = [r for r in rows if r["state"] == "COMPLETE" and r.get("value") is not None]
     files = {}
-    summary: dict[str, Any] = {"study": settings.study_name, "storage": storage_url(settings.storage),
+    url = storage_url(settings.storage)
+    summary: dict[str, Any] = {"study": settings.study_name, "storage": _hide_password(url) if url else None,
                                "sampler": settings.sampler, "pruner": settings.pruner,
                                "space": settings.space.describe(), "trials": len(rows), "by_state": counts,
                                "train_subset": settings.train_subset}
     # csv
     fields = ["number", "state", *keys, "best_val_acc", "last_val_acc", "epochs_run", "seconds", "test_acc",
               "worker", "run_dir", "error"]
-    import io
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
