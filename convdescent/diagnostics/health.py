@@ -231,7 +231,7 @@ class HealthRules:
 
     def __init__(self, vanish_threshold: float = 1e-7, explode_threshold: float = 1e4, explode_factor: float = 10.0,
                  ratio_range: tuple[float, float] = (1e-4, 1e-2), dead_threshold: float = 0.5, patience: int = 3,
-                 plateau_window: int = 5, plateau_tol: float = 0.01):
+                 plateau_window: int = 10, plateau_tol: float = 0.01):
         if not vanish_threshold > 0:
             raise ValueError(f"vanish_threshold must be positive, got {vanish_threshold!r}")
         if not explode_threshold > 0:
@@ -406,7 +406,8 @@ class HealthMonitor(Callback):
         ratio_range: healthy (low, high) update-to-weight ratio of weight tensors.
         dead_threshold: fraction of dead units of a ReLU layer that raises a warning.
         patience: checks running a condition must hold before it warns (vanishing, ratio, dead units).
-        plateau_window: checks per window of the plateau rule.
+        plateau_window: checks per window of the plateau rule (10 checks of 50 steps: the window means
+            average 500 batches, so batch-to-batch noise stays well under the 1% tolerance).
         plateau_tol: smallest relative improvement between windows that is not a plateau.
         activations: also record activation statistics (wraps forward on monitored steps).
         stream: where warnings are printed (default: sys.stderr at the time of printing; None: not printed).
@@ -417,7 +418,7 @@ class HealthMonitor(Callback):
 
     def __init__(self, every: int = 50, *, vanish_threshold: float = 1e-7, explode_threshold: float = 1e4,
                  explode_factor: float = 10.0, ratio_range=(1e-4, 1e-2), dead_threshold: float = 0.5,
-                 patience: int = 3, plateau_window: int = 5, plateau_tol: float = 0.01, activations: bool = True,
+                 patience: int = 3, plateau_window: int = 10, plateau_tol: float = 0.01, activations: bool = True,
                  stream: TextIO | None = _STDERR, sink: Callable[[dict], None] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
