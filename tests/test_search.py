@@ -200,3 +200,14 @@ def test_a_fixed_hyperparameter_goes_only_to_the_optimizers_that_take_it(tmp_pat
     assert seen["adam"]["lr"] == 0.01
     with pytest.raises(SearchSpaceError, match="momentum=0.9 is set but no optimizer searched takes it"):
         SearchSpace([parse_dimension("lr", "1e-3,1e-2")], fixed={"momentum": 0.9, "optimizer": "adam"})
+
+
+def test_the_last_epoch_is_reported_but_never_pruned(npz, tmp_path):
+    space = SearchSpace([parse_dimension("lr", "0.1,0.05,1e-7")])
+    settings = SearchSettings(space=space, base=dict(_base(npz, epochs=1), optimizer="sgd"), sampler="grid",
+                              pruner="median", prune_startup=2, prune_warmup=1, study_name="last",
+                              out=str(tmp_path / "out"))
+    summary = run_search(settings, stream=open("/dev/null", "w"))
+    rows = {r["lr"]: r for r in summary["rows"]}
+    assert rows[1e-7]["state"] == "COMPLETE" and rows[1e-7]["value"] < rows[0.1]["value"]
+    assert rows[1e-7]["val_acc_curve"] == [rows[1e-7]["value"]]  # the epoch was still reported

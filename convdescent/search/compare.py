@@ -324,7 +324,8 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
     for r in rows:
         lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
         lines.append(f"| {r['optimizer']} | {lr} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
-                     f"{_fmt(r['final_val_acc_mean'])} | {_pm(r['epochs_to_target_mean'], r['epochs_to_target_std'], 1)} | "
+                     f"{_fmt(r['final_val_acc_mean'])} | "
+                     f"{_pm(r['epochs_to_target_mean'], r['epochs_to_target_std'], 1)} | "
                      f"{_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], 1)} | "
                      f"{r['reached']}/{r['seeds']} |")
     notes = [f"- {r['optimizer']}: {r['note']}" for r in rows if r.get("note")]

@@ -359,7 +359,8 @@ def recommend(suggestions: dict[str, Suggestion], valley, lrs, smoothed, min_val
         vlen = 0 if valley is None else valley[1] - valley[0] + 1
         return "steepest", (f"No sustained valley (the longest fall spans {vlen} of {n} steps), so the "
                             f"steepest descent of the smoothed loss is used; {agree}.")
-    return "min/10", f"Neither a valley nor a falling slope was found; a tenth of the best learning rate is the safe fallback; {agree}."
+    return "min/10", ("Neither a valley nor a falling slope was found; a tenth of the best learning rate is the "
+                      f"safe fallback; {agree}.")
 
 
 def analyze(lrs, losses, beta: float = 0.98, diverge_factor: float = 4.0, skip_start: float = 0.1,

@@ -20,7 +20,8 @@ from ..train import Callback
 class PruningCallback(Callback):
     """Report each epoch's validation accuracy to an Optuna trial and stop the run when it should be pruned.
 
-    Reports use the epoch number (1, 2, ...) as the step, so pruners count epochs.
+    Reports use the epoch number (1, 2, ...) as the step, so pruners count epochs. The last epoch is
+    reported but never pruned: the run has finished, and its result counts.
 
     Args:
         trial: the ``optuna.trial.Trial``.
@@ -37,6 +38,8 @@ class PruningCallback(Callback):
             return
         step = int(logs.get("epoch", epoch + 1 if isinstance(epoch, int) else len(trainer.history)))
         self.trial.report(float(value), step)
+        if trainer.step >= trainer.total_steps:
+            return  # the run is over: pruning now would save nothing and only hide a finished result
         if self.trial.should_prune():
             self.pruned = True
             self.pruned_at = step
