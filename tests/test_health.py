@@ -220,6 +220,8 @@ def test_update_ratio_band_and_plateau():
     flat = HealthRules(plateau_window=3, plateau_tol=0.01)
     found = [w for s in range(1, 8) for w in flat.evaluate(_record(s, [1.0], loss=2.0 + 0.001 * (s % 2)))]
     assert [w["rule"] for w in found] == ["loss_plateau"] and found[0]["step"] == 6
+    later = [w for s in range(8, 14) for w in flat.evaluate(_record(s, [1.0], loss=2.0 + 0.001 * (s % 2)))]
+    assert [w["step"] for w in later] == [12]  # fresh windows: 2 x 3 new checks after the last warning
     falling = HealthRules(plateau_window=3, plateau_tol=0.01)
     assert not [w for s in range(1, 12) for w in falling.evaluate(_record(s, [1.0], loss=2.0 * 0.9 ** s))]
 

@@ -371,6 +371,8 @@ class HealthRules:
                 gain = (before - last) / abs(before) if before else 0.0
                 flat = gain < self.plateau_tol
             if self._track(("loss_plateau", "model"), flat, 1):
+                # judge the next plateau on fresh windows, so noise around the tolerance cannot repeat it
+                self._losses.clear()
                 change = f"{gain:.2%} below" if gain >= 0 else f"{-gain:.2%} above"
                 warn("loss_plateau", "loss", gain, self.plateau_tol,
                      f"mean loss over the last {w} checks is {_fmt(last)}, {change} the {w} checks before "
