@@ -366,11 +366,12 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         acc = _listed(state.delta_acc, keys, "scale_by_adadelta")
         torch._foreach_mul_(nu, rho)
         torch._foreach_addcmul_(nu, g, g, value=1 - rho)
-        std = torch._foreach_add(nu, eps)
-        torch._foreach_sqrt_(std)
+        # sqrt(acc + eps) / sqrt(nu + eps) taken as one square root of the ratio: a pass fewer than torch.
         delta = torch._foreach_add(acc, eps)
+        std_sq = torch._foreach_add(nu, eps)
+        torch._foreach_div_(delta, std_sq)
+        del std_sq
         torch._foreach_sqrt_(delta)
-        torch._foreach_div_(delta, std)
         torch._foreach_mul_(delta, g)
         torch._foreach_mul_(acc, rho)
         torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
@@ -430,9 +431,10 @@ def scale_by_adam(b1=0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = 
             denom = torch._foreach_sqrt(nu_max)
         else:
             denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        out = LazyUpdates(keys, [Term(mu, denom, 1.0, bias_correction1)], owned=False)
+        # sqrt(v) / s + eps == (sqrt(v) + eps * s) / s: moving s = sqrt(1 - b2^t) into the term's
+        # coefficient saves torch's division pass over every parameter.
+        torch._foreach_add_(denom, eps * bias_correction2_sqrt)
+        out = LazyUpdates(keys, [Term(mu, denom, bias_correction2_sqrt, bias_correction1)], owned=False)
         return out, ScaleByAdamState(step, state.mu, state.nu, state.nu_max)
 
     kwargs = {"b1": b1, "b2": b2, "eps": eps}
@@ -485,11 +487,13 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         torch._foreach_lerp_(mu, g, 1 - b1)
         torch._foreach_mul_(nu, b2)
         torch._foreach_addcmul_(nu, g, g, value=1 - b2)
-        denom = torch._foreach_div(nu, bias_correction2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        out = LazyUpdates(keys, [Term(g, denom, 1.0 - mu_t, 1.0 - mu_product),
-                                 Term(mu, denom, mu_next, 1.0 - mu_product_next)], owned=True)
+        # sqrt(v / bc2) + eps == (sqrt(v) + eps * s) / s with s = sqrt(bc2): s moves into the terms'
+        # coefficients, saving torch's division pass over every parameter.
+        s = bias_correction2 ** 0.5
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_add_(denom, eps * s)
+        out = LazyUpdates(keys, [Term(g, denom, (1.0 - mu_t) * s, 1.0 - mu_product),
+                                 Term(mu, denom, mu_next * s, 1.0 - mu_product_next)], owned=True)
         return out, ScaleByNadamState(step, state.mu, state.nu, mu_product)
 
     kwargs = {"b1": b1, "b2": b2, "eps": eps, "momentum_decay": momentum_decay}
