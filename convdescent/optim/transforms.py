@@ -1,9 +1,10 @@
 """Scaling building blocks: learning rate, momentum, weight decay, RMSprop, Adagrad, Adadelta, Adam, NAdam, Lion.
 
 Each function returns a :class:`~convdescent.optim.base.GradientTransformation` with its own NamedTuple
-state. The arithmetic follows ``torch.optim``'s single-tensor code operation for operation, so the named
-optimizers built from these blocks reproduce torch's trajectories to rounding, and every step is a fixed
-handful of ``torch._foreach_*`` calls. Outputs are :class:`~convdescent.optim.updates.LazyUpdates` where
+state. The arithmetic follows ``torch.optim``'s single-tensor code operation for operation, except where a
+rearrangement saves a pass over the parameters (noted in place), so the named optimizers built from these
+blocks reproduce torch's trajectories to rounding, and every step is a fixed handful of
+``torch._foreach_*`` calls. Outputs are :class:`~convdescent.optim.updates.LazyUpdates` where
 that saves passes over the parameters (see that module).
 """
 
