@@ -176,6 +176,9 @@ def plot_curves(curves, path, key: str = "val_acc", ylabel: str = "validation ac
             length = min(len(r) for r in runs)
             mean = np.mean(np.array([r[:length] for r in runs], dtype=float), axis=0)
             ax.plot(range(1, length + 1), mean, color=color, lw=2, label=f"{name} (mean of {len(runs)})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title or f"{ylabel} per epoch")
