@@ -534,9 +534,6 @@ class Trainer:
                 cb.on_step_end(self, step, logs)
         return True
 
-    def _monitor_value(self, key: str, record: dict) -> float:
-        return float(record.get(key, math.nan))
-
     def _end_epoch(self, epoch_no: int) -> None:
         loader = self.loader
         if loader.position >= len(loader):
