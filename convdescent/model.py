@@ -45,7 +45,7 @@ class Sequential:
         self.name = name
         self.input_shape = None
         self.chunk_size = DEFAULT_CHUNK_SIZE
-        self._chunks = None
+        self._run = None  # (chunked layers, other layers, per-chunk caches, chunk sizes) of the last forward
         self.dtype = dtype
         self.device = torch.device(device)
         self._assign_names()
@@ -142,6 +142,28 @@ class Sequential:
         has_conv = any(layer.kind == "conv" for layer in self.layers[:count])
         return count if has_conv else 0
 
+    @staticmethod
+    def _execution_order(layers: list[Layer]) -> list[Layer]:
+        """The layers in the order they run: a ReLU followed by a max-pool runs after it instead.
+
+        Max-pooling and ReLU commute exactly, values and gradients alike: max is monotone, so
+        pool(relu(x)) = relu(pool(x)); where a window's maximum is positive both route its gradient to the
+        same element, and where it is not both give zero. Running the ReLU on the pooled map does its
+        forward and backward on a quarter of the elements (for 2x2 pools). A layer whose ``forward`` was
+        replaced on the instance (a probe recording its output) keeps its written place.
+        """
+        order = list(layers)
+        i = 0
+        while i < len(order) - 1:
+            a, b = order[i], order[i + 1]
+            if (type(a).__name__ == "ReLU" and type(b).__name__ == "MaxPool2D"
+                    and "forward" not in a.__dict__ and "forward" not in b.__dict__):
+                order[i], order[i + 1] = b, a
+                i += 2
+            else:
+                i += 1
+        return order
+
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Run all layers; x is (N, *input_shape). Keeps what backward needs.
 
@@ -149,7 +171,7 @@ class Sequential:
         ``chunk_size`` examples and their outputs are concatenated: each chunk's activations stay in the
         CPU caches from one layer to the next, which makes large batches markedly faster. The result is
         the same computation; gradients are summed over chunks in ``backward``. ``chunk_size = 0``
-        turns this off (one pass over the whole batch).
+        turns this off (one pass over the whole batch). See also ``_execution_order``.
         """
         self._require_built()
         if tuple(x.shape[1:]) != self.input_shape:
@@ -158,37 +180,37 @@ class Sequential:
         for layer in self.layers:
             layer.training = train
         prefix = self._chunked_prefix() if self.chunk_size else 0
-        self._chunks = None
-        if prefix and x.shape[0] > self.chunk_size:
-            head = self.layers[:prefix]
-            outs, caches, sizes = [], [], []
+        if not (prefix and x.shape[0] > self.chunk_size):
+            prefix = 0
+        head = self._execution_order(self.layers[:prefix])
+        rest = self._execution_order(self.layers[prefix:])
+        caches, sizes = [], []
+        if head:
+            outs = []
             for piece in x.split(self.chunk_size):
                 sizes.append(piece.shape[0])
                 for layer in head:
                     piece = layer.forward(piece, train)
                 outs.append(piece)
                 caches.append([layer._cache for layer in head])
-            self._chunks = (prefix, caches, sizes)
             x = torch.cat(outs)
-            rest = self.layers[prefix:]
-        else:
-            rest = self.layers
         for layer in rest:
             x = layer.forward(x, train)
+        self._run = (head, rest, caches, sizes)
         return x
 
     __call__ = forward
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         """Propagate dL/doutput back; fills every layer's grads and returns dL/dinput (or None)."""
-        chunks, self._chunks = self._chunks, None
-        prefix = chunks[0] if chunks else 0
-        for layer in reversed(self.layers[prefix:]):
+        if self._run is None:
+            raise RuntimeError("backward needs a forward first (each forward allows one backward)")
+        head, rest, caches, sizes = self._run
+        self._run = None
+        for layer in reversed(rest):
             dy = layer.backward(dy)
-        if not chunks:
+        if not head:
             return dy
-        head = self.layers[:prefix]
-        _, caches, sizes = chunks
         sums: list[dict[str, torch.Tensor]] = [{} for _ in head]
         dxs = []
         start = 0

@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..layers.activations import LeakyReLU, ReLU
@@ -208,20 +209,22 @@ def _compare(evaluate: Callable[[], torch.Tensor], difference: Callable[[torch.T
 
     ``evaluate()`` runs the forward; ``difference(plus, minus)`` turns the two runs into L(+eps) - L(-eps).
     """
-    flat = target.view(-1)
     diffs, steps, crossed = [], [], []
-    for idx in indices.tolist():
-        orig = flat[idx].clone()
+    for flat_idx in indices.tolist():
+        # index by position rather than through a flat view: parameters need not be contiguous
+        # (Dense keeps its weight column-major)
+        idx = tuple(int(i) for i in np.unravel_index(flat_idx, tuple(target.shape)))
+        orig = target[idx].clone()
         up, down = orig + eps, orig - eps
-        flat[idx] = up
+        target[idx] = up
         mark = len(record)
         plus = evaluate()
         sig_plus = record[mark:]
-        flat[idx] = down
+        target[idx] = down
         mark = len(record)
         minus = evaluate()
         sig_minus = record[mark:]
-        flat[idx] = orig
+        target[idx] = orig
         diffs.append(difference(plus, minus))
         steps.append(up - down)
         if sig_plus:
