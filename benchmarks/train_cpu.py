@@ -7,9 +7,10 @@ Dense 10) with Adam(1e-3) on the same 60,000 training images scaled to [0, 1], a
 - PyTorch: nn.Sequential, DataLoader over a TensorDataset of the same float tensors, torch.optim.Adam,
   loss.backward() (the way the PyTorch tutorials write it).
 
-Each side runs a short warm-up (not timed), then ``--epochs`` timed epochs; the printed time is the median
-seconds per epoch, and the ratio is PyTorch's median over ours (above 1: convdescent is faster). Test accuracy
-is measured after the timed epochs.
+Each side runs a short warm-up (not timed), then ``--epochs`` timed epochs, the two sides' epochs alternating so
+that load drifting on a shared machine hits both alike; the printed time is the median seconds per epoch, the
+ratio is PyTorch's median over ours (above 1: convdescent is faster), and the median of the per-pair ratios is
+printed beside it. Test accuracy is measured after the timed epochs.
 
 The "extras" column times what ``convdescent train`` adds to the bare loop: the ``Trainer`` with a progress
 bar (drawn to a null terminal, so its redraws and running-loss reads happen), epoch lines, metrics.jsonl
@@ -41,7 +42,8 @@ from convdescent.optim import make_optimizer
 from convdescent.train.step import evaluate, train_step
 
 
-def run_convdescent(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+def convdescent_side(data, batch_size: int, seed: int, warmup_steps: int):
+    """Warm up, then return (run one timed epoch -> seconds, test accuracy -> float) for convdescent."""
     torch.manual_seed(seed)
     loss_fn = SoftmaxCrossEntropy()
     norm = Normalizer.unit()
@@ -59,20 +61,25 @@ def run_convdescent(data, batch_size: int, epochs: int, seed: int, warmup_steps:
         train_step(model, loss_fn, opt, state, xb, yb)
     model, opt, state = fresh()
     loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, normalizer=norm)
-    times = []
-    for _ in range(epochs):
+    box = [state]
+
+    def epoch() -> float:
         t0 = time.perf_counter()
         total = torch.zeros(())
         for xb, yb in loader:
-            loss, _, state = train_step(model, loss_fn, opt, state, xb, yb)
+            loss, _, box[0] = train_step(model, loss_fn, opt, box[0], xb, yb)
             total += loss
         float(total)  # wait for the last step
-        times.append(time.perf_counter() - t0)
-    _, acc = evaluate(model, loss_fn, data.x_test, data.y_test, normalizer=norm)
-    return times, acc
+        return time.perf_counter() - t0
+
+    def accuracy() -> float:
+        return evaluate(model, loss_fn, data.x_test, data.y_test, normalizer=norm)[1]
+
+    return epoch, accuracy
 
 
-def run_pytorch(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+def pytorch_side(data, batch_size: int, seed: int, warmup_steps: int):
+    """Warm up, then return (run one timed epoch -> seconds, test accuracy -> float) for idiomatic PyTorch."""
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -90,7 +97,7 @@ def run_pytorch(data, batch_size: int, epochs: int, seed: int, warmup_steps: int
     loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=batch_size, shuffle=True)
     criterion = nn.CrossEntropyLoss()
 
-    def epoch(net, opt, limit=None):
+    def run(net, opt, limit=None):
         net.train()
         for i, (xb, yb) in enumerate(loader):
             if limit is not None and i == limit:
@@ -101,18 +108,36 @@ def run_pytorch(data, batch_size: int, epochs: int, seed: int, warmup_steps: int
             opt.step()
 
     net, opt = fresh()
-    epoch(net, opt, limit=warmup_steps)
+    run(net, opt, limit=warmup_steps)
     net, opt = fresh()
-    times = []
-    for _ in range(epochs):
+
+    def epoch() -> float:
         t0 = time.perf_counter()
-        epoch(net, opt)
-        times.append(time.perf_counter() - t0)
-    net.eval()
-    with torch.no_grad():
-        correct = sum(int((net(x_test[i:i + 1000]).argmax(1) == data.y_test[i:i + 1000]).sum())
-                      for i in range(0, len(x_test), 1000))
-    return times, correct / len(x_test)
+        run(net, opt)
+        return time.perf_counter() - t0
+
+    def accuracy() -> float:
+        net.eval()
+        with torch.no_grad():
+            correct = sum(int((net(x_test[i:i + 1000]).argmax(1) == data.y_test[i:i + 1000]).sum())
+                          for i in range(0, len(x_test), 1000))
+        return correct / len(x_test)
+
+    return epoch, accuracy
+
+
+def compare_sides(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+    """Alternate convdescent and PyTorch epochs, so drifting load on a shared machine hits both alike.
+
+    Returns (our epoch times, PyTorch epoch times, our test acc, PyTorch test acc).
+    """
+    ours_epoch, ours_acc = convdescent_side(data, batch_size, seed, warmup_steps)
+    peer_epoch, peer_acc = pytorch_side(data, batch_size, seed, warmup_steps)
+    ours, peer = [], []
+    for _ in range(epochs):
+        ours.append(ours_epoch())
+        peer.append(peer_epoch())
+    return ours, peer, ours_acc(), peer_acc()
 
 
 class _NullTerminal(io.TextIOBase):
@@ -206,13 +231,13 @@ def main(argv=None) -> int:
         if args.only_extras:
             rows.append((bs, None, None, None, None, None, extras))
             continue
-        ours, ours_acc = run_convdescent(data, bs, args.epochs, args.seed, args.warmup_steps)
-        peer, peer_acc = run_pytorch(data, bs, args.epochs, args.seed, args.warmup_steps)
+        ours, peer, ours_acc, peer_acc = compare_sides(data, bs, args.epochs, args.seed, args.warmup_steps)
         o, p = statistics.median(ours), statistics.median(peer)
+        paired = statistics.median(pt / ot for ot, pt in zip(ours, peer))
         rows.append((bs, o, p, p / o, ours_acc, peer_acc, extras))
         print(f"batch {bs:4d}: convdescent {o:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in ours)}) "
               f"| pytorch {p:6.2f} s/epoch (epochs {', '.join(f'{t:.2f}' for t in peer)}) | speed-up {p / o:.2f}x "
-              f"| test acc {ours_acc:.4f} vs {peer_acc:.4f}", flush=True)
+              f"(median of paired epochs {paired:.2f}x) | test acc {ours_acc:.4f} vs {peer_acc:.4f}", flush=True)
     print("\n| batch | convdescent s/epoch | PyTorch s/epoch | speed-up | convdescent test acc | PyTorch test acc "
           "| train extras vs bare loop |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
