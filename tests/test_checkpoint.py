@@ -196,3 +196,16 @@ def test_sigterm_to_the_cli_then_resume(npz, tmp_path):
     assert a["step"] == b["step"] == target
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_drops_every_record_written_after_the_checkpoint(tmp_path):
+    from convdescent.train.callbacks import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"type": "step", "step": 50}, {"type": "health", "step": 50}, {"type": "epoch", "epoch": 1, "step": 100},
+               {"type": "step", "step": 150}, {"type": "health", "step": 150},
+               {"type": "health_warning", "step": 150, "rule": "loss_plateau"}, {"type": "event", "step": 160}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "step", "st')  # last line cut short
+    truncate_metrics(path, step=100, epochs_done=1)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == records[:3]

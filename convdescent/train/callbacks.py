@@ -364,8 +364,8 @@ def truncate_metrics(path: str | Path, step: int, epochs_done: int) -> None:
         kind = rec.get("type")
         if kind == "epoch" and int(rec.get("epoch", 0)) > epochs_done and int(rec.get("step", 0)) > step:
             continue
-        if kind in ("step", "event") and int(rec.get("step", 0) or 0) > step:
-            continue
+        if kind != "epoch" and int(rec.get("step", 0) or 0) > step:
+            continue  # step, event, and the health monitor's health / health_warning records
         keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
