@@ -99,6 +99,33 @@ SCHEDULE_FLAGS = {
 }
 
 
+def add_option_argument(group, o) -> None:
+    """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset)."""
+    kw: dict = {"dest": o.key, "default": None}
+    shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
+    if o.kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif o.kind == "int":
+        kw["type"] = int
+    elif o.kind == "float":
+        kw["type"] = float
+    elif o.kind == "batch":
+        kw["type"] = _batch
+        kw["metavar"] = "N|full"
+    elif o.kind == "count":
+        kw["type"] = _count
+    elif o.kind == "floats":
+        kw["type"] = _floats
+        kw["metavar"] = "B1,B2"
+    else:
+        kw["type"] = str
+    if o.choices:
+        kw["choices"] = o.choices
+    if o.key == "early_stopping":
+        kw["metavar"] = "PATIENCE"
+    group.add_argument("--" + o.key.replace("_", "-"), help=o.help + shown, **kw)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The train flags: one per configuration key (``--batch-size`` is ``batch_size``), plus the
     schedule-parameter shortcuts and the display switches."""
@@ -110,31 +137,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for o in OPTIONS:
         if o.key == "schedule_params":
             continue
-        flag = "--" + o.key.replace("_", "-")
-        kw: dict = {"dest": o.key, "default": None}
-        shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
-        help_text = o.help + shown
-        if o.kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif o.kind == "int":
-            kw["type"] = int
-        elif o.kind == "float":
-            kw["type"] = float
-        elif o.kind == "batch":
-            kw["type"] = _batch
-            kw["metavar"] = "N|full"
-        elif o.kind == "count":
-            kw["type"] = _count
-        elif o.kind == "floats":
-            kw["type"] = _floats
-            kw["metavar"] = "B1,B2"
-        else:
-            kw["type"] = str
-        if o.choices:
-            kw["choices"] = o.choices
-        if o.key == "early_stopping":
-            kw["metavar"] = "PATIENCE"
-        groups[o.group].add_argument(flag, help=help_text, **kw)
+        add_option_argument(groups[o.group], o)
     g = groups["optimizer"]
     for flag, (param, conv) in SCHEDULE_FLAGS.items():
         g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=conv, default=None,

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .layers.base import Layer
+from .layers.base import Layer, assign_names
 
 
 # Examples per chunk for the leading conv/pool/activation layers; measured on a 2-core CPU with the
@@ -48,29 +48,11 @@ class Sequential:
         self._run = None  # (chunked layers, other layers, per-chunk caches, chunk sizes) of the last forward
         self.dtype = dtype
         self.device = torch.device(device)
-        self._assign_names()
+        assign_names(self.layers)
         if self.layers:
             self.layers[0].needs_input_grad = False
         if input_shape is not None:
             self.build(input_shape, seed=seed)
-
-    def _assign_names(self) -> None:
-        counts: dict[str, int] = {}
-        taken = {layer.name for layer in self.layers if layer.name}
-        for layer in self.layers:
-            if layer.name:
-                continue
-            while True:
-                counts[layer.kind] = counts.get(layer.kind, 0) + 1
-                candidate = f"{layer.kind}{counts[layer.kind]}"
-                if candidate not in taken:
-                    break
-            layer.name = candidate
-            taken.add(candidate)
-        names = [layer.name for layer in self.layers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"layer names must be unique, got duplicates {dupes}")
 
     # -- building ----------------------------------------------------------------------------
     def build(self, input_shape, seed: int | None = None) -> "Sequential":

@@ -135,6 +135,27 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+def assign_names(layers: list[Layer], where: str = "") -> None:
+    """Give unnamed layers names like ``conv1``, ``dense2`` (per kind, skipping names already taken) and
+    refuse duplicates; ``where`` (e.g. " inside a Residual block") says whose layers they are in the error."""
+    counts: dict[str, int] = {}
+    taken = {layer.name for layer in layers if layer.name}
+    for layer in layers:
+        if layer.name:
+            continue
+        while True:
+            counts[layer.kind] = counts.get(layer.kind, 0) + 1
+            candidate = f"{layer.kind}{counts[layer.kind]}"
+            if candidate not in taken:
+                break
+        layer.name = candidate
+        taken.add(candidate)
+    names = [layer.name for layer in layers]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"layer names{where} must be unique, got duplicates {dupes}")
+
+
 def pair(value, argname: str, allow_zero: bool = False) -> tuple[int, int]:
     """Normalize an int or a pair of ints into a pair, with an error naming ``argname``."""
     given = value  # errors quote what the caller passed, e.g. "got -3", not the expanded pair

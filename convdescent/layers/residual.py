@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from .base import Layer, check_rank
+from .base import Layer, assign_names, check_rank
 from .conv import Conv2D
 from .dense import Dense
 
@@ -76,25 +76,10 @@ class Residual(Layer):
         self._name_sublayers()
 
     def _name_sublayers(self) -> None:
-        counts: dict[str, int] = {}
-        taken = {layer.name for layer in self.layers if layer.name}
-        if "projection" in taken:
+        if any(layer.name == "projection" for layer in self.layers):
             raise ValueError("the name 'projection' is reserved for the skip path of a Residual block; "
                              "rename that layer")
-        for layer in self.layers:
-            if layer.name:
-                continue
-            while True:
-                counts[layer.kind] = counts.get(layer.kind, 0) + 1
-                candidate = f"{layer.kind}{counts[layer.kind]}"
-                if candidate not in taken:
-                    break
-            layer.name = candidate
-            taken.add(candidate)
-        names = [layer.name for layer in self.layers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"layer names inside a Residual block must be unique, got duplicates {dupes}")
+        assign_names(self.layers, " inside a Residual block")
 
     def sublayers(self):
         return self.layers + ([self.projection] if self.projection is not None else [])

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import add_option_argument
+
 # Configuration keys every command takes as flags (what is trained, on what data, how).
 RUN_KEYS = ("model", "loss", "label_smoothing", "dataset", "data_dir", "val_split", "split_seed", "normalize",
             "augment", "epochs", "seed", "device", "precision", "eval_batch_size")
@@ -16,34 +18,6 @@ LR_FIND_OPT_KEYS = ("batch_size", "optimizer", "momentum", "nesterov", "weight_d
                     "clip_norm", "clip_value", "agc")
 # Keys a search can vary (each flag takes a range, a list or a single value).
 SEARCH_DIMENSIONS = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "schedule")
-
-
-def _batch(text: str):
-    if text == "full":
-        return "full"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}")
-    return value
-
-
-def _count(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"must be an image count or a fraction, got {text!r}")
-
-
-def _floats(text: str):
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.9,0.999, got {text!r}") from None
 
 
 def _positive_int(text: str):
@@ -79,28 +53,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys, title: str) -> None
 
     g = parser.add_argument_group(title)
     for key in keys:
-        o = OPTION_BY_KEY[key]
-        kw: dict = {"dest": key, "default": None}
-        shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
-        if o.kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif o.kind == "int":
-            kw["type"] = int
-        elif o.kind == "float":
-            kw["type"] = float
-        elif o.kind == "batch":
-            kw["type"] = _batch
-            kw["metavar"] = "N|full"
-        elif o.kind == "count":
-            kw["type"] = _count
-        elif o.kind == "floats":
-            kw["type"] = _floats
-            kw["metavar"] = "B1,B2"
-        else:
-            kw["type"] = str
-        if o.choices:
-            kw["choices"] = o.choices
-        g.add_argument("--" + key.replace("_", "-"), help=o.help + shown, **kw)
+        add_option_argument(g, OPTION_BY_KEY[key])
 
 
 def _base_config(args, keys) -> dict:
