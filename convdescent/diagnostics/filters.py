@@ -81,22 +81,19 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_filters(weight: torch.Tensor, path: str | Path, title: str) -> Path:
-    """Draw conv filters (F, C, kh, kw) in a grid: RGB when C == 3, else the mean over input channels.
+def filters_figure(weight: torch.Tensor, size=(0.9, 0.9)):
+    """A figure of conv filters (F, C, kh, kw) in a grid: RGB when C == 3, else the mean over input channels.
 
     Each filter is scaled to its own [min, max] so its pattern shows whatever its magnitude.
-
-    Returns:
-        The written PNG path.
     """
-    from .plotting import new_figure, save_figure
+    from .plotting import new_figure
 
     if weight.dim() != 4:
         raise ValueError(f"weight must be conv filters (F, C, kh, kw), got shape {tuple(weight.shape)}")
     w = weight.detach().double().cpu()
     f, c = w.shape[:2]
     rows, cols = _grid(f)
-    fig, axes = new_figure(rows, cols, size=(0.9, 0.9))
+    fig, axes = new_figure(rows, cols, size=size)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -107,23 +104,22 @@ def plot_filters(weight: torch.Tensor, path: str | Path, title: str) -> Path:
         lo, hi = k.min(), k.max()
         k = (k - lo) / (hi - lo) if hi > lo else torch.zeros_like(k)
         ax.imshow(k.numpy(), cmap=None if c == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
-    fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
-def plot_activation_maps(maps: torch.Tensor, path: str | Path, title: str, max_maps: int = 64) -> Path:
-    """Draw activation maps (F, H, W) in a grid (the first ``max_maps`` channels), one shared color scale.
+def activation_maps_figure(maps: torch.Tensor, max_maps: int = 64, size=(1.0, 1.0)):
+    """A figure of activation maps (F, H, W) in a grid (the first ``max_maps`` channels), one color scale.
 
     Returns:
-        The written PNG path.
+        (figure, number of maps shown).
     """
-    from .plotting import new_figure, save_figure
+    from .plotting import new_figure
 
     if maps.dim() != 3:
         raise ValueError(f"maps must be (F, H, W), got shape {tuple(maps.shape)}")
     m = maps.detach().double().cpu()[:max_maps]
     rows, cols = _grid(m.shape[0])
-    fig, axes = new_figure(rows, cols, size=(1.0, 1.0))
+    fig, axes = new_figure(rows, cols, size=size)
     vmin, vmax = float(m.min()), float(m.max())
     if vmax <= vmin:
         vmax = vmin + 1.0
@@ -134,7 +130,24 @@ def plot_activation_maps(maps: torch.Tensor, path: str | Path, title: str, max_m
             ax.axis("off")
             continue
         ax.imshow(m[i].numpy(), cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
-    shown = f" (first {m.shape[0]} of {maps.shape[0]})" if maps.shape[0] > m.shape[0] else ""
+    return fig, m.shape[0]
+
+
+def plot_filters(weight: torch.Tensor, path: str | Path, title: str) -> Path:
+    """Write the grid of ``filters_figure`` with a title as a PNG; returns the path."""
+    from .plotting import save_figure
+
+    fig = filters_figure(weight)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_activation_maps(maps: torch.Tensor, path: str | Path, title: str, max_maps: int = 64) -> Path:
+    """Write the grid of ``activation_maps_figure`` with a title as a PNG; returns the path."""
+    from .plotting import save_figure
+
+    fig, shown_count = activation_maps_figure(maps, max_maps)
+    shown = f" (first {shown_count} of {maps.shape[0]})" if maps.shape[0] > shown_count else ""
     fig.suptitle(f"{title}{shown}", fontsize=9)
     return save_figure(fig, path)
 

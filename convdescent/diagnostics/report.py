@@ -164,40 +164,18 @@ def _explanations_png(model, x, labels, classes, normalizer) -> bytes:
 
 
 def _filters_pngs(model, x) -> list[tuple[bytes, str, str]]:
-    from .filters import _grid, conv_activations, first_conv
+    from .filters import activation_maps_figure, conv_activations, filters_figure, first_conv
 
     out = []
     name, conv = first_conv(model)
-    w = conv.params["weight"].detach().double().cpu()
-    f, c = w.shape[:2]
-    rows, cols = _grid(f)
-    fig, axes = new_figure(rows, cols, size=(0.8, 0.8))
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= f:
-            ax.axis("off")
-            continue
-        k = w[i].permute(1, 2, 0) if c == 3 else w[i].mean(dim=0)
-        lo, hi = k.min(), k.max()
-        k = (k - lo) / (hi - lo) if hi > lo else k * 0
-        ax.imshow(k.numpy(), cmap=None if c == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
+    f = conv.params["weight"].shape[0]
+    fig = filters_figure(conv.params["weight"], size=(0.8, 0.8))
     out.append((figure_to_png(fig), f"First-layer filters ({name}: {f} filters "
                                     f"{conv.kernel_size[0]}x{conv.kernel_size[1]}, each scaled to its own range)",
                 "first-layer-filters"))
     for label, maps in conv_activations(model, x):
-        m = maps.detach().double().cpu()[:32]
-        rows, cols = _grid(m.shape[0])
-        fig, axes = new_figure(rows, cols, size=(0.9, 0.9))
-        vmin, vmax = float(m.min()), max(float(m.max()), float(m.min()) + 1e-12)
-        for i, ax in enumerate(axes.flat):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i >= m.shape[0]:
-                ax.axis("off")
-                continue
-            ax.imshow(m[i].numpy(), cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
-        shown = f"first {m.shape[0]} of {maps.shape[0]}" if maps.shape[0] > m.shape[0] else f"{maps.shape[0]}"
+        fig, count = activation_maps_figure(maps, max_maps=32, size=(0.9, 0.9))
+        shown = f"first {count} of {maps.shape[0]}" if maps.shape[0] > count else f"{maps.shape[0]}"
         out.append((figure_to_png(fig), f"Activation maps of {label} for the first test image ({shown} maps "
                                         f"{maps.shape[1]}x{maps.shape[2]})", f"activations-{label}"))
     return out
