@@ -297,3 +297,19 @@ def test_monitor_is_on_in_train_runs_and_reaches_metrics_jsonl_and_the_report(tm
     from convdescent.train.config import default_config
 
     assert default_config()["health_every"] == 50  # on by default
+
+
+def test_plateau_window_defaults_to_an_epoch_of_checks():
+    from types import SimpleNamespace
+
+    from convdescent.diagnostics.health import HealthMonitor
+
+    def begin(monitor, steps_per_epoch):
+        trainer = SimpleNamespace(loader=SimpleNamespace(steps_per_epoch=steps_per_epoch), model=None,
+                                  optimizer=None, callbacks=(), step=0)
+        monitor.on_train_begin(trainer)
+        return monitor.rules.plateau_window
+
+    assert begin(HealthMonitor(every=50, activations=False, stream=None), 1719) == 34
+    assert begin(HealthMonitor(every=50, activations=False, stream=None), 100) == 10  # never under 10 checks
+    assert begin(HealthMonitor(every=50, plateau_window=4, activations=False, stream=None), 1719) == 4

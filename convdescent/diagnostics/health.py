@@ -262,6 +262,13 @@ class HealthRules:
         self._prev_norm: float | None = None
         self._losses: deque = deque(maxlen=2 * plateau_window)
 
+    def set_plateau_window(self, checks: int) -> None:
+        """Change the plateau window (checks per window), keeping the most recent losses."""
+        if isinstance(checks, bool) or not isinstance(checks, int) or checks < 1:
+            raise ValueError(f"plateau_window must be a positive int (checks), got {checks!r}")
+        self.plateau_window = checks
+        self._losses = deque(self._losses, maxlen=2 * checks)
+
     def config(self) -> dict[str, Any]:
         return {"vanish_threshold": self.vanish_threshold, "explode_threshold": self.explode_threshold,
                 "explode_factor": self.explode_factor, "ratio_range": list(self.ratio_range),
@@ -408,8 +415,10 @@ class HealthMonitor(Callback):
         ratio_range: healthy (low, high) update-to-weight ratio of weight tensors.
         dead_threshold: fraction of dead units of a ReLU layer that raises a warning.
         patience: checks running a condition must hold before it warns (vanishing, ratio, dead units).
-        plateau_window: checks per window of the plateau rule (10 checks of 50 steps: the window means
-            average 500 batches, so batch-to-batch noise stays well under the 1% tolerance).
+        plateau_window: checks per window of the plateau rule; None (the default): an epoch's worth of
+            checks, at least 10. Windows shorter than an epoch compare different stretches of one pass over
+            the data, whose losses differ by a few percent in a run that still improves by 10% an epoch,
+            and so raised false plateau warnings.
         plateau_tol: smallest relative improvement between windows that is not a plateau.
         activations: also record activation statistics (wraps forward on monitored steps).
         stream: where warnings are printed (default: sys.stderr at the time of printing; None: not printed).
@@ -420,13 +429,15 @@ class HealthMonitor(Callback):
 
     def __init__(self, every: int = 50, *, vanish_threshold: float = 1e-7, explode_threshold: float = 1e4,
                  explode_factor: float = 10.0, ratio_range=(1e-4, 1e-2), dead_threshold: float = 0.5,
-                 patience: int = 3, plateau_window: int = 10, plateau_tol: float = 0.01, activations: bool = True,
-                 stream: TextIO | None = _STDERR, sink: Callable[[dict], None] | None = None):
+                 patience: int = 3, plateau_window: int | None = None, plateau_tol: float = 0.01,
+                 activations: bool = True, stream: TextIO | None = _STDERR, sink: Callable[[dict], None] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
         self.every = every
+        self.auto_plateau_window = plateau_window is None
         self.rules = HealthRules(vanish_threshold, explode_threshold, explode_factor, tuple(ratio_range),
-                                 dead_threshold, patience, plateau_window, plateau_tol)
+                                 dead_threshold, patience, 10 if plateau_window is None else plateau_window,
+                                 plateau_tol)
         self.activations = bool(activations)
         self.stream = stream
         self.sink = sink
@@ -443,6 +454,9 @@ class HealthMonitor(Callback):
         return step % self.every == 0
 
     def on_train_begin(self, trainer) -> None:
+        loader = getattr(trainer, "loader", None)
+        if self.auto_plateau_window and loader is not None:
+            self.rules.set_plateau_window(max(10, loader.steps_per_epoch // self.every))
         self._probe = ActivationProbe(trainer.model) if self.activations else None
         self._clips = clip_specs(getattr(trainer, "optimizer", None))
         self._pending = None
