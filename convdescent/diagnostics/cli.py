@@ -16,44 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..cli import non_negative_int, positive_float, positive_int
+
 
 # -- shared helpers ------------------------------------------------------------------------------------------
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
-        return value
-    return parse
-
-
-def _non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a non-negative integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a non-negative integer, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text}")
-        return value
-    return parse
-
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -406,7 +372,7 @@ def _source_args(p, what: str) -> None:
 def _image_args(p, required: bool) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--image", metavar="FILE", help="an image file (PNG, JPEG), resized to the model's input")
-    g.add_argument("--test-index", type=_non_negative_int("--test-index"), metavar="I",
+    g.add_argument("--test-index", type=non_negative_int, metavar="I",
                    help="the I-th image of the run's test split" + ("" if required else " (default 0)"))
 
 
@@ -420,13 +386,13 @@ def register(subparsers) -> None:
     _source_args(p, "check")
     p.add_argument("--input-shape", type=_shape, default=(1, 28, 28), metavar="C,H,W",
                    help="input shape for --model (default 1,28,28)")
-    p.add_argument("--num-classes", type=_positive_int("--num-classes"), default=10,
+    p.add_argument("--num-classes", type=positive_int, default=10,
                    help="outputs for --model (default 10)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=2,
+    p.add_argument("--batch-size", type=positive_int, default=2,
                    help="examples in the checked batch (default 2)")
-    p.add_argument("--max-elements", type=_non_negative_int("--max-elements"), default=64,
+    p.add_argument("--max-elements", type=non_negative_int, default=64,
                    help="elements checked per tensor, always including the largest gradient (0: all; default 64)")
-    p.add_argument("--eps", type=_positive_float("--eps"), default=1e-5,
+    p.add_argument("--eps", type=positive_float, default=1e-5,
                    help="finite-difference step for the whole model (default 1e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and sampled elements")
     p.add_argument("--no-layer-types", action="store_true", help="skip the per-layer-type checks")
@@ -441,7 +407,7 @@ def register(subparsers) -> None:
     _source_args(p, "analyze")
     p.add_argument("--dataset", default="fashion-mnist", help="dataset for --model (default fashion-mnist)")
     p.add_argument("--data-dir", help="folder searched first for the dataset")
-    p.add_argument("--examples", type=_positive_int("--examples"), default=512,
+    p.add_argument("--examples", type=positive_int, default=512,
                    help="test images averaged for |dL/dx| (default 512)")
     p.add_argument("--seed", type=int, default=None, help="initialization seed of the padding variants")
     p.add_argument("--out", help="output folder (default RUN_DIR/diagnostics or diagnostics/border-MODEL)")
@@ -457,7 +423,7 @@ def register(subparsers) -> None:
     _image_args(p, required=True)
     p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
                    help="class to explain (default: the predicted one)")
-    p.add_argument("--samples", type=_positive_int("--samples"), default=25, help="SmoothGrad samples (default 25)")
+    p.add_argument("--samples", type=positive_int, default=25, help="SmoothGrad samples (default 25)")
     p.add_argument("--noise", type=float, default=0.15,
                    help="SmoothGrad noise, fraction of the image's value range (default 0.15)")
     p.add_argument("--seed", type=int, default=0, help="seed of the SmoothGrad noise")
@@ -483,15 +449,15 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     p.add_argument("--checkpoint", choices=("best", "last"), default="last",
                    help="which weights are the final ones (default last)")
-    p.add_argument("--examples", type=_positive_int("--examples"), default=1000,
+    p.add_argument("--examples", type=positive_int, default=1000,
                    help="images per split each loss averages over (default 1000)")
-    p.add_argument("--line-points", type=_positive_int("--line-points"), default=13,
+    p.add_argument("--line-points", type=positive_int, default=13,
                    help="points on the line (default 13)")
     p.add_argument("--line-range", type=float, nargs=2, default=(-0.25, 1.25), metavar=("LOW", "HIGH"),
                    help="interpolation range, 0 initial and 1 final (default -0.25 1.25)")
-    p.add_argument("--plane-points", type=_non_negative_int("--plane-points"), default=9,
+    p.add_argument("--plane-points", type=non_negative_int, default=9,
                    help="points per axis of the plane, 0 for none (default 9)")
-    p.add_argument("--plane-range", type=_positive_float("--plane-range"), default=1.0,
+    p.add_argument("--plane-range", type=positive_float, default=1.0,
                    help="plane coordinates span [-R, R] (default 1)")
     p.add_argument("--init-seed", type=int, default=None,
                    help="rebuild the initial weights from this seed (default: checkpoints/init.pt, else the "

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import add_option_argument
+from ..cli import add_option_argument, positive_float, positive_int
 
 # Configuration keys every command takes as flags (what is trained, on what data, how).
 RUN_KEYS = ("model", "loss", "label_smoothing", "dataset", "data_dir", "val_split", "split_seed", "normalize",
@@ -18,26 +18,6 @@ LR_FIND_OPT_KEYS = ("batch_size", "optimizer", "momentum", "nesterov", "weight_d
                     "clip_norm", "clip_value", "agc")
 # Keys a search can vary (each flag takes a range, a list or a single value).
 SEARCH_DIMENSIONS = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "schedule")
-
-
-def _positive_int(text: str):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def _key_spec(text: str):
@@ -137,15 +117,15 @@ def _add_lr_find(sub) -> None:
     _add_config_flags(p, RUN_KEYS, "What is trained")
     _add_config_flags(p, LR_FIND_OPT_KEYS, "Optimizer swept")
     g = p.add_argument_group("Sweep")
-    g.add_argument("--start", type=_positive_float, default=1e-7, help="first learning rate (default 1e-7)")
-    g.add_argument("--end", type=_positive_float, default=10.0, help="last learning rate (default 10)")
-    g.add_argument("--steps", type=_positive_int, default=100, help="mini-batches of the sweep (default 100)")
+    g.add_argument("--start", type=positive_float, default=1e-7, help="first learning rate (default 1e-7)")
+    g.add_argument("--end", type=positive_float, default=10.0, help="last learning rate (default 10)")
+    g.add_argument("--steps", type=positive_int, default=100, help="mini-batches of the sweep (default 100)")
     g.add_argument("--beta", type=float, default=0.98, help="decay of the loss's moving average (default 0.98)")
     g.add_argument("--diverge", type=float, default=4.0,
                    help="stop when the smoothed loss exceeds this times its best (default 4)")
     g.add_argument("--skip-start", type=float, default=0.1,
                    help="fraction of the first steps the rules ignore as early noise (default 0.1)")
-    g.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="draw batches from a random subset of N training images")
     o = p.add_argument_group("Output")
     o.add_argument("--out", metavar="DIR", help="folder for lr_find.png and lr_find.json "
@@ -243,9 +223,9 @@ def _add_search(sub) -> None:
     s = p.add_argument_group("Search")
     s.add_argument("--sampler", choices=("grid", "random", "tpe"), default="random",
                    help="grid (every point once), random (log-uniform draws), or tpe (default random)")
-    s.add_argument("--trials", type=_positive_int, default=None,
+    s.add_argument("--trials", type=positive_int, default=None,
                    help="number of trials (random, tpe; default 12); grid: the whole grid")
-    s.add_argument("--grid-points", type=_positive_int, default=4, help="grid values per range (default 4)")
+    s.add_argument("--grid-points", type=positive_int, default=4, help="grid values per range (default 4)")
     s.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
                    help="stop hopeless trials by their per-epoch validation accuracy: median, successive halving, "
                         "or none (default median)")
@@ -253,7 +233,7 @@ def _add_search(sub) -> None:
                    help="trials that finish before the median pruner acts (default 3)")
     s.add_argument("--prune-warmup", type=int, default=1,
                    help="epochs every trial runs before it may be pruned (default 1)")
-    s.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+    s.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train each trial on a random subset of N training images (quick searches)")
     s.add_argument("--search-seed", type=int, default=None, help="seed of the random draws and TPE (default --seed)")
     w = p.add_argument_group("Storage and workers")
@@ -263,7 +243,7 @@ def _add_search(sub) -> None:
                         "workers on several machines")
     w.add_argument("--study", default="convdescent-search",
                    help="study name; workers that give the same name and storage share the trials")
-    w.add_argument("--workers", type=_positive_int, default=1,
+    w.add_argument("--workers", type=positive_int, default=1,
                    help="local worker processes sharing the storage (default 1)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-search-<study>)")
     p.set_defaults(func=cmd_search)
@@ -305,15 +285,15 @@ def _add_compare(sub) -> None:
                         "name:key=value (e.g. sgd:momentum=0.5) (default sgd,momentum,rmsprop,adam,adamw)")
     _add_config_flags(p, RUN_KEYS + ("batch_size",), "What is trained (shared by every run)")
     c = p.add_argument_group("Protocol")
-    c.add_argument("--tune-epochs", type=_positive_int, default=2, help="epochs of each tuning run (default 2)")
+    c.add_argument("--tune-epochs", type=positive_int, default=2, help="epochs of each tuning run (default 2)")
     c.add_argument("--lr-grid", default=None, metavar="SPEC",
                    help="learning rates tried for every optimizer: LOW:HIGH:POINTS (log-spaced) or a list; "
                         "default: --grid-points values over 3 decades around each optimizer's usual rate")
-    c.add_argument("--grid-points", type=_positive_int, default=5, help="points of the default grids (default 5)")
-    c.add_argument("--seeds", type=_positive_int, default=3, help="seeds of the final runs (default 3)")
+    c.add_argument("--grid-points", type=positive_int, default=5, help="points of the default grids (default 5)")
+    c.add_argument("--seeds", type=positive_int, default=3, help="seeds of the final runs (default 3)")
     c.add_argument("--target", type=float, default=None,
                    help="target validation accuracy for epochs/seconds to target (default 0.9 x the best mean)")
-    c.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+    c.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train every run on a random subset of N training images (quick comparisons)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-compare)")
     p.set_defaults(func=cmd_compare)
