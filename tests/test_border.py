@@ -17,12 +17,8 @@ from convdescent.diagnostics.border import (conv_paddings, coverage, edge_center
 from convdescent.diagnostics.cli import main as diag_main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_windows_1d(n, k, s, pb, pa):

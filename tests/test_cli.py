@@ -18,12 +18,8 @@ from convdescent.data.synthetic import write_npz_dataset
 CLASSES = ["zero", "one", "two", "three"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")

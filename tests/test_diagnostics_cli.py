@@ -17,12 +17,8 @@ from convdescent.diagnostics.layer_check import (autograd_rows, check_layer_type
                                                  summarize, verdict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_verdicts_follow_the_cs231n_thresholds():

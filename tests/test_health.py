@@ -19,12 +19,8 @@ from convdescent.optim import make_optimizer
 from convdescent.train import Callback, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(seed=0):

@@ -16,12 +16,8 @@ from convdescent.diagnostics.landscape import (compute_landscape, filter_normali
                                                loss_on_plane, mean_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(seed=0):

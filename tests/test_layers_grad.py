@@ -14,7 +14,6 @@ own test id. The scalar loss is L = sum(y * R) with a random R, so dL/dy = R.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass, field

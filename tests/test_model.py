@@ -54,7 +54,6 @@ def test_to_torch_matches_in_training_mode_and_gradients(name, shape):
     model = make_model(name, shape, seed=0, dtype=torch.float64)
     net = model.to_torch().train()
     x = torch.rand((2,) + shape, dtype=torch.float64)
-    y = torch.tensor([1, 7])
     out = model.forward(x, train=True)
     ref = net(x)
     torch.testing.assert_close(ref, out, rtol=1e-10, atol=1e-10)

@@ -17,12 +17,8 @@ from convdescent.diagnostics.saliency import (grad_cam, last_conv_block, load_im
                                               smoothgrad)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_and_images(seed=0):

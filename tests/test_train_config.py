@@ -13,12 +13,8 @@ from convdescent.train.config import (OPTIONS, ConfigError, default_config, dump
 from convdescent.train.run import train_from_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_defaults_are_the_tutorial_run():

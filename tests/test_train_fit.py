@@ -18,13 +18,8 @@ from convdescent.train import Callback, EarlyStopping, LambdaCallback, fit
 from convdescent.train.callbacks import format_epoch_line
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These networks are tiny; one thread avoids losing most of the time to thread contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# These networks are tiny; one thread avoids losing most of the time to thread contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=192, nv=64, k=4, hw=8, seed=0):

@@ -16,12 +16,8 @@ from convdescent.train import NonFiniteError, fit
 from convdescent.train.step import train_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X, Y = synthetic_images(192, 4, (1, 8, 8), seed=0)
