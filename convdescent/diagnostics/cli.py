@@ -328,7 +328,7 @@ def initial_weights(run, init_seed: int | None = None) -> tuple[dict, str]:
 def cmd_landscape(args) -> int:
     """Loss on the line from the initial to the final weights and on a filter-normalized plane."""
     from .landscape import compute_landscape, plot_line, plot_plane
-    from .plotting import atomic_write_text
+    from ..train.checkpoint import atomic_write_text
 
     if args.line_range[0] >= args.line_range[1]:
         raise ValueError(f"--line-range must be LOW HIGH with LOW < HIGH, got {args.line_range}")

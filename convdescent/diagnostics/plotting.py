@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import tempfile
 from pathlib import Path
+
+from ..data.fileio import atomic_open
 
 
 def new_figure(rows: int, cols: int, size=(3.2, 3.0)):
@@ -45,16 +45,8 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 
@@ -66,19 +58,3 @@ def figure_to_data_uri(fig, dpi: int = 100) -> str:
 def png_to_data_uri(path: str | Path) -> str:
     """Read a PNG file into a ``data:`` URI."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text through a temporary file in the same folder and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -7,11 +7,10 @@ its path.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from ..data.fileio import atomic_open
 
 RULE_COLORS = {"valley": "tab:green", "steepest": "tab:orange", "min/10": "tab:purple"}
 
@@ -27,16 +26,10 @@ def _pyplot():
 
 def save_figure(fig, path) -> str:
     """Write a figure as PNG through a temporary file and a rename, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _pyplot().close(fig)
     return str(path)
 

@@ -8,16 +8,16 @@ previous checkpoint or the new one, never a mixture.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..data.fileio import atomic_write
 
 FORMAT = "convdescent-checkpoint"
 VERSION = 1
@@ -43,22 +43,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (the old file survives a crash)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (the old file survives a crash),
+    then fsync the folder so the rename itself is on disk."""
+    atomic_write(path, data)
+    _fsync_dir(Path(path).parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
