@@ -23,14 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def builtin_sections_only():
-    # Report sections other modules register are tested with those modules.
-    import convdescent.report as report
-
-    saved = report.SECTIONS, report.SECTION_MODULES
-    report.SECTIONS, report.SECTION_MODULES = [], []
-    yield
-    report.SECTIONS, report.SECTION_MODULES = saved
+def _builtin_sections(builtin_sections_only):
+    """Report sections other modules register are tested with those modules."""
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,8 @@ from convdescent.models import seed_cnn, seed_cnn_bn
 MODEL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: threaded BLAS only adds synchronization
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one thread is as fast, and immune to a busy machine's thread contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n=4, shape=(1, 10, 10), classes=10, seed=0):

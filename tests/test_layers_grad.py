@@ -386,14 +386,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- the tests -----------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run these tiny shapes on one thread: threaded BLAS only adds synchronization at this size, and on a
-    busy machine its barriers can make a 6x3 matrix product take milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one thread is as fast, and immune to a busy machine's thread contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("layer_name,case", ALL)

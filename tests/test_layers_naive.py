@@ -19,12 +19,8 @@ from convdescent.layers import naive
 TOL = 1e-12  # float64; both sides sum the same products in different orders
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: threaded BLAS only adds synchronization
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one thread is as fast, and immune to a busy machine's thread contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(a, b, tol=TOL):

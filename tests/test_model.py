@@ -19,13 +19,8 @@ NAMED = [("seed_cnn", (1, 28, 28)), ("seed_cnn", (3, 32, 32)), ("seed_cnn_bn", (
 IDS = [f"{name}-{'x'.join(map(str, shape))}" for name, shape in NAMED]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Batches of a few examples: one thread is as fast, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny shapes: one thread is as fast, and immune to a busy machine's thread contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def warm_up(model, shape, steps=2):

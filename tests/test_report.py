@@ -27,12 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def builtin_sections_only():
-    # Sections other modules register are tested with those modules; these tests look at the built-in ones.
-    saved = report.SECTIONS, report.SECTION_MODULES
-    report.SECTIONS, report.SECTION_MODULES = [], []
-    yield
-    report.SECTIONS, report.SECTION_MODULES = saved
+def _builtin_sections(builtin_sections_only):
+    """Report sections other modules register are tested with those modules."""
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 import json
 import math
 
-import numpy as np
 import optuna
 import pytest
 
-from convdescent.data.synthetic import synthetic_images
 from convdescent.search.space import SearchSpace, SearchSpaceError, parse_dimension, point_key
 from convdescent.search.study import (SearchError, SearchSettings, TrialOutcome, open_storage, prepare_study,
                                       run_search, run_worker, storage_kind, trial_rows)
@@ -15,13 +13,8 @@ from convdescent.train import load_toml, resolve_config
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    """A small 4-class dataset (class = a bright band) that seed_cnn learns in one epoch at a sane lr."""
-    x, y = synthetic_images(240, 4, (1, 8, 8), seed=0)
-    xt, yt = synthetic_images(40, 4, (1, 8, 8), seed=1)
-    path = tmp_path_factory.mktemp("data") / "bands.npz"
-    np.savez(path, x_train=x.numpy(), y_train=y.numpy(), x_test=xt.numpy(), y_test=yt.numpy())
-    return f"npz:{path}"
+def npz(bands_npz):
+    return bands_npz
 
 
 def _base(npz, epochs=1):

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,12 +13,8 @@ from convdescent.search.trials import subset_dataset
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    x, y = synthetic_images(240, 4, (1, 8, 8), seed=0)
-    xt, yt = synthetic_images(40, 4, (1, 8, 8), seed=1)
-    path = tmp_path_factory.mktemp("data") / "bands.npz"
-    np.savez(path, x_train=x.numpy(), y_train=y.numpy(), x_test=xt.numpy(), y_test=yt.numpy())
-    return f"npz:{path}"
+def npz(bands_npz):
+    return bands_npz
 
 
 def test_lr_find_command_prints_every_rule_and_writes_plot_and_json(npz, tmp_path, capsys):
