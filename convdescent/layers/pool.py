@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from .base import Layer, check_rank, pair
 from .conv import same_padding
 
@@ -104,6 +105,23 @@ def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, k: int, s: int
     return dx
 
 
+def _route_by_code(dy, code, shape, pool_size, stride):
+    """The native backward's formula in torch ops: each window's gradient goes to its recorded winner.
+
+    Used when a forward ran natively but its backward cannot (the kernels were turned off in between,
+    or an unusual gradient tensor)."""
+    n, c, h, w = shape
+    (ph, pw), (sh, sw) = pool_size, stride
+    ho, wo = code.shape[1], code.shape[2]
+    g = dy.permute(0, 2, 3, 1)
+    dx = torch.zeros((n, h, w, c), dtype=dy.dtype, device=dy.device)
+    for k in range(ph):
+        for l in range(pw):
+            hit = (code == k * pw + l).to(dy.dtype)
+            dx[:, k:k + sh * (ho - 1) + 1:sh, l:l + sw * (wo - 1) + 1:sw, :] += g * hit
+    return dx.permute(0, 3, 1, 2)
+
+
 class MaxPool2D(_Pool2D):
     """Max pooling over (ph, pw) windows.
 
@@ -154,8 +172,18 @@ class MaxPool2D(_Pool2D):
         n, c, h, w = x.shape
         _, ho, wo = self.compute_output_shape((c, h, w))
         (ph, pw), (sh, sw) = self.pool_size, self.stride
-        xh = x.permute(0, 2, 3, 1)  # channels-last view: offsets read runs of C contiguous floats
         pt, pb, pl, pr = pads = self.pads(h, w)
+        fn = native.kernel("cd_maxpool_fwd", x) if not any(pads) and ph * pw <= 256 else None
+        if fn is not None:
+            # One pass in C (native/kernels.c): the maxima, and each window's winner as a byte k*pw + l.
+            # The output is written in plain (N, C, Ho, Wo) order, which Flatten reads without a copy.
+            out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
+            code = torch.empty((n, ho, wo, c), dtype=torch.uint8, device=x.device)
+            fn(x.data_ptr(), out.data_ptr(), code.data_ptr(), n, c, ho, wo, *x.stride(), *out.stride(),
+               ph, pw, sh, sw, native.threads())
+            self._cache = ("native", code, (n, c, h, w), (ho, wo))
+            return out
+        xh = x.permute(0, 2, 3, 1)  # channels-last view: offsets read runs of C contiguous floats
         if any(pads):
             # The lowest finite value rather than -inf: it never wins a window, and the difference of two
             # padded entries is 0 rather than nan.
@@ -167,9 +195,18 @@ class MaxPool2D(_Pool2D):
         return out.permute(0, 3, 1, 2)
 
     def backward(self, dy):
-        gains_w, gains_h, x_shape, row_shape, (ho, wo), (pt, pb, pl, pr) = self._cache
-        self._cache = None
+        cache, self._cache = self._cache, None
         (ph, pw), (sh, sw) = self.pool_size, self.stride
+        if cache[0] == "native":
+            _, code, (n, c, h, w), (ho, wo) = cache
+            fn = native.kernel("cd_maxpool_bwd", dy)
+            if fn is not None and dy.shape == (n, c, ho, wo):
+                dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
+                fn(dy.data_ptr(), code.data_ptr(), dx.data_ptr(), n, c, h, w, ho, wo, *dy.stride(),
+                   ph, pw, sh, sw, native.threads())
+                return dx.permute(0, 3, 1, 2)
+            return _route_by_code(dy, code, (n, c, h, w), self.pool_size, self.stride)
+        gains_w, gains_h, x_shape, row_shape, (ho, wo), (pt, pb, pl, pr) = cache
         d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho)
         dx = _max_1d_backward(d_row, gains_w, x_shape, 2, pw, sw, wo)
         if pt or pb or pl or pr:

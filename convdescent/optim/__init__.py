@@ -49,6 +49,7 @@ from .clipping import (
     global_norm,
     unitwise_norm,
 )
+from .fused import update_and_apply
 from .record import RecordState, optimizer_stats, record_norms
 from .schedules import (
     SCHEDULES,
@@ -107,5 +108,5 @@ __all__ = [
     "ScaleByLionState", "ScaleByNadamState", "ScaleByRmsState", "TraceState", "add_decayed_weights",
     "coupled_weight_decay", "decoupled_weight_decay", "scale", "scale_by_adadelta", "scale_by_adagrad",
     "scale_by_adam", "scale_by_learning_rate", "scale_by_lion", "scale_by_nadam", "scale_by_rms", "trace",
-    "LazyUpdates",
+    "LazyUpdates", "update_and_apply",
 ]

@@ -32,6 +32,8 @@ class TransformInfo(NamedTuple):
         children: the transforms a chain or a recorder wraps.
         lr_of: for ``kind == "lr"``, a function ``state -> float`` giving the next step's learning rate.
         schedule: for ``kind == "lr"``, the schedule (or number) it was built with.
+        fused: for a chain, ``fn(params, grads, state) -> new_state or None`` doing update and apply in one
+            fused kernel (see :mod:`convdescent.optim.fused`), or None.
     """
 
     name: str
@@ -41,6 +43,7 @@ class TransformInfo(NamedTuple):
     children: tuple = ()
     lr_of: Callable[[Any], float] | None = None
     schedule: Any = None
+    fused: Callable | None = None
 
 
 class _TransformPair(NamedTuple):
@@ -144,7 +147,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return GradientTransformation(init, update, TransformInfo("chain", kind="chain", children=parts_t))
+    from .fused import adam_fusion
+
+    return GradientTransformation(init, update, TransformInfo("chain", kind="chain", children=parts_t,
+                                                              fused=adam_fusion(parts_t)))
 
 
 def apply_updates(params: Params, updates: dict) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..optim import apply_updates
+from ..optim import update_and_apply
 from ..optim import load_state_dict as load_opt_state
 from ..optim import state_dict as opt_state_dict
 
@@ -572,8 +572,7 @@ def lr_find(model, loss_fn, loader, optimizer: str | Callable = "sgd", *, start_
                     loss, dlogits = loss_fn(logits, yb)
                     loss_buf[i] = loss.detach()
                     model.backward(dlogits)
-                    updates, state = opt.update(model.grads(), state, params)
-                    apply_updates(params, updates)
+                    state = update_and_apply(opt, params, model.grads(), state)
                 raw = loss_buf[:chunk_end].cpu().numpy()
                 done = chunk_end
                 cut, _, _ = _find_stop(lrs[:done], raw, beta, diverge_factor)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..optim import apply_updates
+from ..optim import update_and_apply
 
 
 @torch.no_grad()
@@ -27,9 +27,7 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
     logits = model.forward(xb, train=True)
     loss, dlogits = loss_fn(logits, yb)
     model.backward(dlogits)
-    params = model.params()
-    updates, opt_state = optimizer.update(model.grads(), opt_state, params)
-    apply_updates(params, updates)
+    opt_state = update_and_apply(optimizer, model.params(), model.grads(), opt_state)
     correct = (logits.argmax(dim=1) == yb).sum()
     return loss, correct, opt_state
 

@@ -305,6 +305,10 @@ class Trainer:
         params = self.model.params()
         for cb in hooks:
             cb.on_gradients(self, step, grads, params)
+        if self.lr_scale == 1.0 and not any(uses(cb, "on_update") for cb in hooks):
+            # Nobody reads the updates: one fused pass where the optimizer has one, as in train_step.
+            self.opt_state = optim.update_and_apply(self.optimizer, params, grads, self.opt_state)
+            return
         updates, self.opt_state = self.optimizer.update(grads, self.opt_state, params)
         if self.lr_scale != 1.0:
             updates = as_lazy(updates, owned=False).scaled(self.lr_scale)

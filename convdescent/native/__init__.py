@@ -1,0 +1,164 @@
+"""Native CPU kernels, compiled from ``kernels.c`` with the system C compiler on first use.
+
+A few loops of the training step (max pooling forward and backward) cost many passes over memory when
+written as torch operations, each pass a full elementwise kernel; written in C they are one pass. The
+torch-op versions in the layers stay the reference and the fallback: they run whenever the kernels are not
+available (no C compiler, ``CONVDESCENT_NATIVE=0``, a tensor on another device or of another dtype), and
+the tests check that both give the same values and gradients.
+
+The shared library is built once per source, compiler flags and machine into a cache folder
+(``$CONVDESCENT_CACHE_DIR``, else ``$XDG_CACHE_HOME/convdescent``, else ``~/.cache/convdescent``), written
+under a temporary name and renamed into place, so concurrent first uses never load a half-written file.
+It is built with ``-march=native`` (falling back to generic code when the compiler refuses) and OpenMP; it
+is loaded after torch, so it shares torch's OpenMP runtime and thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_LOCK = threading.Lock()
+_LIB = None
+_ERROR: str | None = None
+_TRIED = False
+
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+_SIGNATURES = {
+    # x, out, code, N, C, Ho, Wo, x strides (4), out strides (4), ph, pw, sh, sw, threads
+    "cd_maxpool_fwd": [_PTR, _PTR, _PTR] + [_I64] * 4 + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
+    # dy, code, dx, N, C, H, W, Ho, Wo, dy strides (4), ph, pw, sh, sw, threads
+    "cd_maxpool_bwd": [_PTR, _PTR, _PTR] + [_I64] * 6 + [_I64] * 4 + [_I64] * 4 + [ctypes.c_int],
+}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("CONVDESCENT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "convdescent"
+
+
+def _machine_tag() -> str:
+    tag = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    tag += line
+    except OSError:
+        pass
+    return tag
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _machine_tag().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"kernels-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_SOURCE)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[:300]}")
+                    continue
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))
+        for name, argtypes in _SIGNATURES.items():
+            for suffix in _SUFFIX.values():
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes = argtypes
+                fn.restype = None
+        return lib
+    raise RuntimeError("compiling the native kernels failed: " + " | ".join(errors))
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first call; None when they cannot be had (see ``status``)."""
+    global _LIB, _ERROR, _TRIED
+    if _TRIED:
+        return _LIB
+    with _LOCK:
+        if not _TRIED:
+            if os.environ.get("CONVDESCENT_NATIVE", "1") == "0":
+                _ERROR = "turned off by CONVDESCENT_NATIVE=0"
+            else:
+                try:
+                    _LIB = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    _ERROR = str(exc)
+            _TRIED = True
+    return _LIB
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and why not when they are not."""
+    lib = library()
+    return f"native kernels loaded from {lib._name}" if lib is not None else f"native kernels off: {_ERROR}"
+
+
+_ENABLED = True
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernels on or off for this process (tests compare both paths); returns the previous value."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(flag)
+    return previous
+
+
+def kernel(name: str, *tensors: torch.Tensor):
+    """The ``name`` kernel for these tensors' dtype, or None when the torch-op path should run instead."""
+    if not _ENABLED:
+        return None
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in _SUFFIX or first.requires_grad:
+        return None
+    if any(t.device.type != "cpu" or t.dtype != first.dtype for t in tensors[1:]):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    return getattr(lib, f"{name}_{_SUFFIX[first.dtype]}")
+
+
+def threads() -> int:
+    """Threads for the kernels: torch's intra-op count, so both share one OpenMP pool size."""
+    return torch.get_num_threads()

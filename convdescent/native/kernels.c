@@ -1,0 +1,144 @@
+/* Native CPU kernels for convdescent's hot loops, compiled on first use (see native/__init__.py).
+ *
+ * Each kernel is the same formula as the torch-op version in the layer it serves, written as one pass
+ * over memory. Tensors arrive as data pointers plus element strides, so any layout is read in place.
+ * Every kernel exists for float and double (suffixes f32 and f64).
+ *
+ * Max pooling over (ph, pw) windows with strides (sh, sw), no padding:
+ *   forward:  out[n, c, i, j] = max_{k, l} x[n, c, i*sh + k, j*sw + l]
+ *             code[n, i, j, c] = k*pw + l of the first maximum in row-major window order (NaN wins, as
+ *             in torch)
+ *   backward: dx[n, c, p, q] = sum over windows (i, j) whose code points at (p, q) of dy[n, c, i, j]
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 256
+
+#define DEFINE_MAXPOOL(T, SUF)                                                                          \
+void cd_maxpool_fwd_##SUF(const T *x, T *out, uint8_t *code, int64_t N, int64_t C, int64_t Ho,         \
+                          int64_t Wo, int64_t xn, int64_t xc, int64_t xh, int64_t xw, int64_t on,      \
+                          int64_t oc, int64_t oh, int64_t ow, int64_t ph, int64_t pw, int64_t sh,      \
+                          int64_t sw, int threads)                                                     \
+{                                                                                                      \
+    const int64_t rows = N * Ho;                                                                       \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                  \
+    for (int64_t r = 0; r < rows; r++) {                                                               \
+        const int64_t n = r / Ho, i = r % Ho;                                                          \
+        T best[BLOCK];                                                                                 \
+        int32_t arg[BLOCK];                                                                            \
+        for (int64_t j = 0; j < Wo; j++) {                                                             \
+            const T *win = x + n * xn + i * sh * xh + j * sw * xw;                                     \
+            T *o = out + n * on + i * oh + j * ow;                                                     \
+            uint8_t *cd = code + (r * Wo + j) * C;                                                     \
+            for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {                                                \
+                const int64_t cb = C - c0 < BLOCK ? C - c0 : BLOCK;                                    \
+                const T *v0 = win + c0 * xc;                                                           \
+                for (int64_t c = 0; c < cb; c++) { best[c] = v0[c * xc]; arg[c] = 0; }                 \
+                for (int64_t k = 0; k < ph; k++) {                                                     \
+                    for (int64_t l = 0; l < pw; l++) {                                                 \
+                        if (k == 0 && l == 0) continue;                                                \
+                        const T *v = v0 + k * xh + l * xw;                                             \
+                        const int32_t here = (int32_t)(k * pw + l);                                    \
+                        if (xc == 1) {                                                                 \
+                            for (int64_t c = 0; c < cb; c++) {                                         \
+                                const T a = v[c], b = best[c];                                         \
+                                const int take = (a > b) | ((a != a) & (b == b));                      \
+                                best[c] = take ? a : b;                                                \
+                                arg[c] = take ? here : arg[c];                                         \
+                            }                                                                          \
+                        } else {                                                                       \
+                            for (int64_t c = 0; c < cb; c++) {                                         \
+                                const T a = v[c * xc], b = best[c];                                    \
+                                const int take = (a > b) | ((a != a) & (b == b));                      \
+                                best[c] = take ? a : b;                                                \
+                                arg[c] = take ? here : arg[c];                                         \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                }                                                                                      \
+                if (oc == 1) {                                                                         \
+                    for (int64_t c = 0; c < cb; c++) o[c0 + c] = best[c];                              \
+                } else {                                                                               \
+                    for (int64_t c = 0; c < cb; c++) o[(c0 + c) * oc] = best[c];                       \
+                }                                                                                      \
+                for (int64_t c = 0; c < cb; c++) cd[c0 + c] = (uint8_t)arg[c];                         \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}                                                                                                      \
+                                                                                                       \
+/* dx is (N, H, W, C) contiguous (channels last); dy is read through its strides. */                   \
+void cd_maxpool_bwd_##SUF(const T *dy, const uint8_t *code, T *dx, int64_t N, int64_t C, int64_t H,    \
+                          int64_t W, int64_t Ho, int64_t Wo, int64_t dn, int64_t dc, int64_t dh,       \
+                          int64_t dw, int64_t ph, int64_t pw, int64_t sh, int64_t sw, int threads)     \
+{                                                                                                      \
+    if (ph == sh && pw == sw) {                                                                        \
+        /* Windows tile the map without overlap: write every covered element once, zero the rest. A    \
+           dy that is not channels-last has its row of windows transposed into a small buffer first,   \
+           so the channel loops below run over contiguous memory. */                                   \
+        const int64_t rows = N * Ho;                                                                   \
+        _Pragma("omp parallel num_threads(threads)")                                                   \
+        {                                                                                              \
+            T *buf = dc != 1 ? (T *)malloc(sizeof(T) * (size_t)(Wo * C)) : NULL;                       \
+            _Pragma("omp for schedule(static)")                                                        \
+            for (int64_t r = 0; r < rows; r++) {                                                       \
+                const int64_t n = r / Ho, i = r % Ho;                                                  \
+                const T *grow = dy + n * dn + i * dh;                                                  \
+                int64_t gj = dw, gc = dc;                                                              \
+                if (buf != NULL) {                                                                     \
+                    for (int64_t c = 0; c < C; c++)                                                    \
+                        for (int64_t j = 0; j < Wo; j++) buf[j * C + c] = grow[c * dc + j * dw];       \
+                    grow = buf; gj = C; gc = 1;                                                        \
+                }                                                                                      \
+                for (int64_t k = 0; k < ph; k++) {                                                     \
+                    T *drow = dx + ((n * H + i * sh + k) * W) * C;                                     \
+                    for (int64_t j = 0; j < Wo; j++) {                                                 \
+                        const T *g = grow + j * gj;                                                    \
+                        const uint8_t *cd = code + (r * Wo + j) * C;                                   \
+                        for (int64_t l = 0; l < pw; l++) {                                             \
+                            T *d = drow + (j * sw + l) * C;                                            \
+                            const uint8_t here = (uint8_t)(k * pw + l);                                \
+                            if (gc == 1) {                                                             \
+                                for (int64_t c = 0; c < C; c++) d[c] = cd[c] == here ? g[c] : (T)0;    \
+                            } else {                                                                   \
+                                for (int64_t c = 0; c < C; c++)                                        \
+                                    d[c] = cd[c] == here ? g[c * gc] : (T)0;                           \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                    if (Wo * sw < W)                                                                   \
+                        memset(drow + Wo * sw * C, 0, (size_t)((W - Wo * sw) * C) * sizeof(T));        \
+                }                                                                                      \
+            }                                                                                          \
+            free(buf);                                                                                 \
+        }                                                                                              \
+        if (Ho * sh < H) { /* rows below the last window */                                            \
+            for (int64_t n = 0; n < N; n++)                                                            \
+                memset(dx + (n * H + Ho * sh) * W * C, 0, (size_t)((H - Ho * sh) * W * C) * sizeof(T)); \
+        }                                                                                              \
+        return;                                                                                        \
+    }                                                                                                  \
+    /* Overlapping or gapped windows: zero, then add each window's gradient to its winner. Windows of  \
+       one example overlap, so the work is split by example. */                                        \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                  \
+    for (int64_t n = 0; n < N; n++) {                                                                  \
+        T *dn_ = dx + n * H * W * C;                                                                   \
+        memset(dn_, 0, (size_t)(H * W * C) * sizeof(T));                                               \
+        for (int64_t i = 0; i < Ho; i++) {                                                             \
+            for (int64_t j = 0; j < Wo; j++) {                                                         \
+                const T *g = dy + n * dn + i * dh + j * dw;                                            \
+                const uint8_t *cd = code + ((n * Ho + i) * Wo + j) * C;                                \
+                T *base = dn_ + (i * sh * W + j * sw) * C;                                             \
+                for (int64_t c = 0; c < C; c++) {                                                      \
+                    const int64_t k = cd[c] / pw, l = cd[c] % pw;                                      \
+                    base[(k * W + l) * C + c] += g[c * dc];                                            \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
+DEFINE_MAXPOOL(float, f32)
+DEFINE_MAXPOOL(double, f64)
