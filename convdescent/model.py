@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import allocator
 from .layers.base import Layer, assign_names
 
 
@@ -158,6 +159,8 @@ class Sequential:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model '{self.name}' expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
+        if train and not allocator._done:
+            allocator.tune()  # keep each step's scratch memory for the next (see convdescent.allocator)
         for layer in self.layers:
             layer.training = train
         prefix = self._chunked_prefix() if self.chunk_size else 0

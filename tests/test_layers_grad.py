@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from convdescent import native
 from convdescent.diagnostics import check_layer
 from convdescent.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                                 GlobalAvgPool2D, Layer, LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid, Softmax,
@@ -270,7 +271,25 @@ CASES["Softmax"] = [c for c in CASES["Softmax"] if len(c.input_shape) == 1] + [
     Case(f"softmax-extra{i}-n{1 + i % 4}-{2 + i % 7}", Softmax, (2 + i % 7,), 1 + i % 4, train=bool(i % 2), seed=100 + i)
     for i in range(N_CONFIGS - sum(len(c.input_shape) == 1 for c in CASES["Softmax"]))]
 
+# Max pooling without padding runs in the native kernel when it is available; the same cases run again on
+# the torch-op path (the reference and fallback) with the kernels turned off.
+TORCH_OPS = "MaxPool2D (torch ops)"
+CASES[TORCH_OPS] = [Case(c.id + "-torchops", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
+                         c.seed, c.extra) for c in CASES["MaxPool2D"]]
+
 ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES.items() for case in cases]
+
+
+@pytest.fixture(autouse=True)
+def kernels_for_case(request):
+    """Turn the native kernels off for the torch-op cases, and require them everywhere else."""
+    params = getattr(request.node, "callspec", None)
+    torch_ops = params is not None and params.params.get("layer_name") == TORCH_OPS
+    if not torch_ops:
+        assert native.library() is not None, native.status()
+    previous = native.set_enabled(not torch_ops)
+    yield
+    native.set_enabled(previous)
 
 
 # -- building a case ---------------------------------------------------------------------------------

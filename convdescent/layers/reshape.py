@@ -24,7 +24,8 @@ class Flatten(Layer):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
-        return dy.reshape(self._cache)
+        # unflatten is a view whenever the strides allow it (a transposed gradient from Dense included)
+        return dy.unflatten(1, self._cache[1:])
 
     def get_config(self):
         return {"name": self.name}

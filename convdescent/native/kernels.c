@@ -6,8 +6,8 @@
  *
  * Max pooling over (ph, pw) windows with strides (sh, sw), no padding:
  *   forward:  out[n, c, i, j] = max_{k, l} x[n, c, i*sh + k, j*sw + l]
- *             code[n, i, j, c] = k*pw + l of the first maximum in row-major window order (NaN wins, as
- *             in torch)
+ *             code[n, i, j, c] = k*pw + l of the first maximum in row-major window order; a NaN wins (the
+ *             last NaN of a window, as in torch)
  *   backward: dx[n, c, p, q] = sum over windows (i, j) whose code points at (p, q) of dy[n, c, i, j]
  */
 #include <stdint.h>
@@ -44,14 +44,14 @@ void cd_maxpool_fwd_##SUF(const T *x, T *out, uint8_t *code, int64_t N, int64_t 
                         if (xc == 1) {                                                                 \
                             for (int64_t c = 0; c < cb; c++) {                                         \
                                 const T a = v[c], b = best[c];                                         \
-                                const int take = (a > b) | ((a != a) & (b == b));                      \
+                                const int take = (a > b) | (a != a);                                \
                                 best[c] = take ? a : b;                                                \
                                 arg[c] = take ? here : arg[c];                                         \
                             }                                                                          \
                         } else {                                                                       \
                             for (int64_t c = 0; c < cb; c++) {                                         \
                                 const T a = v[c * xc], b = best[c];                                    \
-                                const int take = (a > b) | ((a != a) & (b == b));                      \
+                                const int take = (a > b) | (a != a);                                \
                                 best[c] = take ? a : b;                                                \
                                 arg[c] = take ? here : arg[c];                                         \
                             }                                                                          \

@@ -1,0 +1,220 @@
+"""The native max-pool kernel against the torch-op path and torch, and the build's fallbacks."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convdescent import allocator, native
+from convdescent.layers import MaxPool2D
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def kernels_on():
+    assert native.library() is not None, native.status()
+    previous = native.set_enabled(True)
+    yield
+    native.set_enabled(previous)
+
+
+def _run(layer, x, dy, enabled):
+    previous = native.set_enabled(enabled)
+    try:
+        y = layer.forward(x, True)
+        kind = "native" if layer._cache[0] == "native" else "torch"
+        dx = layer.backward(dy)
+    finally:
+        native.set_enabled(previous)
+    return y, dx, kind
+
+
+def _cases(count=60):
+    rng = random.Random(7)
+    out = []
+    while len(out) < count:
+        i = len(out)
+        pool = (rng.randint(1, 4), rng.randint(1, 4))
+        stride = pool if i % 3 == 0 else (rng.randint(1, 4), rng.randint(1, 4))
+        c = rng.choice([1, 2, 3, 8, 32, 257, 300])  # past the kernel's 256-channel block
+        h, w = rng.randint(pool[0], 12), rng.randint(pool[1], 12)
+        n = rng.randint(1, 4)
+        dtype = torch.float64 if i % 2 else torch.float32
+        x_layout = rng.choice(["nchw", "channels_last", "strided"])
+        dy_layout = rng.choice(["nchw", "channels_last", "transposed"])
+        ties = i % 5 == 0
+        out.append(pytest.param(pool, stride, (n, c, h, w), dtype, x_layout, dy_layout, ties,
+                                id=f"case{i}-p{pool}-s{stride}-{n}x{c}x{h}x{w}-{str(dtype)[6:]}-{x_layout}-"
+                                   f"{dy_layout}{'-ties' if ties else ''}"))
+    return out
+
+
+def _layout(t, kind):
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # every other element of a wider tensor
+        wide = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if kind == "transposed":  # the layout Flatten's backward hands over from Dense: (C*H*W, N) in memory
+        n = t.shape[0]
+        return t.reshape(n, -1).t().contiguous().t().unflatten(1, t.shape[1:])
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("pool,stride,shape,dtype,x_layout,dy_layout,ties", _cases())
+def test_native_maxpool_matches_torch_ops_and_torch(kernels_on, pool, stride, shape, dtype, x_layout, dy_layout,
+                                                    ties):
+    gen = torch.Generator().manual_seed(hash((pool, stride, shape)) % 2**31)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    if ties:
+        x = x.round()  # many equal values: the first maximum in row-major window order must win, as in torch
+    x = _layout(x, x_layout)
+    layer = MaxPool2D(pool, stride)
+    layer.build(shape[1:])
+    dy = _layout(torch.randn(layer.compute_output_shape(shape[1:]) and (shape[0], *layer.output_shape),
+                             generator=gen, dtype=dtype), dy_layout)
+    y_nat, dx_nat, kind_nat = _run(layer, x, dy, True)
+    y_ref, dx_ref, kind_ref = _run(layer, x, dy, False)
+    assert (kind_nat, kind_ref) == ("native", "torch")
+    assert torch.equal(y_nat, y_ref)
+    torch.testing.assert_close(dx_nat, dx_ref, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    xr = x.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        yr = F.max_pool2d(xr, pool, stride)
+        (yr * dy).sum().backward()
+    assert torch.equal(y_nat, yr.detach())
+    torch.testing.assert_close(dx_nat, xr.grad, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    if pool[0] <= stride[0] and pool[1] <= stride[1]:
+        # no overlap: every input element receives at most one window's gradient, so the values are exact
+        assert torch.equal(dx_nat, xr.grad)
+
+
+def test_native_maxpool_propagates_nan_like_torch(kernels_on):
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 0] = float("nan")
+    x[1, 2, 1, 1] = float("nan")  # two NaNs in one window: the first one wins
+    layer = MaxPool2D(2)
+    layer.build((3, 6, 6))
+    y = layer.forward(x, True)
+    assert layer._cache[0] == "native"
+    ref, idx = F.max_pool2d_with_indices(x, 2)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
+    dx = layer.backward(torch.ones_like(y))
+    expected = torch.zeros(2, 3, 36).scatter_(2, idx.flatten(2), 1.0).view(2, 3, 6, 6)
+    assert torch.equal(dx, expected)
+
+
+def test_padded_pooling_keeps_the_torch_op_path(kernels_on):
+    layer = MaxPool2D(3, stride=2, padding=1)
+    layer.build((2, 7, 7))
+    layer.forward(torch.randn(1, 2, 7, 7), True)
+    assert layer._cache[0] != "native"
+
+
+def test_backward_after_the_kernels_are_turned_off_uses_the_recorded_winners(kernels_on):
+    x = torch.randn(3, 5, 9, 8, dtype=torch.float64)
+    layer = MaxPool2D((3, 2), stride=(2, 3))
+    layer.build((5, 9, 8))
+    y = layer.forward(x, True)
+    dy = torch.randn_like(y)
+    native.set_enabled(False)
+    dx = layer.backward(dy)
+    xr = x.clone().requires_grad_()
+    with torch.enable_grad():
+        (F.max_pool2d(xr, (3, 2), (2, 3)) * dy).sum().backward()
+    torch.testing.assert_close(dx, xr.grad, rtol=0, atol=1e-12)
+
+
+def test_no_compiler_means_the_torch_op_path_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_ERROR", None)
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setenv("CONVDESCENT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native, "_compiler", lambda: "false")
+    assert native.library() is None
+    assert "compiling the native kernels failed" in native.status()
+    assert native.kernel("cd_maxpool_fwd", torch.zeros(1)) is None
+    layer = MaxPool2D(2)
+    layer.build((1, 4, 4))
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.equal(layer.forward(x, True), F.max_pool2d(x, 2))
+    assert not list((tmp_path / "cache").glob("*.so")), "a failed build must leave no library behind"
+
+
+def test_build_writes_one_library_per_source_and_reuses_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_ERROR", None)
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setenv("CONVDESCENT_CACHE_DIR", str(tmp_path))
+    lib = native.library()
+    assert lib is not None, native.status()
+    built = sorted(tmp_path.glob("kernels-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_TRIED", False)
+    assert native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_kernels_can_be_turned_off_by_environment(monkeypatch):
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_ERROR", None)
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setenv("CONVDESCENT_NATIVE", "0")
+    assert native.library() is None
+    assert "CONVDESCENT_NATIVE=0" in native.status()
+
+
+def test_other_dtypes_and_devices_use_the_torch_op_path(kernels_on):
+    assert native.kernel("cd_maxpool_fwd", torch.zeros(2, dtype=torch.float16)) is None
+    assert native.kernel("cd_maxpool_fwd", torch.zeros(2, device="meta")) is None
+    assert native.kernel("cd_maxpool_fwd", torch.zeros(2)) is not None
+
+
+_FAULTS = """
+import resource, torch
+from convdescent import SoftmaxCrossEntropy, allocator, seed_cnn
+from convdescent.optim import make_optimizer
+from convdescent.train.step import train_step
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = seed_cnn(input_shape=(1, 28, 28), num_classes=10, seed=0)
+opt = make_optimizer("adam", lr=1e-3)
+state = opt.init(model.params())
+x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+for _ in range(5):
+    _, _, state = train_step(model, SoftmaxCrossEntropy(), opt, state, x, y)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    _, _, state = train_step(model, SoftmaxCrossEntropy(), opt, state, x, y)
+print(allocator._applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(tuning: str) -> tuple[str, int]:
+    env = dict(os.environ, CONVDESCENT_MALLOC_TUNING=tuning)
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+    applied, faults = out.stdout.split()
+    return applied, int(faults)
+
+
+def test_allocator_tuning_keeps_freed_scratch_memory():
+    """20 training steps of the tutorial's CNN at batch 64: with glibc's defaults the step's freed scratch
+    memory goes back to the kernel and is faulted in again (hundreds of pages a step); tuned, it is reused."""
+    applied, tuned = _faults("1")
+    off, untuned = _faults("0")
+    assert (applied, off) == ("True", "False")
+    assert untuned > 20 * 100, f"untuned: only {untuned} page faults in 20 steps"
+    # (tuned, a few hundred faults can still come from elsewhere: the kernel reclaiming idle pages, say)
+    assert tuned * 5 < untuned, f"tuned: {tuned} page faults in 20 steps, untuned {untuned}"
+    assert allocator.tune() is allocator.tune()  # once per process; asking again changes nothing
