@@ -271,11 +271,12 @@ CASES["Softmax"] = [c for c in CASES["Softmax"] if len(c.input_shape) == 1] + [
     Case(f"softmax-extra{i}-n{1 + i % 4}-{2 + i % 7}", Softmax, (2 + i % 7,), 1 + i % 4, train=bool(i % 2), seed=100 + i)
     for i in range(N_CONFIGS - sum(len(c.input_shape) == 1 for c in CASES["Softmax"]))]
 
-# Max pooling without padding runs in the native kernel when it is available; the same cases run again on
-# the torch-op path (the reference and fallback) with the kernels turned off.
-TORCH_OPS = "MaxPool2D (torch ops)"
-CASES[TORCH_OPS] = [Case(c.id + "-torchops", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
-                         c.seed, c.extra) for c in CASES["MaxPool2D"]]
+# Max pooling without padding and Conv2D's im2col run in native kernels when they are available; the same
+# cases run again on the torch-op path (the reference and fallback) with the kernels turned off.
+TORCH_OPS = {f"{name} (torch ops)": name for name in ("MaxPool2D", "Conv2D")}
+for _label, _name in TORCH_OPS.items():
+    CASES[_label] = [Case(c.id + "-torchops", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
+                          c.seed, c.extra) for c in CASES[_name]]
 
 ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES.items() for case in cases]
 
@@ -284,7 +285,7 @@ ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES
 def kernels_for_case(request):
     """Turn the native kernels off for the torch-op cases, and require them everywhere else."""
     params = getattr(request.node, "callspec", None)
-    torch_ops = params is not None and params.params.get("layer_name") == TORCH_OPS
+    torch_ops = params is not None and params.params.get("layer_name") in TORCH_OPS
     if not torch_ops:
         assert native.library() is not None, native.status()
     previous = native.set_enabled(not torch_ops)

@@ -218,3 +218,41 @@ def test_allocator_tuning_keeps_freed_scratch_memory():
     # (tuned, a few hundred faults can still come from elsewhere: the kernel reclaiming idle pages, say)
     assert tuned * 5 < untuned, f"tuned: {tuned} page faults in 20 steps, untuned {untuned}"
     assert allocator.tune() is allocator.tune()  # once per process; asking again changes nothing
+
+
+def _conv_cases(count=40):
+    rng = random.Random(11)
+    out = []
+    for i in range(count):
+        k = (rng.randint(1, 4), rng.randint(1, 4))
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        padding = rng.choice(["valid", "same", (rng.randint(0, 2), rng.randint(0, 2))])
+        c, f = rng.choice([1, 2, 3, 8]), rng.choice([1, 4, 16])
+        h, w = rng.randint(k[0], 12), rng.randint(k[1], 12)
+        n = rng.randint(1, 4)
+        layout = rng.choice(["nchw", "channels_last", "strided"])
+        dtype = torch.float64 if i % 2 else torch.float32
+        out.append(pytest.param(k, stride, padding, (n, c, h, w), f, layout, dtype,
+                                id=f"conv{i}-k{k}-s{stride}-{padding}-{n}x{c}x{h}x{w}-f{f}-{layout}-{str(dtype)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("kernel,stride,padding,shape,filters,layout,dtype", _conv_cases())
+def test_native_im2col_gives_the_same_convolution(kernels_on, kernel, stride, padding, shape, filters, layout,
+                                                  dtype):
+    from convdescent.layers import Conv2D
+
+    layer = Conv2D(filters, kernel, stride, padding)
+    layer.build(shape[1:], generator=torch.Generator().manual_seed(3), dtype=dtype)
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=dtype), layout)
+    dy = torch.randn((shape[0], *layer.output_shape), generator=torch.Generator().manual_seed(5), dtype=dtype)
+    results = []
+    for enabled in (True, False):
+        native.set_enabled(enabled)
+        y = layer.forward(x, True)
+        dx = layer.backward(dy)
+        results.append((y, dx, {k: g.clone() for k, g in layer.grads.items()}))
+    native.set_enabled(True)
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)  # the same matrix products on the same cols
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import init as initializers
+from .. import native
 from .base import Layer, check_rank, pair
 
 
@@ -133,9 +134,14 @@ class Conv2D(Layer):
         # cols_t[(c, k, l), (n, i, j)] = xp[n, c, i*sh + k, j*sw + l], filled by one strided copy per
         # kernel offset (much faster than copying unfold()'s patches, whose innermost run is only kw long).
         cols_t = torch.empty((c, kh, kw, n, ho, wo), dtype=x.dtype, device=x.device)
-        for k in range(kh):
-            for l in range(kw):
-                cols_t[:, k, l] = x[:, :, k:k + sh * (ho - 1) + 1:sh, l:l + sw * (wo - 1) + 1:sw].transpose(0, 1)
+        fn = native.kernel("cd_im2col", x, cols_t)
+        if fn is not None:  # the same copies in one native pass (native/kernels.c)
+            fn(x.data_ptr(), cols_t.data_ptr(), n, c, ho, wo, kh, kw, sh, sw, *x.stride(), native.threads())
+        else:
+            for k in range(kh):
+                for l in range(kw):
+                    cols_t[:, k, l] = x[:, :, k:k + sh * (ho - 1) + 1:sh,
+                                        l:l + sw * (wo - 1) + 1:sw].transpose(0, 1)
         cols = cols_t.view(c * kh * kw, n * ho * wo).t()  # (N*Ho*Wo, C*kh*kw), one row per output position
         wmat = self.params["weight"].reshape(self.filters, c * kh * kw)
         if self.use_bias:

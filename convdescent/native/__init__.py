@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled from ``kernels.c`` with the system C compiler on first use.
 
-A few loops of the training step (max pooling forward and backward) cost many passes over memory when
+A few loops of the training step (max pooling forward and backward, im2col) cost many passes over memory when
 written as torch operations, each pass a full elementwise kernel; written in C they are one pass. The
 torch-op versions in the layers stay the reference and the fallback: they run whenever the kernels are not
 available (no C compiler, ``CONVDESCENT_NATIVE=0``, a tensor on another device or of another dtype), and
@@ -46,6 +46,8 @@ _SIGNATURES = {
     "cd_maxpool_fwd": [_PTR, _PTR, _PTR] + [_I64] * 4 + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
     # dy, code, dx, N, C, H, W, Ho, Wo, dy strides (4), ph, pw, sh, sw, threads
     "cd_maxpool_bwd": [_PTR, _PTR, _PTR] + [_I64] * 6 + [_I64] * 4 + [_I64] * 4 + [ctypes.c_int],
+    # x, cols, N, C, Ho, Wo, kh, kw, sh, sw, x strides (4), threads
+    "cd_im2col": [_PTR, _PTR] + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 

@@ -142,3 +142,32 @@ void cd_maxpool_bwd_##SUF(const T *dy, const uint8_t *code, T *dx, int64_t N, in
 
 DEFINE_MAXPOOL(float, f32)
 DEFINE_MAXPOOL(double, f64)
+
+/* im2col for Conv2D: cols[c, k, l, n, i, j] = x[n, c, i*sh + k, j*sw + l] (x already padded), cols
+ * contiguous, x read through its strides. One pass instead of one strided copy per kernel offset. */
+#define DEFINE_IM2COL(T, SUF)                                                                           \
+void cd_im2col_##SUF(const T *x, T *cols, int64_t N, int64_t C, int64_t Ho, int64_t Wo, int64_t kh,    \
+                     int64_t kw, int64_t sh, int64_t sw, int64_t xn, int64_t xc, int64_t xh,           \
+                     int64_t xw, int threads)                                                          \
+{                                                                                                      \
+    const int64_t blocks = C * kh * kw * N;                                                            \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                  \
+    for (int64_t b = 0; b < blocks; b++) {                                                             \
+        const int64_t n = b % N, l = (b / N) % kw, k = (b / (N * kw)) % kh, c = b / (N * kw * kh);     \
+        T *dst = cols + b * Ho * Wo;                                                                   \
+        const T *src = x + n * xn + c * xc + k * xh + l * xw;                                          \
+        const int64_t step = sw * xw;                                                                  \
+        for (int64_t i = 0; i < Ho; i++) {                                                             \
+            const T *s = src + i * sh * xh;                                                            \
+            T *d = dst + i * Wo;                                                                       \
+            if (step == 1) {                                                                           \
+                memcpy(d, s, (size_t)Wo * sizeof(T));                                                  \
+            } else {                                                                                   \
+                for (int64_t j = 0; j < Wo; j++) d[j] = s[j * step];                                   \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
+DEFINE_IM2COL(float, f32)
+DEFINE_IM2COL(double, f64)
