@@ -9,6 +9,8 @@ import torch
 
 from . import allocator
 from .layers.base import Layer, assign_names
+from .layers.conv import Conv2D
+from .layers.pool import MaxPool2D
 
 
 # Examples per chunk for the leading conv/pool/activation layers; measured on a 2-core CPU with the
@@ -146,6 +148,26 @@ class Sequential:
                 i += 1
         return order
 
+    @staticmethod
+    def _run_forward(order: list[Layer], x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Run ``order``'s forwards; a Conv2D directly followed by a MaxPool2D runs as one native pass
+        (``Conv2D.forward_pooled``) where it applies. That pass leaves both layers' caches as their own
+        forwards would, so the backward is unchanged; it is skipped when either forward was replaced on
+        the instance (a probe that records outputs), as the conv's own output is never written."""
+        i = 0
+        while i < len(order):
+            layer = order[i]
+            if (i + 1 < len(order) and type(layer) is Conv2D and type(order[i + 1]) is MaxPool2D
+                    and "forward" not in layer.__dict__ and "forward" not in order[i + 1].__dict__):
+                y = layer.forward_pooled(x, order[i + 1], train)
+                if y is not None:
+                    x = y
+                    i += 2
+                    continue
+            x = layer.forward(x, train)
+            i += 1
+        return x
+
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Run all layers; x is (N, *input_shape). Keeps what backward needs.
 
@@ -173,13 +195,10 @@ class Sequential:
             outs = []
             for piece in x.split(self.chunk_size):
                 sizes.append(piece.shape[0])
-                for layer in head:
-                    piece = layer.forward(piece, train)
-                outs.append(piece)
+                outs.append(self._run_forward(head, piece, train))
                 caches.append([layer._cache for layer in head])
             x = torch.cat(outs)
-        for layer in rest:
-            x = layer.forward(x, train)
+        x = self._run_forward(rest, x, train)
         self._run = (head, rest, caches, sizes)
         return x
 

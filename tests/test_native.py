@@ -256,3 +256,100 @@ def test_native_im2col_gives_the_same_convolution(kernels_on, kernel, stride, pa
     (y1, dx1, g1), (y2, dx2, g2) = results
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)  # the same matrix products on the same cols
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+def _fusion_cases(count=30):
+    from convdescent.layers import Conv2D
+
+    rng = random.Random(23)
+    out = []
+    while len(out) < count:
+        i = len(out)
+        k = (rng.randint(1, 3), rng.randint(1, 3))
+        c = rng.choice([1, 2, 3])
+        f = rng.choice([1, 5, 16, 32, 33, 70])  # whole vector blocks, partial ones, both
+        pool = (rng.randint(1, 3), rng.randint(1, 3))
+        pstride = pool if i % 2 else (rng.randint(1, 3), rng.randint(1, 3))
+        cstride = rng.choice([1, 1, 2])
+        padding = rng.choice(["valid", "same"])
+        relu = i % 3 != 0
+        h, w = rng.randint(6, 13), rng.randint(6, 13)
+        conv_out = Conv2D(f, k, cstride, padding).compute_output_shape((c, h, w))
+        if conv_out[1] < pool[0] or conv_out[2] < pool[1]:
+            continue  # the pool would not fit: draw again
+        out.append(pytest.param(k, c, f, pool, pstride, cstride, padding, relu, (h, w),
+                                id=f"fuse{i}-k{k}-c{c}-f{f}-p{pool}-ps{pstride}-cs{cstride}-{padding}"
+                                   f"{'-relu' if relu else ''}-{h}x{w}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kernel,c,filters,pool,pstride,cstride,padding,relu,hw", _fusion_cases())
+def test_conv_then_maxpool_fused_forward_matches_the_layers_one_by_one(kernels_on, monkeypatch, kernel, c, filters,
+                                                                       pool, pstride, cstride, padding, relu, hw,
+                                                                       dtype):
+    from convdescent import Flatten, ReLU, Sequential, SoftmaxCrossEntropy
+    from convdescent.layers import Conv2D, Dense
+
+    layers = [Conv2D(filters, kernel, cstride, padding)] + ([ReLU()] if relu else []) + [MaxPool2D(pool, pstride)]
+    model = Sequential(layers + [Flatten(), Dense(4)], input_shape=(c, *hw), seed=2, dtype=dtype)
+    with torch.no_grad():
+        model.params()["conv1.bias"].normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, c, *hw, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    y = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(10))
+    runs = []
+    calls = []
+    original = Conv2D.forward_pooled
+
+    def counted(self, *args):
+        out = original(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Conv2D, "forward_pooled", counted)
+    for limit in (Conv2D.FUSE_MAX_PATCH, 0):
+        monkeypatch.setattr(Conv2D, "FUSE_MAX_PATCH", limit)
+        model.chunk_size = 2  # chunked as well: the head runs through the fused pass per chunk
+        logits = model.forward(x, train=True)
+        loss, dlogits = SoftmaxCrossEntropy()(logits, y)
+        model.set_input_grad(True)
+        dx = model.backward(dlogits)
+        runs.append((logits, dx, {k: g.clone() for k, g in model.grads().items()}))
+    assert any(calls), "the fused pass never ran"
+    assert not any(calls[len(calls) // 2:]), "the fused pass ran with fusion turned off"
+    (l1, dx1, g1), (l2, dx2, g2) = runs
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(l1, l2, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx1, dx2, rtol=tol, atol=tol)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=tol, atol=tol)
+
+
+def test_a_probe_on_the_conv_keeps_its_output_written(kernels_on):
+    from convdescent import Flatten, ReLU, Sequential
+    from convdescent.layers import Conv2D, Dense
+
+    model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(1, 10, 10), seed=0)
+    seen = []
+    conv = model.layers[0]
+    plain = conv.forward
+
+    def probe(x, train=False):
+        y = plain(x, train)
+        seen.append(y.shape)
+        return y
+
+    conv.forward = probe
+    model.forward(torch.randn(2, 1, 10, 10), train=True)
+    assert seen == [(2, 4, 8, 8)]
+
+
+def test_large_patches_are_not_fused(kernels_on, monkeypatch):
+    from convdescent.layers import Conv2D
+
+    conv = Conv2D(8, 3)
+    conv.build((4, 9, 9))  # 4*3*3 = 36 > FUSE_MAX_PATCH
+    pool = MaxPool2D(2)
+    pool.build((8, 7, 7))
+    assert conv.forward_pooled(torch.randn(2, 4, 9, 9), pool, True) is None
+    assert conv._cache is None and pool._cache is None  # nothing was done

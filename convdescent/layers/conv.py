@@ -118,7 +118,8 @@ class Conv2D(Layer):
         return out
 
     # -- computation -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+    def _columns(self, x: torch.Tensor):
+        """Check x and lay out its patches: (cols (N*Ho*Wo, C*kh*kw), the cache fields)."""
         check_rank(x, 4, self)
         n, c, h, w = x.shape
         if c != self.in_channels:
@@ -143,13 +144,56 @@ class Conv2D(Layer):
                     cols_t[:, k, l] = x[:, :, k:k + sh * (ho - 1) + 1:sh,
                                         l:l + sw * (wo - 1) + 1:sw].transpose(0, 1)
         cols = cols_t.view(c * kh * kw, n * ho * wo).t()  # (N*Ho*Wo, C*kh*kw), one row per output position
-        wmat = self.params["weight"].reshape(self.filters, c * kh * kw)
+        return cols, ((n, c, h, w), (pt, pb, pl, pr), (ho, wo))
+
+    def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        cols, (shape, pads, (ho, wo)) = self._columns(x)
+        wmat = self.params["weight"].reshape(self.filters, cols.shape[1])
         if self.use_bias:
             out = torch.addmm(self.params["bias"], cols, wmat.t())
         else:
             out = cols @ wmat.t()
-        self._cache = (cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo))
-        return out.view(n, ho, wo, self.filters).permute(0, 3, 1, 2)
+        self._cache = (cols, shape, pads, (ho, wo))
+        return out.view(shape[0], ho, wo, self.filters).permute(0, 3, 1, 2)
+
+    # Fused with a following max-pool when a patch has at most this many entries (C*kh*kw): the product per
+    # output position is then a handful of multiply-adds, cheaper computed inside the pooling loop than
+    # written out as a whole feature map and read back (measured on the tutorial's 1x3x3 patches).
+    FUSE_MAX_PATCH = 32
+
+    def forward_pooled(self, x: torch.Tensor, pool, train: bool = False) -> torch.Tensor | None:
+        """``pool.forward(self.forward(x))`` in one native pass that never writes the conv's output.
+
+        Both layers are left ready for their own ``backward`` exactly as after the two forwards (this
+        layer's patches; the pool's winners). Returns None, having done nothing, when the kernel does not
+        apply (see ``MaxPool2D.native_ready``, patch size, dtype, device); the caller runs them one by one.
+        """
+        if x.dim() != 4 or x.shape[1] * self.kernel_size[0] * self.kernel_size[1] > self.FUSE_MAX_PATCH:
+            return None
+        n, _, h, w = x.shape
+        f = self.filters
+        try:
+            _, ho, wo = self.compute_output_shape(tuple(x.shape[1:]))
+        except ValueError:
+            return None
+        if ho <= 0 or not pool.native_ready((f, ho, wo)):
+            return None
+        fn = native.kernel("cd_conv_pool_fwd", x, self.params["weight"])
+        if fn is None:
+            return None
+        cols, (shape, pads, _) = self._columns(x)
+        _, po, qo = pool.compute_output_shape((f, ho, wo))
+        (ph, pw), (sh, sw) = pool.pool_size, pool.stride
+        wt = self.params["weight"].reshape(f, -1).t().contiguous()  # (K, F)
+        bias = self.params["bias"].contiguous() if self.use_bias else None
+        out = torch.empty((n, f, po, qo), dtype=x.dtype, device=x.device)
+        code = torch.empty((n, po, qo, f), dtype=torch.uint8, device=x.device)
+        cols_t = cols.t()  # (K, N*Ho*Wo), contiguous
+        fn(cols_t.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
+           code.data_ptr(), n, f, cols.shape[1], ho, wo, po, qo, ph, pw, sh, sw, *out.stride(), native.threads())
+        self._cache = (cols, shape, pads, (ho, wo))
+        pool._cache = ("native", code, (n, f, ho, wo), (po, qo))
+        return out
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo) = self._cache

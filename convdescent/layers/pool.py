@@ -167,13 +167,19 @@ class MaxPool2D(_Pool2D):
         pt, pb, pl, pr = self.pads(h, w)
         return super().compute_output_shape((c, h + pt + pb, w + pl + pr))
 
+    def native_ready(self, input_shape) -> bool:
+        """Whether inputs of ``input_shape`` (C, H, W) take the native kernel: no padding, and window codes
+        fit a byte (at most 256 positions per window)."""
+        _, h, w = input_shape
+        return not any(self.pads(h, w)) and self.pool_size[0] * self.pool_size[1] <= 256
+
     def forward(self, x, train=False):
         check_rank(x, 4, self)
         n, c, h, w = x.shape
         _, ho, wo = self.compute_output_shape((c, h, w))
         (ph, pw), (sh, sw) = self.pool_size, self.stride
         pt, pb, pl, pr = pads = self.pads(h, w)
-        fn = native.kernel("cd_maxpool_fwd", x) if not any(pads) and ph * pw <= 256 else None
+        fn = native.kernel("cd_maxpool_fwd", x) if self.native_ready((c, h, w)) else None
         if fn is not None:
             # One pass in C (native/kernels.c): the maxima, and each window's winner as a byte k*pw + l.
             # The output is written in plain (N, C, Ho, Wo) order, which Flatten reads without a copy.

@@ -48,6 +48,8 @@ _SIGNATURES = {
     "cd_maxpool_bwd": [_PTR, _PTR, _PTR] + [_I64] * 6 + [_I64] * 4 + [_I64] * 4 + [ctypes.c_int],
     # x, cols, N, C, Ho, Wo, kh, kw, sh, sw, x strides (4), threads
     "cd_im2col": [_PTR, _PTR] + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
+    # cols, wt, bias (or None), out, code, N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, out strides (4), threads
+    "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 

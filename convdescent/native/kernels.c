@@ -171,3 +171,99 @@ void cd_im2col_##SUF(const T *x, T *cols, int64_t N, int64_t C, int64_t Ho, int6
 
 DEFINE_IM2COL(float, f32)
 DEFINE_IM2COL(double, f64)
+
+/* Conv2D followed by MaxPool2D, forward, without writing the convolution's output: for each pooling
+ * window the conv outputs of its positions are computed from im2col's columns, and only their maximum and
+ * the winner's code are written (the same values and codes as cd_maxpool_fwd on the conv output, up to the
+ * rounding of the dot products).
+ *   conv[n, f, i, j] = bias[f] + sum_q cols[q, (n*Ho + i)*Wo + j] * wt[q, f]
+ *   out[n, f, a, b]  = max over the window's (k, l) of conv[n, f, a*sh + k, b*sw + l]
+ * cols is (K, N*Ho*Wo) contiguous, wt (K, F) contiguous, bias F values or NULL, code (N, Po, Qo, F). */
+/* The filters are taken 4 vector registers at a time (32 floats or 16 doubles), the accumulators held in
+   GNU C vector variables so that they stay in registers across the patch loop; a last partial block runs
+   the same formula with scalars. */
+#define DEFINE_CONV_POOL(T, SUF, IT)                                                                    \
+typedef T cdv_##SUF __attribute__((vector_size(32)));                                                  \
+typedef IT cdi_##SUF __attribute__((vector_size(32)));                                                 \
+static inline cdv_##SUF cd_load_##SUF(const T *p) { cdv_##SUF v; memcpy(&v, p, sizeof v); return v; }  \
+static inline cdv_##SUF cd_take_##SUF(cdi_##SUF m, cdv_##SUF a, cdv_##SUF b)                           \
+{ return (cdv_##SUF)(((cdi_##SUF)a & m) | ((cdi_##SUF)b & ~m)); }                                      \
+void cd_conv_pool_fwd_##SUF(const T *cols, const T *wt, const T *bias, T *out, uint8_t *code,          \
+                            int64_t N, int64_t F, int64_t K, int64_t Ho, int64_t Wo, int64_t Po,       \
+                            int64_t Qo, int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t on,    \
+                            int64_t oc, int64_t oh, int64_t ow, int threads)                           \
+{                                                                                                      \
+    enum { L = 32 / sizeof(T), FB = 4 * (32 / sizeof(T)) };                                            \
+    const int64_t R = N * Ho * Wo, rows = N * Po;                                                      \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                  \
+    for (int64_t r = 0; r < rows; r++) {                                                               \
+        const int64_t n = r / Po, a = r % Po;                                                          \
+        T vals[FB];                                                                                    \
+        IT args[FB];                                                                                   \
+        for (int64_t b = 0; b < Qo; b++) {                                                             \
+            T *o = out + n * on + a * oh + b * ow;                                                     \
+            uint8_t *cd = code + (r * Qo + b) * F;                                                     \
+            for (int64_t f0 = 0; f0 < F; f0 += FB) {                                                   \
+                const int64_t fb = F - f0 < FB ? F - f0 : FB;                                          \
+                if (fb == FB) {                                                                        \
+                    cdv_##SUF b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                  \
+                    cdi_##SUF g0 = {0}, g1 = {0}, g2 = {0}, g3 = {0};                                  \
+                    cdv_##SUF z0 = {0}, z1 = {0}, z2 = {0}, z3 = {0};                                  \
+                    if (bias != NULL) {                                                                \
+                        z0 = cd_load_##SUF(bias + f0); z1 = cd_load_##SUF(bias + f0 + L);              \
+                        z2 = cd_load_##SUF(bias + f0 + 2 * L); z3 = cd_load_##SUF(bias + f0 + 3 * L);  \
+                    }                                                                                  \
+                    for (int64_t k = 0; k < ph; k++) {                                                 \
+                        for (int64_t l = 0; l < pw; l++) {                                             \
+                            const int64_t p = (n * Ho + a * sh + k) * Wo + b * sw + l;                 \
+                            cdv_##SUF s0 = z0, s1 = z1, s2 = z2, s3 = z3;                              \
+                            for (int64_t q = 0; q < K; q++) {                                          \
+                                const T v = cols[q * R + p];                                           \
+                                const T *wq = wt + q * F + f0;                                         \
+                                s0 += v * cd_load_##SUF(wq);                                           \
+                                s1 += v * cd_load_##SUF(wq + L);                                       \
+                                s2 += v * cd_load_##SUF(wq + 2 * L);                                   \
+                                s3 += v * cd_load_##SUF(wq + 3 * L);                                   \
+                            }                                                                          \
+                            const IT here = (IT)(k * pw + l);                                          \
+                            if (here == 0) {                                                           \
+                                b0 = s0; b1 = s1; b2 = s2; b3 = s3;                                    \
+                            } else {                                                                   \
+                                cdi_##SUF m;                                                           \
+                                m = (cdi_##SUF)((s0 > b0) | (s0 != s0));                               \
+                                b0 = cd_take_##SUF(m, s0, b0); g0 = (m & here) | (~m & g0);            \
+                                m = (cdi_##SUF)((s1 > b1) | (s1 != s1));                               \
+                                b1 = cd_take_##SUF(m, s1, b1); g1 = (m & here) | (~m & g1);            \
+                                m = (cdi_##SUF)((s2 > b2) | (s2 != s2));                               \
+                                b2 = cd_take_##SUF(m, s2, b2); g2 = (m & here) | (~m & g2);            \
+                                m = (cdi_##SUF)((s3 > b3) | (s3 != s3));                               \
+                                b3 = cd_take_##SUF(m, s3, b3); g3 = (m & here) | (~m & g3);            \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                    memcpy(vals, &b0, sizeof b0); memcpy(vals + L, &b1, sizeof b1);                    \
+                    memcpy(vals + 2 * L, &b2, sizeof b2); memcpy(vals + 3 * L, &b3, sizeof b3);        \
+                    memcpy(args, &g0, sizeof g0); memcpy(args + L, &g1, sizeof g1);                    \
+                    memcpy(args + 2 * L, &g2, sizeof g2); memcpy(args + 3 * L, &g3, sizeof g3);        \
+                } else {                                                                               \
+                    for (int64_t k = 0; k < ph; k++) {                                                 \
+                        for (int64_t l = 0; l < pw; l++) {                                             \
+                            const int64_t p = (n * Ho + a * sh + k) * Wo + b * sw + l;                 \
+                            const IT here = (IT)(k * pw + l);                                          \
+                            for (int64_t f = 0; f < fb; f++) {                                         \
+                                T s = bias != NULL ? bias[f0 + f] : (T)0;                              \
+                                for (int64_t q = 0; q < K; q++) s += cols[q * R + p] * wt[q * F + f0 + f]; \
+                                if (here == 0 || s > vals[f] || s != s) { vals[f] = s; args[f] = here; } \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                }                                                                                      \
+                for (int64_t f = 0; f < fb; f++) o[(f0 + f) * oc] = vals[f];                           \
+                for (int64_t f = 0; f < fb; f++) cd[f0 + f] = (uint8_t)args[f];                        \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
+DEFINE_CONV_POOL(float, f32, int32_t)
+DEFINE_CONV_POOL(double, f64, int64_t)
