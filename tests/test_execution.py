@@ -24,12 +24,17 @@ def torch_grads(model, x, y):
     return loss.detach(), {k: p.grad for k, p in net.named_parameters()}, xt.grad
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("chunk_size", [0, 1, 7, 32, 1000])
 @pytest.mark.parametrize("batch", [1, 5, 50])
-def test_chunked_forward_backward_equals_autograd(chunk_size, batch):
+def test_chunked_forward_backward_equals_autograd(chunk_size, batch, fused, monkeypatch):
+    # With its conv fused into the max-pool the tutorial's CNN runs unchunked; unfused, it runs in chunks.
+    if not fused:
+        monkeypatch.setattr(Conv2D, "FUSE_MAX_PATCH", 0)
     torch.manual_seed(batch)
     model = seed_cnn(seed=3, dtype=torch.float64)
     model.chunk_size = chunk_size
+    assert model._chunked_prefix() == (0 if fused else 4)
     x = torch.rand(batch, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (batch,))
     loss, grads, dx = grads_of(model, x, y)

@@ -161,6 +161,12 @@ class Conv2D(Layer):
     # written out as a whole feature map and read back (measured on the tutorial's 1x3x3 patches).
     FUSE_MAX_PATCH = 32
 
+    def fuses_with(self, pool) -> bool:
+        """Whether ``forward_pooled`` will take this built layer and a built ``pool`` (float CPU inputs)."""
+        return (self.built and pool.built and self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+                <= self.FUSE_MAX_PATCH and pool.native_ready(self.output_shape)
+                and native.library() is not None and native.enabled())
+
     def forward_pooled(self, x: torch.Tensor, pool, train: bool = False) -> torch.Tensor | None:
         """``pool.forward(self.forward(x))`` in one native pass that never writes the conv's output.
 

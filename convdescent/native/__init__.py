@@ -148,6 +148,11 @@ def set_enabled(flag: bool) -> bool:
     return previous
 
 
+def enabled() -> bool:
+    """Whether the kernels are turned on for this process (they may still be unavailable: see ``library``)."""
+    return _ENABLED
+
+
 def kernel(name: str, *tensors: torch.Tensor):
     """The ``name`` kernel for these tensors' dtype, or None when the torch-op path should run instead."""
     if not _ENABLED:
