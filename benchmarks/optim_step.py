@@ -6,7 +6,8 @@ Usage:
                                     [--model both|tutorial|10x]
 
 Prints, per optimizer and model: our median microseconds per step, torch's, and the ratio ours/torch
-(below 1.0 means we are faster). The two sides are stepped alternately and the ratio is the median of the
+(below 1.0 means we are faster). The "fused" rows time ``optim.update_and_apply`` (one fused kernel for
+Adam and AdamW, what train_step uses) against torch's foreach and fused (``fused=True``) Adam/AdamW. The two sides are stepped alternately and the ratio is the median of the
 per-step ratios, which keeps it steady when other processes load the machine; "min ratio" compares the
 fastest step of each side, an estimate of the cost without interference. torch.optim has no Lion; its peer is a hand-written foreach Lion that
 follows the paper's pseudo-code, labelled as such.
@@ -84,6 +85,15 @@ CASES = [
 ]
 
 
+# update_and_apply (one fused kernel for Adam/AdamW) against torch's foreach and fused implementations
+FUSED_CASES = [
+    ("adam fused vs foreach", ("adam", {}), torch.optim.Adam, {"foreach": True}),
+    ("adam fused vs fused", ("adam", {}), torch.optim.Adam, {"fused": True}),
+    ("adamw fused vs foreach", ("adamw", {}), torch.optim.AdamW, {"foreach": True}),
+    ("adamw fused vs fused", ("adamw", {}), torch.optim.AdamW, {"fused": True}),
+]
+
+
 def _grad_pool(shapes, device, n=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [{k: torch.randn(s, generator=gen).to(device) * 1e-2 for k, s in shapes.items()} for _ in range(n)]
@@ -94,9 +104,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_case(case, shapes, steps, reps, device):
+def bench_case(case, shapes, steps, reps, device, fused=False):
     """Median microseconds per step for ours and the peer, and the median of paired ratios; the two are
-    stepped alternately so that changes in machine load fall on both alike."""
+    stepped alternately so that changes in machine load fall on both alike. ``fused``: ours steps with
+    ``optim.update_and_apply`` and the peer keeps the kwargs it is given."""
     label, (name, ours_hp), cls, torch_hp = case
     gen = torch.Generator().manual_seed(1)
     init = {k: (torch.randn(s, generator=gen) * 0.05).to(device) for k, s in shapes.items()}
@@ -105,7 +116,7 @@ def bench_case(case, shapes, steps, reps, device):
     params = {k: v.clone() for k, v in init.items()}
     tensors = [torch.nn.Parameter(v.clone()) for v in init.values()]
     kwargs = dict(torch_hp)
-    if cls is not LionForeach:
+    if cls is not LionForeach and not fused:
         kwargs["foreach"] = True
     peer = cls(tensors, **kwargs)
     tx = optim.make_optimizer(name, **ours_hp)
@@ -117,8 +128,11 @@ def bench_case(case, shapes, steps, reps, device):
         grads = {k: v.clone() for k, v in g.items()}
         _sync(device)
         t0 = time.perf_counter()
-        updates, state = tx.update(grads, state, params)
-        optim.apply_updates(params, updates)
+        if fused:
+            state = optim.update_and_apply(tx, params, grads, state)
+        else:
+            updates, state = tx.update(grads, state, params)
+            optim.apply_updates(params, updates)
         _sync(device)
         t1 = time.perf_counter()
         for t, k in zip(tensors, keys):
@@ -162,7 +176,12 @@ def main(argv=None):
             ours, theirs, ratio, best = bench_case(case, shapes, args.steps, args.reps, device)
             worst = max(worst, ratio)
             print(f"{case[0]:<28}{ours:>14.1f}{theirs:>15.1f}{ratio:>8.2f}{best:>12.2f}")
-    print(f"\nworst ratio ours/torch: {worst:.2f}")
+        for case in FUSED_CASES:
+            if only and case[1][0] not in only:
+                continue
+            ours, theirs, ratio, best = bench_case(case, shapes, args.steps, args.reps, device, fused=True)
+            print(f"{case[0]:<28}{ours:>14.1f}{theirs:>15.1f}{ratio:>8.2f}{best:>12.2f}")
+    print(f"\nworst ratio ours/torch (update + apply_updates rows): {worst:.2f}")
 
 
 if __name__ == "__main__":
