@@ -184,6 +184,23 @@ class Sequential:
             i += 1
         return x
 
+    @staticmethod
+    def _run_backward(order: list[Layer], dy: torch.Tensor) -> torch.Tensor | None:
+        """Run ``order``'s backwards, last first; a first-layer Conv2D and the MaxPool2D after it take one
+        native pass (``Conv2D.backward_pooled``) where it applies, unless either backward was replaced on
+        the instance."""
+        i = len(order) - 1
+        while i >= 0:
+            layer = order[i]
+            if (i >= 1 and _fusable_pair(order[i - 1], layer) and "backward" not in layer.__dict__
+                    and "backward" not in order[i - 1].__dict__ and order[i - 1].backward_pooled(dy, layer)):
+                dy = None
+                i -= 2
+                continue
+            dy = layer.backward(dy)
+            i -= 1
+        return dy
+
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Run all layers; x is (N, *input_shape). Keeps what backward needs.
 
@@ -226,8 +243,7 @@ class Sequential:
             raise RuntimeError("backward needs a forward first (each forward allows one backward)")
         head, rest, caches, sizes = self._run
         self._run = None
-        for layer in reversed(rest):
-            dy = layer.backward(dy)
+        dy = self._run_backward(rest, dy)
         if not head:
             return dy
         # Chunks of a gradient laid out batch-innermost (Dense's dx comes transposed) would be read with
@@ -241,8 +257,7 @@ class Sequential:
                 layer._cache = c
             d = dy[start:start + size]
             start += size
-            for layer in reversed(head):
-                d = layer.backward(d)
+            d = self._run_backward(head, d)
             dxs.append(d)
             for acc, layer in zip(sums, head):
                 for key, g in layer.grads.items():

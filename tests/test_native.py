@@ -275,11 +275,14 @@ def _fusion_cases(count=30):
     return out
 
 
+@pytest.mark.parametrize("input_grad", [True, False], ids=["with-dx", "first-layer"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kernel,c,filters,pool,pstride,cstride,padding,relu,hw", _fusion_cases())
-def test_conv_then_maxpool_fused_forward_matches_the_layers_one_by_one(kernels_on, monkeypatch, kernel, c, filters,
-                                                                       pool, pstride, cstride, padding, relu, hw,
-                                                                       dtype):
+def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, monkeypatch, kernel, c, filters,
+                                                                    pool, pstride, cstride, padding, relu, hw,
+                                                                    dtype, input_grad):
+    """The fused forward (Conv2D.forward_pooled) and, for a first layer, the fused backward
+    (Conv2D.backward_pooled) against the same layers run one by one."""
     from convdescent import Flatten, ReLU, Sequential, SoftmaxCrossEntropy
     from convdescent.layers import Conv2D, Dense
 
@@ -290,30 +293,43 @@ def test_conv_then_maxpool_fused_forward_matches_the_layers_one_by_one(kernels_o
     x = torch.randn(5, c, *hw, generator=torch.Generator().manual_seed(9), dtype=dtype)
     y = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(10))
     runs = []
-    calls = []
-    original = Conv2D.forward_pooled
+    forward_calls, backward_calls = [], []
+    forward_pooled, backward_pooled = Conv2D.forward_pooled, Conv2D.backward_pooled
 
-    def counted(self, *args):
-        out = original(self, *args)
-        calls.append(out is not None)
+    def counted_forward(self, *args):
+        out = forward_pooled(self, *args)
+        forward_calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(Conv2D, "forward_pooled", counted)
-    for limit in (Conv2D.FUSE_MAX_PATCH, 0):
-        monkeypatch.setattr(Conv2D, "FUSE_MAX_PATCH", limit)
+    def counted_backward(self, *args):
+        done = backward_pooled(self, *args)
+        backward_calls.append(done)
+        return done
+
+    for fused in (True, False):
+        monkeypatch.setattr(Conv2D, "FUSE_MAX_PATCH", 32 if fused else 0)
+        monkeypatch.setattr(Conv2D, "forward_pooled", counted_forward)
+        monkeypatch.setattr(Conv2D, "backward_pooled", counted_backward if fused else lambda self, *a: False)
         model.chunk_size = 2  # fused: one pass (nothing left to chunk); unfused: chunks of 2
         logits = model.forward(x, train=True)
         loss, dlogits = SoftmaxCrossEntropy()(logits, y)
-        model.set_input_grad(True)
+        model.set_input_grad(input_grad)
         dx = model.backward(dlogits)
         runs.append((logits, dx, {k: g.clone() for k, g in model.grads().items()}))
-    assert any(calls), "the fused pass never ran"
-    assert not any(calls[len(calls) // 2:]), "the fused pass ran with fusion turned off"
+        if fused:
+            assert forward_calls and all(forward_calls), "the fused forward did not run"
+            assert any(backward_calls) == (not input_grad), "the fused backward ran when it should not, or not"
+            forward_calls.clear()
+    assert not any(forward_calls), "the fused forward ran with fusion turned off"
     (l1, dx1, g1), (l2, dx2, g2) = runs
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(l1, l2, rtol=tol, atol=tol)
-    torch.testing.assert_close(dx1, dx2, rtol=tol, atol=tol)
+    if input_grad:
+        torch.testing.assert_close(dx1, dx2, rtol=tol, atol=tol)
+    else:
+        assert dx1 is None and dx2 is None
     for k in g1:
+        assert g1[k].stride() == g2[k].stride(), k
         torch.testing.assert_close(g1[k], g2[k], rtol=tol, atol=tol)
 
 

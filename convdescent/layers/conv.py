@@ -201,6 +201,40 @@ class Conv2D(Layer):
         pool._cache = ("native", code, (n, f, ho, wo), (po, qo))
         return out
 
+    def backward_pooled(self, dy: torch.Tensor, pool) -> bool:
+        """``self.backward(pool.backward(dy))`` in one native pass, when this layer's input needs no
+        gradient (the first layer) and the pool ran natively: each window's gradient goes straight into
+        the weight and bias gradients through its winner's patch, and the conv's output gradient (zero
+        but at the winners) is never written. Returns False, having done nothing, when it does not apply;
+        the caller then runs the two backwards."""
+        if self.needs_input_grad or self._cache is None or pool._cache is None or pool._cache[0] != "native":
+            return False
+        cols, (n, c, h, w), pads, (ho, wo) = self._cache
+        _, code, pool_in, (po, qo) = pool._cache
+        f = self.filters
+        if pool_in != (n, f, ho, wo) or tuple(dy.shape) != (n, f, po, qo):
+            return False
+        cols_t = cols.t()  # (K, N*Ho*Wo), contiguous
+        fn = native.kernel("cd_pool_conv_bwd", dy, cols_t)
+        if fn is None or not cols_t.is_contiguous():
+            return False
+        k = cols.shape[1]
+        dwt = torch.empty((k, f), dtype=dy.dtype, device=dy.device)
+        db = torch.empty((f,), dtype=dy.dtype, device=dy.device) if self.use_bias else None
+        (ph, pw), (sh, sw) = pool.pool_size, pool.stride
+        failed = fn(dy.data_ptr(), code.data_ptr(), cols_t.data_ptr(), dwt.data_ptr(),
+                    db.data_ptr() if db is not None else None, n, f, k, ho, wo, po, qo, ph, pw, sh, sw,
+                    *dy.stride(), native.threads())
+        if failed:
+            return False
+        self._cache = None
+        pool._cache = None
+        kh, kw = self.kernel_size
+        self.grads["weight"] = dwt.t().reshape(f, c, kh, kw)  # the layout backward gives it
+        if db is not None:
+            self.grads["bias"] = db
+        return True
+
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo) = self._cache
         self._cache = None

@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled from ``kernels.c`` with the system C compiler on first use.
 
-A few loops of the training step (max pooling forward and backward, im2col) cost many passes over memory when
+A few loops of the training step (max pooling, im2col, a conv fused with the max-pool after it) cost many passes over memory when
 written as torch operations, each pass a full elementwise kernel; written in C they are one pass. The
 torch-op versions in the layers stay the reference and the fallback: they run whenever the kernels are not
 available (no C compiler, ``CONVDESCENT_NATIVE=0``, a tensor on another device or of another dtype), and
@@ -50,7 +50,10 @@ _SIGNATURES = {
     "cd_im2col": [_PTR, _PTR] + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
     # cols, wt, bias (or None), out, code, N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, out strides (4), threads
     "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
+    # dy, code, cols, dWt, db (or None), N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, dy strides (4), threads
+    "cd_pool_conv_bwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
 }
+_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -109,7 +112,7 @@ def _build() -> ctypes.CDLL:
             for suffix in _SUFFIX.values():
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes = argtypes
-                fn.restype = None
+                fn.restype = _RETURNS.get(name)
         return lib
     raise RuntimeError("compiling the native kernels failed: " + " | ".join(errors))
 

@@ -267,3 +267,92 @@ void cd_conv_pool_fwd_##SUF(const T *cols, const T *wt, const T *bias, T *out, u
 
 DEFINE_CONV_POOL(float, f32, int32_t)
 DEFINE_CONV_POOL(double, f64, int64_t)
+
+/* MaxPool2D's backward and the weight and bias gradients of the Conv2D before it, in one pass, for a conv
+ * whose input needs no gradient (the first layer). Returns 0, or 1 when scratch memory ran out (nothing
+ * usable written). The pool's backward would write the conv's whole
+ * output gradient, zero except at each window's winner, for the conv to read twice (dW = cols^T delta and
+ * db = sum delta); here each window's gradient goes straight to its winner's patch:
+ *   dWt[q, f] = sum over windows (n, a, b) of dy[n, f, a, b] * cols[q, position of the winner of f]
+ *   db[f]     = sum over windows (n, a, b) of dy[n, f, a, b]
+ * which is the same sum (windows that overlap simply add). dy is read through its strides; cols is (K, R)
+ * contiguous; dWt (K, F) and db (F) are overwritten. Per row of windows, the gradient routed to each
+ * window offset is laid out first (buffer gk), then the patch loop accumulates in vector registers. */
+#define DEFINE_POOL_CONV_BWD(T, SUF)                                                                    \
+int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *cols, T *dwt, T *db, int64_t N,  \
+                            int64_t F, int64_t K, int64_t Ho, int64_t Wo, int64_t Po, int64_t Qo,      \
+                            int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t dn, int64_t dc,    \
+                            int64_t dh, int64_t dw, int threads)                                       \
+{                                                                                                      \
+    enum { L = 32 / sizeof(T), FB = 4 * (32 / sizeof(T)) };                                            \
+    const int64_t R = N * Ho * Wo, rows = N * Po, P = ph * pw;                                         \
+    int failed = 0;                                                                                    \
+    memset(dwt, 0, sizeof(T) * (size_t)(K * F));                                                       \
+    if (db != NULL) memset(db, 0, sizeof(T) * (size_t)F);                                              \
+    _Pragma("omp parallel num_threads(threads)")                                                       \
+    {                                                                                                  \
+        T *accw = (T *)calloc((size_t)(K * F), sizeof(T));                                             \
+        T *accb = (T *)calloc((size_t)F, sizeof(T));                                                   \
+        T *gk = (T *)malloc(sizeof(T) * (size_t)(Qo * P * F));  /* [b][offset][f] */                   \
+        int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Qo * P));                          \
+        int ok = accw != NULL && accb != NULL && gk != NULL && pos != NULL;                            \
+        _Pragma("omp for schedule(static)")                                                            \
+        for (int64_t r = 0; r < rows; r++) {                                                           \
+            if (!ok) continue;                                                                         \
+            const int64_t n = r / Po, a = r % Po;                                                      \
+            for (int64_t b = 0; b < Qo; b++) {                                                         \
+                const uint8_t *cd = code + (r * Qo + b) * F;                                           \
+                const T *g = dy + n * dn + a * dh + b * dw;                                            \
+                T *row = gk + b * P * F;                                                               \
+                memset(row, 0, sizeof(T) * (size_t)(P * F));                                           \
+                for (int64_t f = 0; f < F; f++) {                                                      \
+                    const T v = g[f * dc];                                                             \
+                    row[cd[f] * F + f] = v;                                                            \
+                    accb[f] += v;                                                                      \
+                }                                                                                      \
+                for (int64_t k = 0; k < ph; k++)                                                       \
+                    for (int64_t l = 0; l < pw; l++)                                                   \
+                        pos[b * P + k * pw + l] = (n * Ho + a * sh + k) * Wo + b * sw + l;             \
+            }                                                                                          \
+            for (int64_t q = 0; q < K; q++) {                                                          \
+                const T *cq = cols + q * R;                                                            \
+                int64_t f0 = 0;                                                                        \
+                for (; f0 + FB <= F; f0 += FB) {                                                       \
+                    cdv_##SUF s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                  \
+                    for (int64_t e = 0; e < Qo * P; e++) {                                             \
+                        const T v = cq[pos[e]];                                                        \
+                        const T *w = gk + e * F + f0;                                                  \
+                        s0 += v * cd_load_##SUF(w);                                                    \
+                        s1 += v * cd_load_##SUF(w + L);                                                \
+                        s2 += v * cd_load_##SUF(w + 2 * L);                                            \
+                        s3 += v * cd_load_##SUF(w + 3 * L);                                            \
+                    }                                                                                  \
+                    T *o = accw + q * F + f0;                                                          \
+                    T tmp[FB];                                                                         \
+                    memcpy(tmp, &s0, sizeof s0); memcpy(tmp + L, &s1, sizeof s1);                      \
+                    memcpy(tmp + 2 * L, &s2, sizeof s2); memcpy(tmp + 3 * L, &s3, sizeof s3);          \
+                    for (int64_t f = 0; f < FB; f++) o[f] += tmp[f];                                   \
+                }                                                                                      \
+                for (; f0 < F; f0++) {                                                                 \
+                    T s = 0;                                                                           \
+                    for (int64_t e = 0; e < Qo * P; e++) s += cq[pos[e]] * gk[e * F + f0];             \
+                    accw[q * F + f0] += s;                                                             \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        _Pragma("omp critical")                                                                        \
+        {                                                                                              \
+            if (ok) {                                                                                  \
+                for (int64_t i = 0; i < K * F; i++) dwt[i] += accw[i];                                 \
+                if (db != NULL) for (int64_t f = 0; f < F; f++) db[f] += accb[f];                      \
+            } else {                                                                                   \
+                failed = 1; /* out of memory: the caller runs the two backwards instead */             \
+            }                                                                                          \
+        }                                                                                              \
+        free(accw); free(accb); free(gk); free(pos);                                                   \
+    }                                                                                                  \
+    return failed;                                                                                     \
+}
+
+DEFINE_POOL_CONV_BWD(float, f32)
+DEFINE_POOL_CONV_BWD(double, f64)
