@@ -129,7 +129,7 @@ def library() -> ctypes.CDLL | None:
             else:
                 try:
                     _LIB = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
                     _ERROR = str(exc)
             _TRIED = True
     return _LIB
