@@ -14,55 +14,30 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convdescent import SoftmaxCrossEntropy, seed_cnn  # noqa: E402
 from convdescent.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
 from convdescent.optim import make_optimizer  # noqa: E402
-from convdescent.train.step import train_step  # noqa: E402
+from train_cpu import run_ours, run_torch, torch_cnn  # noqa: E402
 
 
-def sides(data, batch_size: int, seed: int):
+def sides(data, seed: int):
     """(ours(batches) -> seconds, theirs(batches) -> seconds): each runs one training step per batch."""
     torch.manual_seed(seed)
     model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed)
     loss_fn = SoftmaxCrossEntropy()
     opt = make_optimizer("adam", lr=1e-3)
     box = [opt.init(model.params())]
-
-    def ours(batches) -> float:
-        t0 = time.perf_counter()
-        total = torch.zeros(())
-        for xb, yb in batches:
-            loss, _, box[0] = train_step(model, loss_fn, opt, box[0], xb, yb)
-            total += loss
-        float(total)
-        return time.perf_counter() - t0
-
-    from torch import nn
-
-    c, h, w = data.input_shape
-    net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(32 * ((h - 2) // 2) * ((w - 2) // 2), 128), nn.ReLU(),
-                        nn.Linear(128, data.num_classes))
-    peer_opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-
-    def theirs(batches) -> float:
-        t0 = time.perf_counter()
-        for xb, yb in batches:
-            peer_opt.zero_grad()
-            loss = criterion(net(xb), yb)
-            loss.backward()
-            peer_opt.step()
-        return time.perf_counter() - t0
-
-    return ours, theirs
+    net, peer_opt = torch_cnn(data)
+    criterion = torch.nn.CrossEntropyLoss()
+    return (lambda batches: run_ours(model, loss_fn, opt, box, batches),
+            lambda batches: run_torch(net, peer_opt, criterion, batches))
 
 
 def main(argv=None) -> int:
@@ -87,7 +62,7 @@ def main(argv=None) -> int:
             batches.append((xb, yb))
             if len(batches) == args.steps:
                 break
-        ours, theirs = sides(data, bs, args.seed)
+        ours, theirs = sides(data, args.seed)
         ours(batches[:20])  # warm-up, not timed
         theirs(batches[:20])
         ratios = []

@@ -42,6 +42,44 @@ from convdescent.optim import make_optimizer
 from convdescent.train.step import evaluate, train_step
 
 
+def run_ours(model, loss_fn, opt, state_box: list, batches) -> float:
+    """Seconds for one convdescent ``train_step`` per batch, waiting for the last; ``state_box[0]`` holds
+    the optimizer state and is updated."""
+    t0 = time.perf_counter()
+    total = torch.zeros(())
+    for xb, yb in batches:
+        loss, _, state_box[0] = train_step(model, loss_fn, opt, state_box[0], xb, yb)
+        total += loss
+    float(total)  # wait for the last step
+    return time.perf_counter() - t0
+
+
+def torch_cnn(data):
+    """The tutorial's CNN as idiomatic PyTorch (nn.Sequential) and its torch.optim.Adam(1e-3)."""
+    from torch import nn
+
+    c, h, w = data.input_shape
+    net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(32 * ((h - 2) // 2) * ((w - 2) // 2), 128), nn.ReLU(),
+                        nn.Linear(128, data.num_classes))
+    return net, torch.optim.Adam(net.parameters(), lr=1e-3)
+
+
+def run_torch(net, opt, criterion, batches, limit: int | None = None) -> float:
+    """Seconds for one idiomatic PyTorch step (zero_grad, loss, backward, step) per batch, at most
+    ``limit`` batches."""
+    t0 = time.perf_counter()
+    net.train()
+    for i, (xb, yb) in enumerate(batches):
+        if limit is not None and i == limit:
+            break
+        opt.zero_grad()
+        loss = criterion(net(xb), yb)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
 def convdescent_side(data, batch_size: int, seed: int, warmup_steps: int):
     """Warm up, then return (run one timed epoch -> seconds, test accuracy -> float) for convdescent."""
     torch.manual_seed(seed)
@@ -64,13 +102,7 @@ def convdescent_side(data, batch_size: int, seed: int, warmup_steps: int):
     box = [state]
 
     def epoch() -> float:
-        t0 = time.perf_counter()
-        total = torch.zeros(())
-        for xb, yb in loader:
-            loss, _, box[0] = train_step(model, loss_fn, opt, box[0], xb, yb)
-            total += loss
-        float(total)  # wait for the last step
-        return time.perf_counter() - t0
+        return run_ours(model, loss_fn, opt, box, loader)
 
     def accuracy() -> float:
         return evaluate(model, loss_fn, data.x_test, data.y_test, normalizer=norm)[1]
@@ -84,37 +116,17 @@ def pytorch_side(data, batch_size: int, seed: int, warmup_steps: int):
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(seed)
-    c, h, w = data.input_shape
     x_train = data.x_train.float().div_(255)
     x_test = data.x_test.float().div_(255)
-
-    def fresh():
-        net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                            nn.Linear(32 * ((h - 2) // 2) * ((w - 2) // 2), 128), nn.ReLU(),
-                            nn.Linear(128, data.num_classes))
-        return net, torch.optim.Adam(net.parameters(), lr=1e-3)
-
     loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=batch_size, shuffle=True)
     criterion = nn.CrossEntropyLoss()
 
-    def run(net, opt, limit=None):
-        net.train()
-        for i, (xb, yb) in enumerate(loader):
-            if limit is not None and i == limit:
-                break
-            opt.zero_grad()
-            loss = criterion(net(xb), yb)
-            loss.backward()
-            opt.step()
-
-    net, opt = fresh()
-    run(net, opt, limit=warmup_steps)
-    net, opt = fresh()
+    net, opt = torch_cnn(data)
+    run_torch(net, opt, criterion, loader, limit=warmup_steps)
+    net, opt = torch_cnn(data)
 
     def epoch() -> float:
-        t0 = time.perf_counter()
-        run(net, opt)
-        return time.perf_counter() - t0
+        return run_torch(net, opt, criterion, loader)
 
     def accuracy() -> float:
         net.eval()
@@ -170,13 +182,7 @@ def run_extras(data, batch_size: int, epochs: int, seed: int, warmup_steps: int)
     bare_times, full_times = [], []
 
     def bare_epoch():
-        t0 = time.perf_counter()
-        total = torch.zeros(())
-        for xb, yb in bare_loader:
-            loss, _, bare_state[0] = train_step(bare_model, loss_fn, bare_opt, bare_state[0], xb, yb)
-            total += loss
-        float(total)
-        return time.perf_counter() - t0
+        return run_ours(bare_model, loss_fn, bare_opt, bare_state, bare_loader)
 
     class Start(Callback):
         def on_epoch_begin(self, trainer, epoch):

@@ -214,8 +214,8 @@ class Sequential:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model '{self.name}' expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
-        if train and not allocator._done:
-            allocator.tune()  # keep each step's scratch memory for the next (see convdescent.allocator)
+        if train:
+            allocator.tune()  # once per process: keep each step's scratch memory for the next
         for layer in self.layers:
             layer.training = train
         prefix = self._chunked_prefix() if self.chunk_size else 0
