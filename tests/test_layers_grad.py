@@ -277,20 +277,35 @@ TORCH_OPS = {f"{name} (torch ops)": name for name in ("MaxPool2D", "Conv2D")}
 for _label, _name in TORCH_OPS.items():
     CASES[_label] = [Case(c.id + "-torchops", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
                           c.seed, c.extra) for c in CASES[_name]]
+# Dense runs its products in native kernels only for large weights; these cases lower that threshold to zero
+# so the same small shapes go through the native path too.
+CASES["Dense (native)"] = [Case(c.id + "-native", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
+                                c.seed, c.extra) for c in CASES["Dense"]]
 
 ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES.items() for case in cases]
 
 
 @pytest.fixture(autouse=True)
-def kernels_for_case(request):
-    """Turn the native kernels off for the torch-op cases, and require them everywhere else."""
+def kernels_for_case(request, monkeypatch):
+    """Turn the native kernels off for the torch-op cases, and require them everywhere else; the native
+    Dense cases also require the BLAS the dense kernels call."""
     params = getattr(request.node, "callspec", None)
-    torch_ops = params is not None and params.params.get("layer_name") in TORCH_OPS
+    name = params.params.get("layer_name") if params is not None else None
+    torch_ops = name in TORCH_OPS
     if not torch_ops:
         assert native.library() is not None, native.status()
     previous = native.set_enabled(not torch_ops)
+    if name == "Dense (native)":
+        assert native.gemm(torch.float64) is not None and native.gemm(torch.float32) is not None
+        monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 0)
     yield
     native.set_enabled(previous)
+
+
+def assert_path(layer_name, layer, x):
+    """The native Dense cases must really take the native path."""
+    if layer_name == "Dense (native)":
+        assert layer._native("cd_dense_fwd", x) is not None
 
 
 # -- building a case ---------------------------------------------------------------------------------
@@ -413,6 +428,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("layer_name,case", ALL)
 def test_backward_matches_finite_differences(layer_name, case):
     layer, x, r = build_case(case)
+    assert_path(layer_name, layer, x)
     results = check_layer(layer, case.input_shape, batch_size=case.batch, train=case.train, x=x, upstream=r,
                           eps=EPS, max_elements=None)
     assert {res.name for res in results} == {"input"} | {f"layer.{n}" for n, _ in layer.named_params()}
@@ -426,6 +442,7 @@ def test_backward_matches_finite_differences(layer_name, case):
 @pytest.mark.parametrize("layer_name,case", ALL)
 def test_backward_matches_autograd(layer_name, case, dtype):
     layer, x, r = build_case(case, dtype=dtype)
+    assert_path(layer_name, layer, x)
     tol = AUTOGRAD_TOL[dtype]
     buffers = {n: b.clone() for n, b in layer.named_buffers()}
     y = layer.forward(x, case.train)

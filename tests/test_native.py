@@ -387,3 +387,118 @@ def test_a_fused_pair_inside_chunks_next_to_an_unfused_conv(kernels_on):
     for (name, g), (tname, p) in zip(model.grads().items(), net.named_parameters()):
         assert name == tname
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-13)
+
+
+# -- Dense through the native kernels -------------------------------------------------------------------
+def _dense_cases(count=40):
+    rng = random.Random(11)
+    cases = []
+    for i in range(count):
+        cases.append(pytest.param(
+            rng.randint(1, 40), rng.randint(1, 300), rng.randint(1, 70), i % 4 != 3,
+            (torch.float32, torch.float64)[i % 2], ("contiguous", "transposed", "strided")[i % 3],
+            1 + i % 3, i % 5 != 4, id=f"dense{i}"))
+    return cases
+
+
+def _dense_pass(layer, x, dy, input_grad):
+    layer.needs_input_grad = input_grad
+    y = layer.forward(x, True)
+    dx = layer.backward(dy)
+    return y, dx, {k: g.clone() for k, g in layer.grads.items()}
+
+
+@pytest.mark.parametrize("n,k,o,bias,dtype,dy_layout,threads,input_grad", _dense_cases())
+def test_native_dense_matches_torch_ops(kernels_on, monkeypatch, n, k, o, bias, dtype, dy_layout, threads,
+                                        input_grad):
+    """The three products through the native kernels, split over 1-3 threads (more threads than input
+    features included), equal the torch-op path and the formulas, for every layout of the upstream gradient."""
+    from convdescent.layers import Dense
+
+    assert native.gemm(dtype) is not None
+    monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 0)
+    gen = torch.Generator().manual_seed(n * 1000 + k * 10 + o)
+    layer = Dense(o, use_bias=bias)
+    layer.build((k,), generator=gen, dtype=dtype)
+    if bias:
+        layer.params["bias"].copy_(torch.randn(o, generator=gen, dtype=dtype))
+    x = torch.randn(n, k, generator=gen, dtype=dtype)
+    dy = torch.randn(n, o, generator=gen, dtype=dtype)
+    if dy_layout == "transposed":
+        dy = dy.t().contiguous().t()
+    elif dy_layout == "strided":
+        dy = torch.randn(n, 2 * o, generator=gen, dtype=dtype)[:, ::2]
+    torch.set_num_threads(threads)
+    assert layer._native("cd_dense_fwd", x) is not None
+    y, dx, grads = _dense_pass(layer, x, dy, input_grad)
+    monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 1 << 62)
+    assert layer._native("cd_dense_fwd", x) is None
+    y_ref, dx_ref, grads_ref = _dense_pass(layer, x, dy, input_grad)
+    torch.set_num_threads(1)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+    w = layer.params["weight"]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(y, x @ w.t() + (layer.params["bias"] if bias else 0), **tol)
+    torch.testing.assert_close(grads["weight"], dy.t() @ x, **tol)
+    if min(w.shape) > 1:  # the gradient comes in the weight's layout (ambiguous for a single row or column)
+        assert grads["weight"].stride() == w.stride()
+    assert set(grads) == set(grads_ref)
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_ref[key], **tol)
+    if input_grad:
+        torch.testing.assert_close(dx, dx_ref, **tol)
+        torch.testing.assert_close(dx, dy @ w, **tol)
+    else:
+        assert dx is None and dx_ref is None
+
+
+def test_dense_keeps_the_torch_path_where_the_kernels_do_not_apply(kernels_on, monkeypatch):
+    from convdescent.layers import Dense
+
+    layer = Dense(3)
+    layer.build((5,))
+    x = torch.randn(4, 5)
+    assert layer._native("cd_dense_fwd", x) is None  # below NATIVE_MIN_WEIGHT
+    monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 0)
+    assert layer._native("cd_dense_fwd", x) is not None
+    assert layer._native("cd_dense_fwd", torch.randn(5, 4).t()) is None  # a non-contiguous input
+    assert layer._native("cd_dense_fwd", torch.randn(0, 5)) is None  # an empty batch
+    assert layer._native("cd_dense_fwd", x.half()) is None  # another dtype
+    layer.params["weight"] = layer.params["weight"].contiguous()  # a row-major weight (e.g. assigned)
+    assert layer._native("cd_dense_fwd", x) is None
+    y = layer.forward(x, True)
+    torch.testing.assert_close(y, x @ layer.params["weight"].t() + layer.params["bias"])
+
+
+def test_gemm_is_checked_before_use_and_can_be_turned_off(kernels_on, monkeypatch):
+    """A BLAS symbol that computes something else fails the check against torch and is never used; a
+    library without the symbol, or CONVDESCENT_NATIVE_BLAS=0, leaves the dense kernels unused."""
+    import ctypes
+
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    fake_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, i64p, i64p, i64p, ctypes.c_void_p,
+                                 ctypes.c_void_p, i64p, ctypes.c_void_p, i64p, ctypes.c_void_p, ctypes.c_void_p,
+                                 i64p, ctypes.c_size_t, ctypes.c_size_t)
+    calls = []
+    fake = fake_type(lambda *args: calls.append(args[0]))  # writes nothing: the outputs stay NaN
+
+    class FakeBlas:
+        sgemm_ = fake
+
+    class NoBlas:
+        pass
+
+    monkeypatch.setattr(native, "_GEMMS", {})
+    monkeypatch.setattr(native, "_torch_blas_libraries", lambda: iter([FakeBlas()]))
+    assert native.gemm(torch.float32) is None
+    assert calls  # the check ran the fake
+    monkeypatch.setattr(native, "_GEMMS", {})
+    monkeypatch.setattr(native, "_torch_blas_libraries", lambda: iter([NoBlas()]))
+    assert native.gemm(torch.float32) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "_GEMMS", {})
+    monkeypatch.setenv("CONVDESCENT_NATIVE_BLAS", "0")
+    assert native.gemm(torch.float32) is None
+    monkeypatch.delenv("CONVDESCENT_NATIVE_BLAS")
+    monkeypatch.setattr(native, "_GEMMS", {})
+    assert native.gemm(torch.float32) is not None

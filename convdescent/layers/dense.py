@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import init as initializers
+from .. import native
 from .base import Layer, check_rank
 
 
@@ -26,6 +27,9 @@ class Dense(Layer):
     """
 
     kind = "dense"
+    #: Weights of at least this many elements run their three products through the native dense kernels
+    #: (``_native``); smaller ones gain nothing from them and keep torch's.
+    NATIVE_MIN_WEIGHT = 1 << 16
 
     def __init__(self, units: int, use_bias: bool = True, kernel_init="glorot_uniform", bias_init="zeros",
                  in_features: int | None = None, name: str | None = None):
@@ -70,13 +74,43 @@ class Dense(Layer):
                              f"got input of shape {tuple(x.shape)}")
         self._cache = x
         w = self.params["weight"]
+        kernel = self._native("cd_dense_fwd", x)
+        if kernel is not None:
+            fn, gemm = kernel
+            n, threads = x.shape[0], native.threads()
+            y = torch.empty(n, self.units, dtype=x.dtype)
+            scratch = torch.empty(threads, n, self.units, dtype=x.dtype)
+            bias = self.params["bias"].data_ptr() if self.use_bias else None
+            fn(gemm, x.data_ptr(), w.data_ptr(), bias, y.data_ptr(), scratch.data_ptr(), n, self.in_features,
+               self.units, self.in_features, threads)
+            return y
         if self.use_bias:
             return torch.addmm(self.params["bias"], x, w.t())
         return x @ w.t()
 
+    def _native(self, name, x):
+        """(kernel, BLAS address) for the native dense products (native/kernels.c), or None for torch's.
+
+        They split the input features over threads the way torch's fused Adam step splits the weight, so
+        the weight, its gradient and Adam's moments stay with one core from the forward to the update (see
+        the kernels' comment for what that saved). Used for large weights in their column-major layout, a
+        contiguous non-empty input, on CPU in float32/float64."""
+        w = self.params["weight"]
+        if (w.numel() < self.NATIVE_MIN_WEIGHT or not w.t().is_contiguous() or x.shape[0] == 0
+                or not x.is_contiguous()):
+            return None
+        fn = native.kernel(name, x, w)
+        if fn is None:
+            return None
+        gemm = native.gemm(w.dtype)
+        return None if gemm is None else (fn, gemm)
+
     def backward(self, dy):
         x = self._cache
         self._cache = None
+        kernel = self._native("cd_dense_dw", x)
+        if kernel is not None:
+            return self._native_backward(x, dy, *kernel)
         self.grads["weight"] = (x.t() @ dy).t()  # dL/dW = delta^T x, computed in the weight's layout
         if self.use_bias:
             self.grads["bias"] = dy.sum(0)
@@ -87,6 +121,27 @@ class Dense(Layer):
         # transposed view; Flatten's backward reshapes it without a copy.
         w = self.params["weight"]
         return (w.t() @ dy.t()).t()
+
+    def _native_backward(self, x, dy, dw_kernel, gemm):
+        """The backward through the native kernels: the same products, in the same layouts as above."""
+        n, k, o, threads = x.shape[0], self.in_features, self.units, native.threads()
+        if dy.is_contiguous():
+            transposed, ld = 0, o
+        elif dy.t().is_contiguous():
+            transposed, ld = 1, n
+        else:
+            dy, transposed, ld = dy.contiguous(), 0, o
+        dwt = torch.empty(k, o, dtype=x.dtype)
+        dw_kernel(gemm, x.data_ptr(), dy.data_ptr(), dwt.data_ptr(), n, k, o, k, ld, transposed, threads)
+        self.grads["weight"] = dwt.t()
+        if self.use_bias:
+            self.grads["bias"] = dy.sum(0)
+        if not self.needs_input_grad:
+            return None
+        dxt = torch.empty(k, n, dtype=x.dtype)
+        native.kernel("cd_dense_dx", x)(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dxt.data_ptr(),
+                                        n, k, o, ld, transposed, threads)
+        return dxt.t()
 
     def get_config(self):
         return {"units": self.units, "use_bias": self.use_bias,

@@ -52,6 +52,12 @@ _SIGNATURES = {
     "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
     # dy, code, cols, dWt, db (or None), N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, dy strides (4), threads
     "cd_pool_conv_bwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
+    # gemm, x, wt, bias (or None), y, scratch (threads, N, O), N, K, O, ldx, threads
+    "cd_dense_fwd": [_PTR] * 6 + [_I64] * 4 + [ctypes.c_int],
+    # gemm, x, dy, dwt, N, K, O, ldx, ldy, dy transposed, threads
+    "cd_dense_dw": [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int, ctypes.c_int],
+    # gemm, wt, dy, dxt, N, K, O, ldy, dy transposed, threads
+    "cd_dense_dx": [_PTR] * 4 + [_I64] * 4 + [ctypes.c_int, ctypes.c_int],
 }
 _RETURNS = {"cd_pool_conv_bwd": ctypes.c_int}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -169,6 +175,74 @@ def kernel(name: str, *tensors: torch.Tensor):
     if lib is None:
         return None
     return getattr(lib, f"{name}_{_SUFFIX[first.dtype]}")
+
+
+_GEMM_NAMES = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
+_GEMMS: dict = {}
+
+
+def _torch_blas_libraries():
+    """The shared libraries that may hold the BLAS torch was built with: torch's CPU library, then
+    whatever the process has loaded globally."""
+    libdir = Path(torch.__file__).parent / "lib"
+    for path in sorted(libdir.glob("libtorch_cpu.*")):
+        try:
+            yield ctypes.CDLL(str(path))
+        except OSError:
+            continue
+    try:
+        yield ctypes.CDLL(None)
+    except OSError:
+        return
+
+
+def _gemm_agrees(lib: ctypes.CDLL, address: int, dtype: torch.dtype) -> bool:
+    """Run the three dense kernels through ``address`` on small random problems (both layouts of dy, an
+    uneven split of K) and compare with torch: a BLAS with another calling convention is never used."""
+    suffix = _SUFFIX[dtype]
+    fwd, dw, dx = (getattr(lib, f"cd_dense_{k}_{suffix}") for k in ("fwd", "dw", "dx"))
+    gen = torch.Generator().manual_seed(0)
+    n, k, o, nt = 5, 7, 3, 2
+    x = torch.randn(n, k, generator=gen, dtype=dtype)
+    wt = torch.randn(k, o, generator=gen, dtype=dtype)
+    b = torch.randn(o, generator=gen, dtype=dtype)
+    dy = torch.randn(n, o, generator=gen, dtype=dtype)
+    y = torch.full((n, o), float("nan"), dtype=dtype)
+    scratch = torch.empty(nt, n, o, dtype=dtype)
+    fwd(address, x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), scratch.data_ptr(), n, k, o, k, nt)
+    ok = torch.allclose(y, b + x @ wt, rtol=1e-4, atol=1e-5)
+    for dyt in (0, 1):
+        d = dy.t().contiguous() if dyt else dy
+        dwt = torch.full((k, o), float("nan"), dtype=dtype)
+        dw(address, x.data_ptr(), d.data_ptr(), dwt.data_ptr(), n, k, o, k, n if dyt else o, dyt, nt)
+        dxt = torch.full((k, n), float("nan"), dtype=dtype)
+        dx(address, wt.data_ptr(), d.data_ptr(), dxt.data_ptr(), n, k, o, n if dyt else o, dyt, nt)
+        ok = ok and torch.allclose(dwt, x.t() @ dy, rtol=1e-4, atol=1e-5)
+        ok = ok and torch.allclose(dxt, wt @ dy.t(), rtol=1e-4, atol=1e-5)
+    return bool(ok)
+
+
+def gemm(dtype: torch.dtype) -> int | None:
+    """Address of the BLAS matrix product (``sgemm_``/``dgemm_``) that torch links, for the dense kernels;
+    None when it cannot be found, fails the check against torch, the kernels are unavailable, or
+    ``CONVDESCENT_NATIVE_BLAS=0``."""
+    if dtype not in _GEMM_NAMES or not _ENABLED:
+        return None
+    if dtype in _GEMMS:
+        return _GEMMS[dtype]
+    lib = library()
+    address = None
+    if lib is not None and os.environ.get("CONVDESCENT_NATIVE_BLAS", "1") != "0":
+        for blas in _torch_blas_libraries():
+            try:
+                candidate = ctypes.cast(getattr(blas, _GEMM_NAMES[dtype]), ctypes.c_void_p).value
+            except AttributeError:
+                continue
+            if candidate and _gemm_agrees(lib, candidate, dtype):
+                address = candidate
+            break
+    _GEMMS[dtype] = address
+    return address
 
 
 def threads() -> int:
