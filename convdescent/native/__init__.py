@@ -56,7 +56,7 @@ _SIGNATURES = {
     "cd_dense_fwd": [_PTR] * 6 + [_I64] * 4 + [ctypes.c_int],
     # gemm, x, dy, dwt, N, K, O, ldx, ldy, dy transposed, threads
     "cd_dense_dw": [_PTR] * 4 + [_I64] * 5 + [ctypes.c_int, ctypes.c_int],
-    # gemm, wt, dy, dxt, N, K, O, ldy, dy transposed, threads
+    # gemm, wt, dy, dx, N, K, O, ldy, dy transposed, threads
     "cd_dense_dx": [_PTR] * 4 + [_I64] * 4 + [ctypes.c_int, ctypes.c_int],
 }
 _RETURNS = {"cd_pool_conv_bwd": ctypes.c_int}
@@ -215,10 +215,10 @@ def _gemm_agrees(lib: ctypes.CDLL, address: int, dtype: torch.dtype) -> bool:
         d = dy.t().contiguous() if dyt else dy
         dwt = torch.full((k, o), float("nan"), dtype=dtype)
         dw(address, x.data_ptr(), d.data_ptr(), dwt.data_ptr(), n, k, o, k, n if dyt else o, dyt, nt)
-        dxt = torch.full((k, n), float("nan"), dtype=dtype)
-        dx(address, wt.data_ptr(), d.data_ptr(), dxt.data_ptr(), n, k, o, n if dyt else o, dyt, nt)
+        dxn = torch.full((n, k), float("nan"), dtype=dtype)
+        dx(address, wt.data_ptr(), d.data_ptr(), dxn.data_ptr(), n, k, o, n if dyt else o, dyt, nt)
         ok = ok and torch.allclose(dwt, x.t() @ dy, rtol=1e-4, atol=1e-5)
-        ok = ok and torch.allclose(dxt, wt @ dy.t(), rtol=1e-4, atol=1e-5)
+        ok = ok and torch.allclose(dxn, dy @ wt.t(), rtol=1e-4, atol=1e-5)
     return bool(ok)
 
 

@@ -367,7 +367,7 @@ DEFINE_POOL_CONV_BWD(double, f64)
  *
  *   forward: y (N, O) = bias + x (N, K) wt (K, O)
  *   dW:      dwt (K, O) = x^T dy
- *   dx:      dxt (K, N) = wt dy^T
+ *   dx:      dx (N, K) = dy wt^T
  * where wt is the weight stored as (in, out) rows (Dense keeps its weight column-major). Thread t of T always
  * handles the same rows [t*ceil(K/T), (t+1)*ceil(K/T)) of wt and of dwt, which is also the half (or T-th) of
  * the flattened weight that torch's fused Adam step gives thread t. So the weight, its gradient and Adam's
@@ -431,7 +431,7 @@ void cd_dense_dw_##SUF(cd_gemm_fn gemm, const T *x, const T *dy, T *dwt, int64_t
                  dwt + k0 * O, &O, 1, 1);                                                              \
     }                                                                                                  \
 }                                                                                                      \
-void cd_dense_dx_##SUF(cd_gemm_fn gemm, const T *wt, const T *dy, T *dxt, int64_t N, int64_t K,        \
+void cd_dense_dx_##SUF(cd_gemm_fn gemm, const T *wt, const T *dy, T *dx, int64_t N, int64_t K,         \
                        int64_t O, int64_t ldy, int dyt, int threads)                                   \
 {                                                                                                      \
     _Pragma("omp parallel num_threads(threads)")                                                       \
@@ -440,10 +440,10 @@ void cd_dense_dx_##SUF(cd_gemm_fn gemm, const T *wt, const T *dy, T *dxt, int64_
         cd_split(K, omp_get_thread_num(), omp_get_num_threads(), &k0, &k1);                            \
         const int64_t kk = k1 - k0;                                                                    \
         const T one = 1, zero = 0;                                                                     \
-        /* column-major: dxt[k0:k1]^T (N, kk) = op(dy) (N, O) wt[k0:k1]^T (O, kk) */                   \
+        /* column-major: dx[:, k0:k1]^T (kk, N) = wt[k0:k1] (kk, O) op(dy)^T (O, N) */                 \
         if (kk > 0)                                                                                    \
-            gemm(dyt ? "N" : "T", "N", &N, &kk, &O, &one, dy, &ldy, wt + k0 * O, &O, &zero,            \
-                 dxt + k0 * N, &N, 1, 1);                                                              \
+            gemm("T", dyt ? "T" : "N", &kk, &N, &O, &one, wt + k0 * O, &O, dy, &ldy, &zero,            \
+                 dx + k0, &K, 1, 1);                                                                   \
     }                                                                                                  \
 }
 
