@@ -10,7 +10,9 @@ Dense 10) with Adam(1e-3) on the same 60,000 training images scaled to [0, 1], a
 Each side runs a short warm-up (not timed), then ``--epochs`` timed epochs, the two sides' epochs alternating so
 that load drifting on a shared machine hits both alike; the printed time is the median seconds per epoch, the
 ratio is PyTorch's median over ours (above 1: convdescent is faster), and the median of the per-pair ratios is
-printed beside it. Test accuracy is measured after the timed epochs.
+printed beside it. Both sides' timed models start from the same weights (convdescent's ``seed_cnn``
+initialization, Glorot uniform as in Keras, copied into the PyTorch network), so the test accuracies, measured
+after the timed epochs, differ only by the training itself (and the order of the shuffled batches).
 
 The "extras" column times what ``convdescent train`` adds to the bare loop: the ``Trainer`` with a progress
 bar (drawn to a null terminal, so its redraws and running-loss reads happen), epoch lines, metrics.jsonl
@@ -54,14 +56,19 @@ def run_ours(model, loss_fn, opt, state_box: list, batches) -> float:
     return time.perf_counter() - t0
 
 
-def torch_cnn(data):
-    """The tutorial's CNN as idiomatic PyTorch (nn.Sequential) and its torch.optim.Adam(1e-3)."""
+def torch_cnn(data, start_from=None):
+    """The tutorial's CNN as idiomatic PyTorch (nn.Sequential) and its torch.optim.Adam(1e-3); with
+    ``start_from`` (a convdescent model of the same network) its initial weights are copied in."""
     from torch import nn
 
     c, h, w = data.input_shape
     net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(32 * ((h - 2) // 2) * ((w - 2) // 2), 128), nn.ReLU(),
                         nn.Linear(128, data.num_classes))
+    if start_from is not None:
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), start_from.params().values(), strict=True):
+                p.copy_(q)
     return net, torch.optim.Adam(net.parameters(), lr=1e-3)
 
 
@@ -123,7 +130,8 @@ def pytorch_side(data, batch_size: int, seed: int, warmup_steps: int):
 
     net, opt = torch_cnn(data)
     run_torch(net, opt, criterion, loader, limit=warmup_steps)
-    net, opt = torch_cnn(data)
+    # the same starting weights as convdescent's timed model, so the test accuracies compare training alone
+    net, opt = torch_cnn(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
 
     def epoch() -> float:
         return run_torch(net, opt, criterion, loader)
