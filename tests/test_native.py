@@ -502,3 +502,62 @@ def test_gemm_is_checked_before_use_and_can_be_turned_off(kernels_on, monkeypatc
     monkeypatch.delenv("CONVDESCENT_NATIVE_BLAS")
     monkeypatch.setattr(native, "_GEMMS", {})
     assert native.gemm(torch.float32) is not None
+
+
+@pytest.mark.parametrize("c,padding,cstride", [(1, "valid", 1), (3, "same", 1), (2, 1, 2)])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_fused_conv_pool_reads_any_input_layout(kernels_on, c, padding, cstride, layout):
+    """The fused passes read the patches from the input through its strides: a channels-last or a sliced
+    input gives bit-identical outputs and gradients to a contiguous one."""
+    from convdescent import Flatten, Sequential, SoftmaxCrossEntropy
+    from convdescent.layers import Conv2D, Dense
+
+    model = Sequential([Conv2D(5, 3, cstride, padding), MaxPool2D(2), Flatten(), Dense(3)],
+                       input_shape=(c, 11, 9), seed=3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, c, 11, 9, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    if layout == "channels_last":
+        other = x.to(memory_format=torch.channels_last)
+    else:
+        big = torch.randn(6, c + 1, 13, 12, generator=gen, dtype=torch.float64)
+        big[:, 1:, 1:12, 2:11] = x
+        other = big[:, 1:, 1:12, 2:11]
+    assert other.stride() != x.stride() and torch.equal(other, x)
+    results = []
+    for inp in (x, other):
+        logits = model.forward(inp, train=True)
+        assert model.layers[1]._cache[0] == "native"  # the fused forward ran
+        _, dlogits = SoftmaxCrossEntropy()(logits, y)
+        model.backward(dlogits)
+        results.append((logits, {k: g.clone() for k, g in model.grads().items()}))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_fused_backward_after_an_unfused_forward(kernels_on):
+    """Called after the conv's own forward (its columns written) and a native pool forward, the first-layer
+    fused backward reads the input kept in the conv's cache and gives the two layers' backwards' gradients."""
+    from convdescent.layers import Conv2D
+
+    conv, pool = Conv2D(4, 3, padding="same"), MaxPool2D(2)
+    conv.build((2, 10, 10), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pool.build(conv.output_shape)
+    conv.needs_input_grad = False
+    gen = torch.Generator().manual_seed(6)
+    conv.params["bias"].normal_(generator=gen)
+    x = torch.randn(4, 2, 10, 10, generator=gen, dtype=torch.float64)
+    dy = torch.randn(4, 4, 5, 5, generator=gen, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        pool.forward(conv.forward(x, True), True)
+        assert conv._cache[0] is not None and pool._cache[0] == "native"
+        if fused:
+            assert conv.backward_pooled(dy, pool)
+        else:
+            assert conv.backward(pool.backward(dy)) is None
+        grads.append({k: g.clone() for k, g in conv.grads.items()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-12, atol=1e-12)

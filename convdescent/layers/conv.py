@@ -118,8 +118,8 @@ class Conv2D(Layer):
         return out
 
     # -- computation -------------------------------------------------------------------------
-    def _columns(self, x: torch.Tensor):
-        """Check x and lay out its patches: (cols (N*Ho*Wo, C*kh*kw), the cache fields)."""
+    def _padded(self, x: torch.Tensor):
+        """Check x and pad it: (padded x, the cache fields (shape, pads, (Ho, Wo)))."""
         check_rank(x, 4, self)
         n, c, h, w = x.shape
         if c != self.in_channels:
@@ -132,6 +132,13 @@ class Conv2D(Layer):
             x = torch.nn.functional.pad(x, (pl, pr, pt, pb))
         ho = (h + pt + pb - kh) // sh + 1
         wo = (w + pl + pr - kw) // sw + 1
+        return x, ((n, c, h, w), (pt, pb, pl, pr), (ho, wo))
+
+    def _im2col(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+        """The patches of the padded input x: cols (N*Ho*Wo, C*kh*kw), one row per output position."""
+        n, c = x.shape[:2]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
         # cols_t[(c, k, l), (n, i, j)] = xp[n, c, i*sh + k, j*sw + l], filled by one strided copy per
         # kernel offset (much faster than copying unfold()'s patches, whose innermost run is only kw long).
         cols_t = torch.empty((c, kh, kw, n, ho, wo), dtype=x.dtype, device=x.device)
@@ -143,17 +150,18 @@ class Conv2D(Layer):
                 for l in range(kw):
                     cols_t[:, k, l] = x[:, :, k:k + sh * (ho - 1) + 1:sh,
                                         l:l + sw * (wo - 1) + 1:sw].transpose(0, 1)
-        cols = cols_t.view(c * kh * kw, n * ho * wo).t()  # (N*Ho*Wo, C*kh*kw), one row per output position
-        return cols, ((n, c, h, w), (pt, pb, pl, pr), (ho, wo))
+        return cols_t.view(c * kh * kw, n * ho * wo).t()
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        cols, (shape, pads, (ho, wo)) = self._columns(x)
+        xp, (shape, pads, (ho, wo)) = self._padded(x)
+        cols = self._im2col(xp, ho, wo)
         wmat = self.params["weight"].reshape(self.filters, cols.shape[1])
         if self.use_bias:
             out = torch.addmm(self.params["bias"], cols, wmat.t())
         else:
             out = cols @ wmat.t()
-        self._cache = (cols, shape, pads, (ho, wo))
+        # the cache: the patches, the shapes, and for a first layer the padded input (backward_pooled reads it)
+        self._cache = (cols, shape, pads, (ho, wo), None if self.needs_input_grad else xp)
         return out.view(shape[0], ho, wo, self.filters).permute(0, 3, 1, 2)
 
     # Fused with a following max-pool when a patch has at most this many entries (C*kh*kw): the product per
@@ -187,17 +195,20 @@ class Conv2D(Layer):
         fn = native.kernel("cd_conv_pool_fwd", x, self.params["weight"])
         if fn is None:
             return None
-        cols, (shape, pads, _) = self._columns(x)
+        xp, (shape, pads, _) = self._padded(x)
         _, po, qo = pool.compute_output_shape((f, ho, wo))
         (ph, pw), (sh, sw) = pool.pool_size, pool.stride
         wt = self.params["weight"].reshape(f, -1).t().contiguous()  # (K, F)
         bias = self.params["bias"].contiguous() if self.use_bias else None
         out = torch.empty((n, f, po, qo), dtype=x.dtype, device=x.device)
         code = torch.empty((n, po, qo, f), dtype=torch.uint8, device=x.device)
-        cols_t = cols.t()  # (K, N*Ho*Wo), contiguous
-        fn(cols_t.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
-           code.data_ptr(), n, f, cols.shape[1], ho, wo, po, qo, ph, pw, sh, sw, *out.stride(), native.threads())
-        self._cache = (cols, shape, pads, (ho, wo))
+        # the patches are read from the input itself: no im2col (see the kernel's comment)
+        failed = fn(xp.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                    code.data_ptr(), n, f, shape[1], *self.kernel_size, *xp.stride(), *self.stride, ho, wo,
+                    po, qo, ph, pw, sh, sw, *out.stride(), native.threads())
+        if failed:  # out of memory for the patch offsets: nothing was written
+            return None
+        self._cache = (None, shape, pads, (ho, wo), xp)  # the patches are laid out only if backward needs them
         pool._cache = ("native", code, (n, f, ho, wo), (po, qo))
         return out
 
@@ -209,35 +220,35 @@ class Conv2D(Layer):
         the caller then runs the two backwards."""
         if self.needs_input_grad or self._cache is None or pool._cache is None or pool._cache[0] != "native":
             return False
-        cols, (n, c, h, w), pads, (ho, wo) = self._cache
+        _, (n, c, h, w), pads, (ho, wo), xp = self._cache
         _, code, pool_in, (po, qo) = pool._cache
         f = self.filters
         if pool_in != (n, f, ho, wo) or tuple(dy.shape) != (n, f, po, qo):
             return False
-        cols_t = cols.t()  # (K, N*Ho*Wo), contiguous
-        fn = native.kernel("cd_pool_conv_bwd", dy, cols_t)
-        if fn is None or not cols_t.is_contiguous():
+        fn = native.kernel("cd_pool_conv_bwd", dy, xp)
+        if fn is None:
             return False
-        k = cols.shape[1]
-        dwt = torch.empty((k, f), dtype=dy.dtype, device=dy.device)
+        kh, kw = self.kernel_size
+        dwt = torch.empty((c * kh * kw, f), dtype=dy.dtype, device=dy.device)
         db = torch.empty((f,), dtype=dy.dtype, device=dy.device) if self.use_bias else None
         (ph, pw), (sh, sw) = pool.pool_size, pool.stride
-        failed = fn(dy.data_ptr(), code.data_ptr(), cols_t.data_ptr(), dwt.data_ptr(),
-                    db.data_ptr() if db is not None else None, n, f, k, ho, wo, po, qo, ph, pw, sh, sw,
-                    *dy.stride(), native.threads())
+        failed = fn(dy.data_ptr(), code.data_ptr(), xp.data_ptr(), dwt.data_ptr(),
+                    db.data_ptr() if db is not None else None, n, f, c, kh, kw, *xp.stride(), *self.stride,
+                    po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
         if failed:
             return False
         self._cache = None
         pool._cache = None
-        kh, kw = self.kernel_size
         self.grads["weight"] = dwt.t().reshape(f, c, kh, kw)  # the layout backward gives it
         if db is not None:
             self.grads["bias"] = db
         return True
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
-        cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo) = self._cache
+        cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo), xp = self._cache
         self._cache = None
+        if cols is None:  # the fused forward read the patches from the input directly
+            cols = self._im2col(xp, ho, wo)
         kh, kw = self.kernel_size
         sh, sw = self.stride
         f = self.filters

@@ -48,10 +48,12 @@ _SIGNATURES = {
     "cd_maxpool_bwd": [_PTR, _PTR, _PTR] + [_I64] * 6 + [_I64] * 4 + [_I64] * 4 + [ctypes.c_int],
     # x, cols, N, C, Ho, Wo, kh, kw, sh, sw, x strides (4), threads
     "cd_im2col": [_PTR, _PTR] + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
-    # cols, wt, bias (or None), out, code, N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, out strides (4), threads
-    "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
-    # dy, code, cols, dWt, db (or None), N, F, K, Ho, Wo, Po, Qo, ph, pw, sh, sw, dy strides (4), threads
-    "cd_pool_conv_bwd": [_PTR] * 5 + [_I64] * 11 + [_I64] * 4 + [ctypes.c_int],
+    # x, wt, bias (or None), out, code, N, F, C, kh, kw, x strides (4), conv strides (2), Ho, Wo, Po, Qo,
+    # ph, pw, sh, sw, out strides (4), threads
+    "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
+    # dy, code, x, dWt, db (or None), N, F, C, kh, kw, x strides (4), conv strides (2), Po, Qo, ph, pw, sh, sw,
+    # dy strides (4), threads
+    "cd_pool_conv_bwd": [_PTR] * 5 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 6 + [_I64] * 4 + [ctypes.c_int],
     # gemm, x, wt, bias (or None), y, scratch (threads, N, O), N, K, O, ldx, threads
     "cd_dense_fwd": [_PTR] * 6 + [_I64] * 4 + [ctypes.c_int],
     # gemm, x, dy, dwt, N, K, O, ldx, ldy, dy transposed, threads
@@ -59,7 +61,7 @@ _SIGNATURES = {
     # gemm, wt, dy, dx, N, K, O, ldy, dy transposed, threads
     "cd_dense_dx": [_PTR] * 4 + [_I64] * 4 + [ctypes.c_int, ctypes.c_int],
 }
-_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int}
+_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
