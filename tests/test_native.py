@@ -561,3 +561,17 @@ def test_fused_backward_after_an_unfused_forward(kernels_on):
         grads.append({k: g.clone() for k, g in conv.grads.items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-12, atol=1e-12)
+
+
+def test_native_dense_rejects_a_mismatched_gradient_like_the_torch_path(kernels_on, monkeypatch):
+    """A dy of the wrong shape or dtype is never read by pointer: the torch path runs and raises."""
+    from convdescent.layers import Dense
+
+    monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 0)
+    layer = Dense(4)
+    layer.build((6,))
+    x = torch.randn(3, 6)
+    for bad in (torch.randn(3, 5), torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64)):
+        layer.forward(x, True)
+        with pytest.raises(RuntimeError):
+            layer.backward(bad)

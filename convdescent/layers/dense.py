@@ -99,6 +99,9 @@ class Dense(Layer):
         if (w.numel() < self.NATIVE_MIN_WEIGHT or not w.t().is_contiguous() or x.shape[0] == 0
                 or not x.is_contiguous()):
             return None
+        b = self.params.get("bias")
+        if b is not None and (b.dtype != w.dtype or b.device != w.device or not b.is_contiguous()):
+            return None
         fn = native.kernel(name, x, w)
         if fn is None:
             return None
@@ -109,7 +112,10 @@ class Dense(Layer):
         x = self._cache
         self._cache = None
         kernel = self._native("cd_dense_dw", x)
-        if kernel is not None:
+        # the kernels read dy by pointer: anything but an (N, units) tensor like x takes the torch path,
+        # which reports a mismatch
+        if (kernel is not None and tuple(dy.shape) == (x.shape[0], self.units) and dy.dtype == x.dtype
+                and dy.device == x.device):
             return self._native_backward(x, dy, *kernel)
         self.grads["weight"] = (x.t() @ dy).t()  # dL/dW = delta^T x, computed in the weight's layout
         if self.use_bias:
