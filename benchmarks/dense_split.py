@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convdescent import SoftmaxCrossEntropy, seed_cnn, native  # noqa: E402
-from convdescent.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
+from convdescent.data import load_dataset  # noqa: E402
 from convdescent.layers import Dense  # noqa: E402
 from convdescent.optim import make_optimizer, update_and_apply  # noqa: E402
-from convdescent.train.step import train_step  # noqa: E402
+from train_cpu import first_batches, run_ours  # noqa: E402
 
 ON, OFF = Dense.NATIVE_MIN_WEIGHT, 1 << 62
 
@@ -58,26 +59,12 @@ def cycle_timer(batch: int, steps: int):
 
 def step_timer(data, batch: int, steps: int):
     """() -> ms per whole training step of the tutorial's CNN, with the current threshold."""
-    loader = BatchLoader(data.x_train, data.y_train, batch, shuffle=True, seed=0, normalizer=Normalizer.unit())
-    batches = []
-    for xb, yb in loader:
-        batches.append((xb, yb))
-        if len(batches) == steps:
-            break
+    batches = first_batches(data, batch, steps)
     model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=0)
     loss_fn = SoftmaxCrossEntropy()
     opt = make_optimizer("adam", lr=1e-3)
     state = [opt.init(model.params())]
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        total = torch.zeros(())
-        for xb, yb in batches:
-            loss, _, state[0] = train_step(model, loss_fn, opt, state[0], xb, yb)
-            total += loss
-        float(total)
-        return (time.perf_counter() - t0) / len(batches) * 1e3
-    return run
+    return lambda: run_ours(model, loss_fn, opt, state, batches) / len(batches) * 1e3
 
 
 def main(argv=None) -> int:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convdescent import SoftmaxCrossEntropy, seed_cnn  # noqa: E402
-from convdescent.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
+from convdescent.data import load_dataset  # noqa: E402
 from convdescent.optim import make_optimizer  # noqa: E402
-from train_cpu import run_ours, run_torch, torch_cnn  # noqa: E402
+from train_cpu import first_batches, run_ours, run_torch, torch_cnn  # noqa: E402
 
 
 def sides(data, seed: int):
@@ -55,13 +55,7 @@ def main(argv=None) -> int:
           f"{args.steps} steps per side")
     summary = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        loader = BatchLoader(data.x_train, data.y_train, bs, shuffle=True, seed=args.seed,
-                             normalizer=Normalizer.unit())
-        batches = []
-        for xb, yb in loader:  # the same float batches for both sides, drawn once
-            batches.append((xb, yb))
-            if len(batches) == args.steps:
-                break
+        batches = first_batches(data, bs, args.steps, args.seed)  # the same batches for both sides
         ours, theirs = sides(data, args.seed)
         ours(batches[:20])  # warm-up, not timed
         theirs(batches[:20])

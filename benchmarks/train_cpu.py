@@ -56,6 +56,19 @@ def run_ours(model, loss_fn, opt, state_box: list, batches) -> float:
     return time.perf_counter() - t0
 
 
+def first_batches(data, batch_size: int, count: int, seed: int = 0) -> list:
+    """The first ``count`` shuffled float training batches (scaled to [0, 1]) as (x, y) pairs, drawn once, so
+    that timed rounds replay the same data."""
+    loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed,
+                         normalizer=Normalizer.unit())
+    batches = []
+    for xb, yb in loader:
+        if len(batches) == count:
+            break
+        batches.append((xb, yb))
+    return batches
+
+
 def torch_cnn(data, start_from=None):
     """The tutorial's CNN as idiomatic PyTorch (nn.Sequential) and its torch.optim.Adam(1e-3); with
     ``start_from`` (a convdescent model of the same network) its initial weights are copied in."""
