@@ -13,8 +13,11 @@ import importlib
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
+
+from .argparsing import CommandParser, command_name, hidden_alias
 
 # Modules that add their own command groups; each exposes register(subparsers) (the data module's is
 # add_data_parser) and sets func(args) -> exit status on its parsers.
@@ -61,6 +64,22 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+CHECKPOINTS = ("best", "last")
+DEFAULT_CHECKPOINT = "best"
+
+
+def add_checkpoint_argument(p) -> None:
+    """``--checkpoint best|last``, the same flag and default on every command that loads a run's weights."""
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default=DEFAULT_CHECKPOINT,
+                   help="which of the run's checkpoints to load: best (the best monitored epoch) or last")
+
+
+def add_run_dir_argument(p, nargs=None) -> None:
+    """The run directory, given the same way on every command: the first positional argument RUN_DIR."""
+    kw = {"nargs": nargs} if nargs else {}
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'convdescent train'", **kw)
 
 
 # ----------------------------------------------------------------------------------------------- train flags
@@ -187,8 +206,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("Display")
     mode = d.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="print only the final summary")
-    mode.add_argument("--json-lines", action="store_true", help="print epoch records, events and the summary as "
-                                                                "JSON objects, one per line")
+    mode.add_argument("--json", dest="json_lines", action="store_true",
+                      help="print epoch records, events and the summary as JSON objects, one per line")
+    hidden_alias(mode, "--json-lines", dest="json_lines", action="store_true")
     d.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write report.html at the end ('convdescent report RUN_DIR' writes it later)")
 
@@ -245,7 +265,7 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         run_dir = getattr(e, "run_dir", None) or args.resume or "RUN_DIR"
         print(f"convdescent: {e.signal_name} received: stopped after step {e.step} (epoch {e.epoch}); a "
-              f"checkpoint was written. Continue with: convdescent train --resume {run_dir}", file=sys.stderr)
+              f"checkpoint was written. Continue with: {command_name()} train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 128 + e.signum
     return 0
 
@@ -290,8 +310,8 @@ def cmd_evaluate(args) -> int:
                           "confusion": ev["confusion"].tolist()}))
     else:
         print(format_evaluation(ev, run.classes, title))
-    if args.output:
-        png_path = Path(args.output)
+    if args.out:
+        png_path = Path(args.out)
     elif same and args.split == "test":
         png_path = run.path / "confusion.png"
     else:
@@ -327,8 +347,11 @@ def cmd_predict(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
-    path = build_report(Path(args.run_dir), args.output)
-    print(f"report written to {path}")
+    path = build_report(Path(args.run_dir), args.out)
+    if args.json:
+        print(json.dumps({"run": str(args.run_dir), "report": str(path)}))
+    else:
+        print(f"report written to {path}")
     return 0
 
 
@@ -341,7 +364,7 @@ def _cell(v, spec=".4f") -> str:
 def cmd_runs(args) -> int:
     from .train.run import default_runs_dir, list_runs
 
-    root = Path(args.dir) if args.dir else default_runs_dir()
+    root = Path(args.out) if args.out else default_runs_dir()
     rows = list_runs(root)
     if args.json:
         for r in rows:
@@ -368,6 +391,14 @@ def cmd_runs(args) -> int:
 def cmd_optimizers(args) -> int:
     from .optim import list_optimizers_text
 
+    if args.json:
+        from .optim.aliases import OPTIMIZERS, SCHEDULES
+
+        print(json.dumps({"optimizers": {n: {"defaults": e.defaults, "description": e.description}
+                                         for n, e in OPTIMIZERS.items()},
+                          "schedules": {n: {"defaults": e.defaults, "description": e.description}
+                                        for n, e in SCHEDULES.items()}}, default=str))
+        return 0
     print(list_optimizers_text())
     return 0
 
@@ -392,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every command."""
     from . import __version__
 
-    ap = argparse.ArgumentParser(prog="convdescent", description="Train convolutional networks by gradient "
+    ap = CommandParser(prog="convdescent", description="Train convolutional networks by gradient "
                                  "descent with explicit, verified, observable gradients.")
     ap.add_argument("--version", action="version", version=f"convdescent {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -406,43 +437,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix of a run")
-    p.add_argument("run_dir")
+    add_run_dir_argument(p)
     p.add_argument("--dataset", help="evaluate on another dataset (default: the run's)")
-    p.add_argument("--data-dir", help="folder searched first for the dataset")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--output", help="where to write the confusion-matrix PNG")
+    p.add_argument("--data-dir", help="folder searched first for the dataset (default: the run's data_dir)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which split to evaluate")
+    add_checkpoint_argument(p)
+    p.add_argument("--out", metavar="PNG", help="where to write the confusion-matrix PNG (default "
+                   "RUN_DIR/confusion.png for the run's test set, else RUN_DIR/confusion-DATASET-SPLIT.png)")
+    hidden_alias(p, "--output", dest="out")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes of image files with a trained run")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    add_run_dir_argument(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image")
+    add_checkpoint_argument(p)
     p.add_argument("--strict", action="store_true",
                    help="refuse images of another size or channel count instead of converting them")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="rebuild a run's report.html")
-    p.add_argument("run_dir")
-    p.add_argument("--output", help="where to write the report (default RUN_DIR/report.html)")
+    add_run_dir_argument(p)
+    p.add_argument("--out", metavar="HTML", help="where to write the report (default RUN_DIR/report.html)")
+    hidden_alias(p, "--output", dest="out")
+    p.add_argument("--json", action="store_true", help="print the written path as a JSON object")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("runs", help="list runs with their key figures")
-    p.add_argument("--dir", help="folder holding the runs (default $CONVDESCENT_RUNS or ./runs)")
+    p.add_argument("--out", metavar="DIR", help="folder holding the runs, as given to 'train --out' (default "
+                   "$CONVDESCENT_RUNS or ./runs)")
+    hidden_alias(p, "--dir", dest="out")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("optimizers", help="list optimizers and learning-rate schedules")
+    p.add_argument("--json", action="store_true", help="print the optimizers and schedules as one JSON object")
     p.set_defaults(func=cmd_optimizers)
 
     _register_modules(sub)
     return ap
 
 
-def _known_errors() -> tuple:
+def known_errors() -> tuple:
     from .data import DataError
     from .train.checkpoint import CheckpointError
     from .train.config import ConfigError
@@ -456,7 +494,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _known_errors() as e:
+    except known_errors() as e:
         message = str(e).strip() or type(e).__name__
         print(f"convdescent: error: {message}", file=sys.stderr)
         return EXIT_ERROR

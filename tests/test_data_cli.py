@@ -8,6 +8,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from convdescent.argparsing import command_name
 from convdescent.data import registry
 from convdescent.data.cli import add_data_parser
 from convdescent.data.synthetic import idx_spec_for, write_idx_dataset
@@ -46,7 +47,7 @@ def test_list_shows_found_and_missing(tiny, tmp_path, capsys):
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(registry.REGISTRY) <= set(lines)
     assert str(tiny) in lines["tiny"] and "--data-dir" in lines["tiny"]
-    assert "missing (convdescent data fetch mnist)" in lines["mnist"]
+    assert f"missing ({command_name()} data fetch mnist)" in lines["mnist"]
 
 
 def test_fetch_from_local_mirror_then_verify(tiny, tmp_path, capsys):
@@ -72,16 +73,16 @@ def test_fetch_from_local_mirror_then_verify(tiny, tmp_path, capsys):
 def test_verify_reports_a_corrupt_file(tiny, tmp_path, capsys):
     p = tiny / "train-labels-idx1-ubyte.gz"
     p.write_bytes(p.read_bytes()[:-12])
-    assert run(["data", "verify", "tiny", "--data-dir", str(tmp_path / "pub")]) == 1
+    assert run(["data", "verify", "tiny", "--data-dir", str(tmp_path / "pub")]) == 2
     err = capsys.readouterr().err
     assert str(p) in err and "error:" in err
 
 
 def test_verify_and_fetch_of_missing_dataset_fail_with_the_message(capsys):
-    assert run(["data", "verify", "kmnist"]) == 1
+    assert run(["data", "verify", "kmnist"]) == 2
     err = capsys.readouterr().err
     assert "'kmnist' was not found" in err and "train-images-idx3-ubyte.gz" in err
-    assert run(["data", "fetch", "kmnist", "--no-progress"]) == 1
+    assert run(["data", "fetch", "kmnist", "--no-progress"]) == 2
     assert "connection refused" in capsys.readouterr().err
 
 
@@ -92,9 +93,9 @@ def test_show_writes_a_labelled_png(tiny, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert run(["data", "show", "tiny", "--data-dir", str(tmp_path / "pub"), "--count", "0"]) == 1
+    assert run(["data", "show", "tiny", "--data-dir", str(tmp_path / "pub"), "--count", "0"]) == 2
     assert "--count must be positive, got 0" in capsys.readouterr().err
-    assert run(["data", "show", "tiny", "--augment", "wobble", "--data-dir", str(tmp_path / "pub")]) == 1
+    assert run(["data", "show", "tiny", "--augment", "wobble", "--data-dir", str(tmp_path / "pub")]) == 2
     assert "unknown augmentation 'wobble'" in capsys.readouterr().err
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import sys
 from pathlib import Path
 
+from ..argparsing import CommandParser, command_name, hidden_alias
 from .errors import DataError
 
 
@@ -31,10 +33,14 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="show every dataset and where it was found, or that it is missing")
     ls.add_argument("--data-dir", help="folder searched first")
+    ls.add_argument("--json", action="store_true", help="one JSON object per dataset")
 
     fe = sub.add_parser("fetch", help="download a dataset from its official mirrors into the user cache")
     fe.add_argument("name", help="dataset name, e.g. fashion-mnist")
-    fe.add_argument("--dest", help="download into this folder instead of the user cache")
+    fe.add_argument("--out", metavar="DIR", help="download into this folder instead of the user cache (then give "
+                    "it to other commands as --data-dir)")
+    hidden_alias(fe, "--dest", dest="out")
+    fe.add_argument("--json", action="store_true", help="print the folder and the checks as one JSON object")
     fe.add_argument("--mirror", action="append", metavar="URL",
                     help="base URL to download from instead of the official mirrors (repeatable)")
     fe.add_argument("--force", action="store_true", help="download even if valid files are present")
@@ -43,6 +49,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     ve = sub.add_parser("verify", help="check a dataset's files again and say which check each passed")
     ve.add_argument("name", help="dataset name")
     ve.add_argument("--data-dir", help="folder searched first")
+    ve.add_argument("--json", action="store_true", help="print the files and their checks as one JSON object")
 
     sh = sub.add_parser("show", help="write a PNG grid of samples labelled with their class names")
     sh.add_argument("name", help="dataset name, folder:PATH or npz:PATH")
@@ -51,8 +58,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     sh.add_argument("--augment", default=None, metavar="SPEC",
                     help="augmentation to apply, e.g. 'crop:4,flip,cutout:8' or 'default'")
     sh.add_argument("--count", type=int, default=36, help="number of images (default 36)")
-    sh.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation")
-    sh.add_argument("--out", help="PNG file to write (default: <name>-samples.png)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation (default 0)")
+    sh.add_argument("--out", metavar="PATH", help="PNG file to write, or a folder to write <name>-samples.png into "
+                    "(default: ./<name>-samples.png)")
+    sh.add_argument("--json", action="store_true", help="print the written file as a JSON object")
     sh.add_argument("--image-size", type=int, help="image folders: resize to this size")
     sh.add_argument("--color-mode", choices=("grayscale", "rgb"), help="image folders: channel layout")
     sh.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
@@ -67,12 +76,19 @@ def _cmd_list(args) -> int:
     for name in sorted(REGISTRY):
         spec = REGISTRY[name]
         found = find(name, args.data_dir)
+        if args.json:
+            print(json.dumps({"dataset": name, "classes": spec.num_classes, "shape": list(spec.input_shape),
+                              "path": None if found is None else str(found.path),
+                              "place": None if found is None else found.place.label}))
+            continue
         if found is None:
-            status = "missing (convdescent data fetch " + name + ")"
+            status = f"missing ({command_name()} data fetch {name})"
         else:
             extra = {"archive": ", packed archive", "keras_npz": ", Keras mnist.npz"}.get(found.layout, "")
             status = f"{found.path} ({found.place.label}{extra})"
         rows.append((name, str(spec.num_classes), "x".join(map(str, spec.input_shape)), status))
+    if args.json:
+        return 0
     header = ("DATASET", "CLASSES", "SHAPE", "WHERE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for r in [header, *rows]:
@@ -86,9 +102,13 @@ def _cmd_fetch(args) -> int:
     from .sources import summarize_checks, verify_found
 
     spec = get_spec(args.name)
-    dest = fetch(spec.name, dest_dir=args.dest, mirrors=args.mirror, progress=not args.no_progress, force=args.force)
+    dest = fetch(spec.name, dest_dir=args.out, mirrors=args.mirror, progress=not args.no_progress, force=args.force)
     paths = {fs.name: dest / fs.name for fs in spec.files}
     checks = verify_found(Found(spec, Place("fetched", dest), "files", paths))
+    if args.json:
+        print(json.dumps({"dataset": spec.name, "path": str(dest),
+                          "checks": [{"file": c.path.name, "check": c.check, "detail": c.detail} for c in checks]}))
+        return 0
     print(f"{spec.name}: {dest}; {summarize_checks(checks)}")
     return 0
 
@@ -97,6 +117,10 @@ def _cmd_verify(args) -> int:
     from .download import verify
 
     found, checks = verify(args.name, args.data_dir)
+    if args.json:
+        print(json.dumps({"dataset": found.spec.name, "path": str(found.path), "place": found.place.label,
+                          "checks": [{"file": c.path.name, "check": c.check, "detail": c.detail} for c in checks]}))
+        return 0
     print(f"{found.spec.name}: {found.path} ({found.place.label})")
     for c in checks:
         print(f"  ok  {c.path.name:<28} {c.check}: {c.detail}")
@@ -173,8 +197,15 @@ def _cmd_show(args) -> int:
         imgs = aug(imgs, generator=torch.Generator().manual_seed(args.seed), fill=0.0)
     title = f"{ds.name} ({args.split})" + (f", augment {aug.spec}" if aug else "")
     png = render_grid(imgs, y[idx], ds.classes, title)
-    out = Path(args.out) if args.out else Path(f"{_safe_stem(Path(ds.name).name)}-samples.png")
+    default_name = f"{_safe_stem(Path(ds.name).name)}-samples.png"
+    out = Path(args.out) if args.out else Path(default_name)
+    if out.is_dir() or (args.out and args.out.endswith(("/", "\\"))) or (args.out and not out.suffix):
+        out = out / default_name  # --out names a folder: the grid goes inside it, under the usual name
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, png)
+    if args.json:
+        print(json.dumps({"path": str(out), "images": len(idx), "split": args.split, "dataset": ds.name}))
+        return 0
     print(f"wrote {out} ({len(idx)} {args.split} images of {ds.name})")
     return 0
 
@@ -185,13 +216,13 @@ def run_data_command(args) -> int:
     try:
         return handlers[args.data_command](args)
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"convdescent: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> int:
     """Run `data ...` on its own: `python -m convdescent.data.cli list`."""
-    parser = argparse.ArgumentParser(prog="convdescent")
+    parser = CommandParser(prog="convdescent")
     add_data_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

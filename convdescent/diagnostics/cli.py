@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..cli import non_negative_int, positive_float, positive_int
+from ..argparsing import CommandParser, hidden_alias
+from ..cli import (CliError, add_checkpoint_argument, add_run_dir_argument, non_negative_int,
+                   positive_float, positive_int)
 
 
 # -- shared helpers ------------------------------------------------------------------------------------------
@@ -115,8 +117,8 @@ def cmd_gradcheck(args) -> int:
     t0 = time.perf_counter()
     max_el = None if args.max_elements == 0 else args.max_elements
     with _single_thread():
-        if args.run:
-            run = _load_run(args.run)
+        if _source_run(args):
+            run = _load_run(args.run, args.checkpoint)
             model, loss = run.model, run.loss()
             ds = _run_dataset(run)
             xu, y = _split(ds, "test", args.batch_size)
@@ -182,8 +184,8 @@ def cmd_border(args) -> int:
     from .border import analyze, conv_paddings, format_table, plot_maps, with_padding
 
     run_path = None
-    if args.run:
-        run = _load_run(args.run)
+    if _source_run(args):
+        run = _load_run(args.run, args.checkpoint)
         run_path = run.path
         ds = _run_dataset(run)
         base, loss, norm = run.model, run.loss(), run.normalizer
@@ -242,7 +244,7 @@ def cmd_explain(args) -> int:
     """Gradient saliency, SmoothGrad and Grad-CAM of one image, as PNGs."""
     from .saliency import display_image, explain, plot_explanations, plot_overlay
 
-    run = _load_run(args.run_dir)
+    run = _load_run(args.run_dir, args.checkpoint)
     k = run.model.output_shape[-1]
     if args.target is not None and not 0 <= args.target < k:
         raise ValueError(f"--class must be in [0, {k - 1}] for this model, got {args.target}")
@@ -280,7 +282,7 @@ def cmd_filters(args) -> int:
     """First-layer filters and every conv layer's activation maps for one image, as PNGs."""
     from .filters import write_filter_pictures
 
-    run = _load_run(args.run_dir)
+    run = _load_run(args.run_dir, args.checkpoint)
     xu, _, tag = _image_from_args(args, run, {})
     out = _out_dir(args, run.path, "filters")
     paths = write_filter_pictures(run.model, run.normalizer(xu), out)
@@ -364,9 +366,22 @@ def cmd_landscape(args) -> int:
 # -- registration ------------------------------------------------------------------------------------------
 
 def _source_args(p, what: str) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help=f"named model to {what} (default seed_cnn), freshly initialized")
-    src.add_argument("--run", metavar="RUN_DIR", help=f"{what} the trained model of a run directory")
+    add_run_dir_argument(p, nargs="?")
+    p.add_argument("--model", help=f"named model to {what} instead of a run's, freshly initialized (default "
+                   "seed_cnn when no RUN_DIR is given)")
+    hidden_alias(p, "--run", dest="run_flag", metavar="RUN_DIR")
+    add_checkpoint_argument(p)
+
+
+def _source_run(args) -> str | None:
+    """The run directory of gradcheck/border (positional, or the older --run), checked against --model."""
+    run = args.run_dir or getattr(args, "run_flag", None)
+    if args.run_dir and getattr(args, "run_flag", None):
+        raise CliError("give the run directory once (RUN_DIR), not also with --run")
+    if run and args.model:
+        raise CliError(f"give RUN_DIR or --model, not both (got {run} and --model {args.model})")
+    args.run = run
+    return run
 
 
 def _image_args(p, required: bool) -> None:
@@ -419,7 +434,8 @@ def register(subparsers) -> None:
         description="What the network looks at: |d score / d input| (Simonyan et al. 2014), SmoothGrad "
                     "(Smilkov et al. 2017) and Grad-CAM on the last conv layer (Selvaraju et al. 2017), "
                     "overlaid on the image, as PNGs.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    add_run_dir_argument(p)
+    add_checkpoint_argument(p)
     _image_args(p, required=True)
     p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
                    help="class to explain (default: the predicted one)")
@@ -435,7 +451,8 @@ def register(subparsers) -> None:
         "filters", help="first-layer filters and every conv layer's activation maps",
         description="Draw the first conv layer's filters and the activation maps of every conv layer for one "
                     "image, as PNGs.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    add_run_dir_argument(p)
+    add_checkpoint_argument(p)
     _image_args(p, required=False)
     p.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     p.add_argument("--json", action="store_true", help="print the written files as JSON")
@@ -446,9 +463,8 @@ def register(subparsers) -> None:
         description="The loss on the line from the initial to the final weights (Goodfellow et al. 2015) and "
                     "on a plane through the final weights spanned by two filter-normalized random directions "
                     "(Li et al. 2018), as plots. Small grids by default.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="last",
-                   help="which weights are the final ones (default last)")
+    add_run_dir_argument(p)
+    add_checkpoint_argument(p)
     p.add_argument("--examples", type=positive_int, default=1000,
                    help="images per split each loss averages over (default 1000)")
     p.add_argument("--line-points", type=positive_int, default=13,
@@ -469,7 +485,7 @@ def register(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convdescent", description="Look inside the gradients.")
+    parser = CommandParser(prog="convdescent", description="Look inside the gradients.")
     sub = parser.add_subparsers(dest="command", metavar="{gradcheck,border,explain,filters,landscape}")
     sub.required = True
     register(sub)
@@ -478,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Parse ``argv`` and run the command; errors in the input print one line and give exit status 2."""
-    from ..cli import _known_errors
+    from ..cli import known_errors
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _known_errors() as e:
-        print(f"convdescent {args.command}: error: {e}", file=sys.stderr)
+    except known_errors() as e:
+        print(f"convdescent: error: {args.command}: {e}", file=sys.stderr)
         return 2
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from ..argparsing import command_name
 from ..cli import add_option_argument, positive_float, positive_int
 
 # Configuration keys every command takes as flags (what is trained, on what data, how).
@@ -48,6 +50,30 @@ def _base_config(args, keys) -> dict:
         if value is not None:
             cfg[key] = value
     return cfg
+
+
+def train_command(args, keys, **override) -> str:
+    """The ``convdescent train`` command with the settings this command was given, ready to run from here."""
+    from ..train.config import OPTION_BY_KEY
+
+    words = [command_name(), "train"]
+    if getattr(args, "config", None):
+        words += ["--config", shlex.quote(str(args.config))]
+    given = {k: getattr(args, k, None) for k in keys}
+    given.update(override)
+    for key, value in given.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if OPTION_BY_KEY[key].kind == "bool":
+            words.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            words += [flag, ",".join(map(str, value))]
+        elif isinstance(value, float):
+            words += [flag, f"{value:.3g}"]
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def _default_out(kind: str) -> Path:
@@ -100,7 +126,7 @@ def cmd_lr_find(args) -> int:
         print(result.report())
         print(f"Plot: {plot}\nData: {out / 'lr_find.json'}")
         if result.recommended_lr is not None:
-            print(f"Train with it: convdescent train --optimizer {name} --lr {result.recommended_lr:.3g} ...")
+            print(f"Train with it: {train_command(args, RUN_KEYS + LR_FIND_OPT_KEYS, lr=result.recommended_lr)}")
     return 0 if result.recommended is not None else 1
 
 
@@ -186,13 +212,17 @@ def cmd_search(args) -> int:
     from .study import run_search
 
     settings = search_settings_from_args(args)
-    summary = run_search(settings, workers=args.workers)
+    summary = run_search(settings, workers=args.workers, stream=sys.stderr if args.json else None)
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0 if summary.get("best_trial") is not None else 1
     files = summary["files"]
     if summary.get("best_trial") is not None:
         params = " ".join(f"--{k.replace('_', '-')} {v:.3g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                           for k, v in summary["best_params"].items())
         print(f"Best: trial {summary['best_trial']}, validation accuracy {summary['best_value']:.4f} with {params}")
-        print(f"Best configuration: {files['best_config']} (convdescent train --config {files['best_config']})")
+        print(f"Best configuration: {files['best_config']} ({command_name()} train --config "
+              f"{shlex.quote(str(files['best_config']))})")
     else:
         print("No trial completed; see the table for the errors.")
     print(f"Table: {files['table_csv']}, {files['table_md']}; plot: {files['plot']}; summary: "
@@ -246,6 +276,7 @@ def _add_search(sub) -> None:
     w.add_argument("--workers", type=positive_int, default=1,
                    help="local worker processes sharing the storage (default 1)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-search-<study>)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object (progress on stderr)")
     p.set_defaults(func=cmd_search)
 
 
@@ -267,7 +298,9 @@ def cmd_compare(args) -> int:
                                seeds=args.seeds, lr_grid=parse_lr_grid(args.lr_grid) if args.lr_grid else None,
                                grid_points=args.grid_points, target=args.target, train_subset=args.train_subset,
                                out=str(out))
-    summary = run_compare(settings)
+    summary = run_compare(settings, stream=sys.stderr if args.json else None)
+    if args.json:
+        print(json.dumps(summary, default=str))
     return 0 if any(r["test_acc_mean"] is not None for r in summary["rows"]) else 1
 
 
@@ -296,6 +329,7 @@ def _add_compare(sub) -> None:
     c.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train every run on a random subset of N training images (quick comparisons)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-compare)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object (progress on stderr)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Iterable, TextIO
 import torch
 
 from .. import optim
+from ..argparsing import command_name
 from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
                         resolve_monitor, truncate_metrics)
 from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
@@ -325,7 +327,7 @@ def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, 
         summary["error"] = str(error) if isinstance(error, (NonFiniteError, TrainingInterrupted)) else \
             f"{type(error).__name__}: {error}"
         if isinstance(error, TrainingInterrupted):
-            summary["resume"] = f"convdescent train --resume {run_path}"
+            summary["resume"] = f"{command_name()} train --resume {shlex.quote(str(Path(run_path).absolute()))}"
     if status in ("completed", "early_stopping") and len(dataset.x_test):
         ev = evaluate_model(model, loss, dataset.x_test, dataset.y_test, normalizer, dataset.num_classes,
                             cfg["eval_batch_size"])
