@@ -72,6 +72,9 @@ def ones(shape, generator=None, dtype=torch.float32, device="cpu") -> torch.Tens
     return torch.ones(shape, dtype=dtype, device=device)
 
 
+# What a layer's configuration says for an initializer that is a callable without a registered name.
+CUSTOM = "custom"
+
 INITIALIZERS: dict[str, Initializer] = {
     "glorot_uniform": glorot_uniform,
     "xavier_uniform": glorot_uniform,
@@ -86,10 +89,42 @@ INITIALIZERS: dict[str, Initializer] = {
 }
 
 
+def saved_weights(shape, generator=None, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Zeros standing in for an initializer that cannot be named: the layer's saved weights replace them.
+
+    A layer built with an unregistered callable writes ``"custom"`` in its configuration; rebuilding it from
+    that configuration (``load_run``, ``load_model``) gets this placeholder and then the trained weights.
+    """
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def register_initializer(name: str, fn: Initializer) -> Initializer:
+    """Make ``fn`` known by ``name``, so layers built with it write that name in their configuration."""
+    if not isinstance(name, str) or not name or name == CUSTOM:
+        raise ValueError(f"an initializer name must be a non-empty string other than {CUSTOM!r}, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"initializer {name!r} must be callable(shape, generator, dtype, device), got {fn!r}")
+    INITIALIZERS[name] = fn
+    return fn
+
+
+def initializer_name(init: str | Initializer) -> str:
+    """The name a layer writes in its configuration for ``init``: the name itself, the registered name of a
+    callable, else ``"custom"`` (rebuilt as :func:`saved_weights`)."""
+    if isinstance(init, str):
+        return init
+    for name, fn in INITIALIZERS.items():
+        if fn is init:
+            return name
+    return CUSTOM
+
+
 def get_initializer(name: str | Initializer) -> Initializer:
     """Look up an initializer by name (or pass a callable through)."""
     if callable(name):
         return name
+    if name == CUSTOM:
+        return saved_weights
     try:
         return INITIALIZERS[name]
     except KeyError:

@@ -272,8 +272,8 @@ class Conv2D(Layer):
     def get_config(self):
         return {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "use_bias": self.use_bias,
-                "kernel_init": self.kernel_init if isinstance(self.kernel_init, str) else "custom",
-                "bias_init": self.bias_init if isinstance(self.bias_init, str) else "custom",
+                "kernel_init": initializers.initializer_name(self.kernel_init),
+                "bias_init": initializers.initializer_name(self.bias_init),
                 "in_channels": self.in_channels, "name": self.name}
 
     def to_torch(self) -> torch.nn.Module:

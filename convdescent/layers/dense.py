@@ -153,8 +153,8 @@ class Dense(Layer):
 
     def get_config(self):
         return {"units": self.units, "use_bias": self.use_bias,
-                "kernel_init": self.kernel_init if isinstance(self.kernel_init, str) else "custom",
-                "bias_init": self.bias_init if isinstance(self.bias_init, str) else "custom",
+                "kernel_init": initializers.initializer_name(self.kernel_init),
+                "bias_init": initializers.initializer_name(self.bias_init),
                 "in_features": self.in_features, "name": self.name}
 
     def to_torch(self):
