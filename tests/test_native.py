@@ -134,38 +134,6 @@ def test_backward_after_the_kernels_are_turned_off_uses_the_recorded_winners(ker
     torch.testing.assert_close(dx, xr.grad, rtol=0, atol=1e-12)
 
 
-def test_no_compiler_means_the_torch_op_path_with_a_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_LIB", None)
-    monkeypatch.setattr(native, "_ERROR", None)
-    monkeypatch.setattr(native, "_TRIED", False)
-    monkeypatch.setenv("CONVDESCENT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(native, "_compiler", lambda: "false")
-    assert native.library() is None
-    assert "compiling the native kernels failed" in native.status()
-    assert native.kernel("cd_maxpool_fwd", torch.zeros(1)) is None
-    layer = MaxPool2D(2)
-    layer.build((1, 4, 4))
-    x = torch.randn(2, 1, 4, 4)
-    assert torch.equal(layer.forward(x, True), F.max_pool2d(x, 2))
-    assert not list((tmp_path / "cache").iterdir()), "a failed build must leave no file behind"
-
-
-def test_build_writes_one_library_per_source_and_reuses_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_LIB", None)
-    monkeypatch.setattr(native, "_ERROR", None)
-    monkeypatch.setattr(native, "_TRIED", False)
-    monkeypatch.setenv("CONVDESCENT_CACHE_DIR", str(tmp_path))
-    lib = native.library()
-    assert lib is not None, native.status()
-    built = sorted(tmp_path.glob("kernels-*.so"))
-    assert len(built) == 1 and sorted(tmp_path.iterdir()) == built  # no temporary file left behind
-    stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(native, "_TRIED", False)
-    assert native.library() is not None
-    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-
-
 def test_kernels_can_be_turned_off_by_environment(monkeypatch):
     monkeypatch.setattr(native, "_LIB", None)
     monkeypatch.setattr(native, "_ERROR", None)

@@ -6,38 +6,30 @@ torch-op versions in the layers stay the reference and the fallback: they run wh
 available (no C compiler, ``CONVDESCENT_NATIVE=0``, a tensor on another device or of another dtype), and
 the tests check that both give the same values and gradients.
 
-The shared library is built once per source, compiler flags and machine into a cache folder
-(``$CONVDESCENT_CACHE_DIR``, else ``$XDG_CACHE_HOME/convdescent``, else ``~/.cache/convdescent``), written
-under a temporary name and renamed into place, so concurrent first uses never load a half-written file.
-It is built with ``-march=native`` (falling back to generic code when the compiler refuses) and OpenMP; it
-is loaded after torch, so it shares torch's OpenMP runtime and thread count.
+The shared library is built once per source, compiler, flags and CPU into a cache folder
+(``$CONVDESCENT_CACHE_DIR``, else ``$XDG_CACHE_HOME/convdescent``, else ``~/.cache/convdescent``), under a
+lock, with a timeout and a note of failed builds (see ``build``). It is built with ``-march=native``
+(falling back to generic code when the compiler refuses) and linked against torch's OpenMP runtime, so the
+process has one thread pool; the kernels use torch's thread count.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from .build import BuildError, build_library, openmp_runtimes
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _LOCK = threading.Lock()
 _LIB = None
 _ERROR: str | None = None
 _TRIED = False
-
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3"],
-)
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -65,64 +57,14 @@ _RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("CONVDESCENT_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "convdescent"
-
-
-def _machine_tag() -> str:
-    tag = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    tag += line
-    except OSError:
-        pass
-    return tag
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    source = _SOURCE.read_bytes()
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _machine_tag().encode()).hexdigest()[:16]
-        target = _cache_dir() / f"kernels-{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_SOURCE)],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[:300]}")
-                    continue
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(target))
-        for name, argtypes in _SIGNATURES.items():
-            for suffix in _SUFFIX.values():
-                fn = getattr(lib, f"{name}_{suffix}")
-                fn.argtypes = argtypes
-                fn.restype = _RETURNS.get(name)
-        return lib
-    raise RuntimeError("compiling the native kernels failed: " + " | ".join(errors))
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_library(_SOURCE)))
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = argtypes
+            fn.restype = _RETURNS.get(name)
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -136,8 +78,8 @@ def library() -> ctypes.CDLL | None:
                 _ERROR = "turned off by CONVDESCENT_NATIVE=0"
             else:
                 try:
-                    _LIB = _build()
-                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+                    _LIB = _load()
+                except (OSError, BuildError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
                     _ERROR = str(exc)
             _TRIED = True
     return _LIB
@@ -146,7 +88,12 @@ def library() -> ctypes.CDLL | None:
 def status() -> str:
     """One line: whether the native kernels are in use, and why not when they are not."""
     lib = library()
-    return f"native kernels loaded from {lib._name}" if lib is not None else f"native kernels off: {_ERROR}"
+    if lib is None:
+        return f"native kernels off: {_ERROR}"
+    runtimes = openmp_runtimes()
+    omp = f", OpenMP runtime {runtimes[0]}" if len(runtimes) == 1 else (
+        f", {len(runtimes)} OpenMP runtimes: {', '.join(runtimes)}" if runtimes else "")
+    return f"native kernels loaded from {lib._name}{omp}"
 
 
 _ENABLED = True
