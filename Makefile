@@ -8,7 +8,7 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 TRAIN_ARGS ?= --model seed_cnn --dataset fashion-mnist --epochs 10 --batch-size 32 --lr 1e-3
 PYTEST_ARGS ?=
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test test-fallback bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ train: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The layer and training tests once more with every native kernel and fused path switched off, so the
+# fallbacks (the reference paths) stay right on machines without a compiler. .ci/run runs it after `test`.
+FALLBACK_TESTS ?= tests/test_layers*.py tests/test_model.py tests/test_execution.py tests/test_train_*.py
+test-fallback: setup data
+	CONVDESCENT_NATIVE=0 CONVDESCENT_FUSED=0 CONVDESCENT_FUSION=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(FALLBACK_TESTS)
 
 bench: setup data
 	$(BIN)/python benchmarks/train_cpu.py

@@ -15,6 +15,7 @@ own test id. The scalar loss is L = sum(y * R) with a random R, so dL/dy = R.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -285,13 +286,24 @@ CASES["Dense (native)"] = [Case(c.id + "-native", c.make, c.input_shape, c.batch
 ALL = [pytest.param(layer_name, case, id=case.id) for layer_name, cases in CASES.items() for case in cases]
 
 
+# CI runs these tests once more with CONVDESCENT_NATIVE=0: then every case must take the torch-op path.
+NATIVE_OFF = os.environ.get("CONVDESCENT_NATIVE") == "0"
+
+
 @pytest.fixture(autouse=True)
 def kernels_for_case(request, monkeypatch):
     """Turn the native kernels off for the torch-op cases, and require them everywhere else; the native
-    Dense cases also require the BLAS the dense kernels call."""
+    Dense cases also require the BLAS the dense kernels call. With CONVDESCENT_NATIVE=0 require them absent."""
     params = getattr(request.node, "callspec", None)
     name = params.params.get("layer_name") if params is not None else None
     torch_ops = name in TORCH_OPS
+    if NATIVE_OFF:
+        assert native.library() is None and "CONVDESCENT_NATIVE=0" in native.status()
+        if name == "Dense (native)":
+            assert native.gemm(torch.float64) is None
+            monkeypatch.setattr(Dense, "NATIVE_MIN_WEIGHT", 0)
+        yield
+        return
     if not torch_ops:
         assert native.library() is not None, native.status()
     previous = native.set_enabled(not torch_ops)
@@ -303,9 +315,9 @@ def kernels_for_case(request, monkeypatch):
 
 
 def assert_path(layer_name, layer, x):
-    """The native Dense cases must really take the native path."""
+    """The native Dense cases must really take the native path (the torch path when switched off)."""
     if layer_name == "Dense (native)":
-        assert layer._native("cd_dense_fwd", x) is not None
+        assert (layer._native("cd_dense_fwd", x) is None) == NATIVE_OFF
 
 
 # -- building a case ---------------------------------------------------------------------------------
