@@ -70,24 +70,45 @@ def adam_fusion(parts: tuple) -> Callable | None:
     else:
         return None
     adam_kw = parts[i_adam].info.kwargs
-    b1, b2, eps = adam_kw["b1"], adam_kw["b2"], adam_kw["eps"]
-    amsgrad = bool(adam_kw.get("amsgrad", False))
-    lr_of = parts[i_lr].info.lr_of
     wd = float((coupled or decoupled).info.kwargs["weight_decay"]) if (coupled or decoupled) else 0.0
+    return FusedAdam(i_adam, i_lr, len(parts), adam_kw["b1"], adam_kw["b2"], adam_kw["eps"],
+                     bool(adam_kw.get("amsgrad", False)), parts[i_lr].info.lr_of, wd, decoupled is not None)
 
-    def fused(params: dict, grads: dict, state: tuple):
+
+class FusedAdam:
+    """The fused Adam/AdamW step of one chain (built by :func:`adam_fusion`).
+
+    Calling it, ``fn(params, grads, state) -> new_state or None``, is the ordinary fused step. The other
+    methods serve a step recorded once and replayed (:mod:`convdescent.train.graphs`): the learning rate
+    and the step count come from device tensors filled before each step, and the host advances the
+    counters afterwards, so the state matches the chain's exactly.
+    """
+
+    static = True
+
+    def __init__(self, i_adam, i_lr, n_parts, b1, b2, eps, amsgrad, lr_of, wd, decoupled):
+        self.i_adam, self.i_lr, self.n_parts = i_adam, i_lr, n_parts
+        self.b1, self.b2, self.eps, self.amsgrad = b1, b2, eps, amsgrad
+        self.lr_of, self.wd, self.decoupled = lr_of, wd, decoupled
+        # A scheduled first-moment decay changes a kernel argument every step: it cannot be replayed.
+        self.static_blocker = "a scheduled Adam b1 cannot be recorded once" if callable(b1) else None
+
+    def _kernel(self):
         kernel_adam, kernel_adamw = _fusion_kernels()
-        kernel = kernel_adamw if decoupled is not None else kernel_adam
-        if not _ENABLED or kernel is None or len(state) != len(parts):
+        return kernel_adamw if self.decoupled else kernel_adam
+
+    def _lists(self, params: dict, grads: dict, state: tuple):
+        """Parameter, gradient and moment lists in the kernel's orientation (see the module doc), or None."""
+        if not _ENABLED or self._kernel() is None or len(state) != self.n_parts:
             return None
         keys = list(grads)
-        adam_state, lr_state = state[i_adam], state[i_lr]
+        adam_state = state[self.i_adam]
         try:
             p = [params[k] for k in keys]
             g = [grads[k] for k in keys]
             mu = [adam_state.mu[k] for k in keys]
             nu = [adam_state.nu[k] for k in keys]
-            nu_max = [adam_state.nu_max[k] for k in keys] if amsgrad else []
+            nu_max = [adam_state.nu_max[k] for k in keys] if self.amsgrad else []
         except KeyError:
             return None  # let update() report the mismatch in its own words
         if not keys or params.keys() != grads.keys():
@@ -106,25 +127,53 @@ def adam_fusion(parts: tuple) -> Callable | None:
                 if order is None:
                     return None
                 p[i], g[i], mu[i], nu[i] = (x.permute(order) for x in (p[i], g[i], mu[i], nu[i]))
-                if amsgrad:
+                if self.amsgrad:
                     nu_max[i] = nu_max[i].permute(order)
             if not g[i].is_contiguous():
                 g[i] = g[i].contiguous()  # read only
         if not all(t.is_contiguous() for t in (*p, *mu, *nu, *nu_max)):
             return None
-        lr = lr_of(lr_state)
-        beta1 = float(b1(adam_state.count)) if callable(b1) else b1
-        count = adam_state.count + 1
-        # The kernel reads each parameter's step from a tensor (torch keeps them in float32); one each.
-        steps = [torch.full((), float(count), dtype=torch.float32, device=first.device) for _ in keys]
-        kernel(p, g, mu, nu, nu_max, steps, lr=lr, beta1=beta1, beta2=b2, weight_decay=wd, eps=eps,
-               amsgrad=amsgrad, maximize=False)
+        return p, g, mu, nu, nu_max
+
+    def _run(self, lists, lr, beta1, steps) -> None:
+        p, g, mu, nu, nu_max = lists
+        self._kernel()(p, g, mu, nu, nu_max, steps, lr=lr, beta1=beta1, beta2=self.b2, weight_decay=self.wd,
+                       eps=self.eps, amsgrad=self.amsgrad, maximize=False)
+
+    def next_lr_and_count(self, state: tuple) -> tuple[float, int]:
+        """The learning rate and the (1-based) step count of the coming update."""
+        return self.lr_of(state[self.i_lr]), state[self.i_adam].count + 1
+
+    def advance(self, state: tuple) -> tuple:
+        """The state after one update: the counters move on; the moment tensors were updated in place."""
+        adam_state, lr_state = state[self.i_adam], state[self.i_lr]
         new = list(state)
-        new[i_adam] = type(adam_state)(count, adam_state.mu, adam_state.nu, adam_state.nu_max)
-        new[i_lr] = type(lr_state)(lr_state.count + 1, lr_state.schedule_state)
+        new[self.i_adam] = type(adam_state)(adam_state.count + 1, adam_state.mu, adam_state.nu, adam_state.nu_max)
+        new[self.i_lr] = type(lr_state)(lr_state.count + 1, lr_state.schedule_state)
         return tuple(new)
 
-    return fused
+    def __call__(self, params: dict, grads: dict, state: tuple):
+        lists = self._lists(params, grads, state)
+        if lists is None:
+            return None
+        lr, count = self.next_lr_and_count(state)
+        adam_state = state[self.i_adam]
+        beta1 = float(self.b1(adam_state.count)) if callable(self.b1) else self.b1
+        # The kernel reads each parameter's step from a tensor (torch keeps them in float32); one each.
+        device = lists[0][0].device
+        steps = [torch.full((), float(count), dtype=torch.float32, device=device) for _ in lists[0]]
+        self._run(lists, lr, beta1, steps)
+        return self.advance(state)
+
+    def apply_static(self, params: dict, grads: dict, state: tuple, lr: torch.Tensor, count: torch.Tensor) -> bool:
+        """The update with the learning rate and step count read from device scalars ``lr`` and ``count``
+        (filled by the caller), so that a recording of it stays right at every replay; the counters in the
+        Python state are left to :meth:`advance`. Returns False (nothing done) where the kernel does not apply."""
+        lists = self._lists(params, grads, state)
+        if lists is None:
+            return False
+        self._run(lists, lr, self.b1, [count] * len(lists[0]))
+        return True
 
 
 def update_and_apply(optimizer: GradientTransformation, params: dict, grads: dict, state):
