@@ -88,6 +88,21 @@ def _new_run_dir(out: Path, name: str) -> Path:
             path = Path(f"{base}-{i}")
 
 
+def apply_device_settings(cfg: dict) -> None:
+    """Process-wide CUDA math settings of a run (TF32) for its device; nothing on the CPU."""
+    if torch.device(cfg["device"]).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
+        torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+
+
+def _cuda_settings(cfg: dict) -> str:
+    """The header's words for the CUDA settings (empty on the CPU)."""
+    if torch.device(cfg["device"]).type != "cuda":
+        return ""
+    return (f" ({torch.cuda.get_device_name(torch.device(cfg['device']))}, TF32 {'on' if cfg['tf32'] else 'off'}, "
+            f"CUDA graph {'on' if cfg['cuda_graph'] else 'off'})")
+
+
 def _build(cfg: dict, dataset=None, normalizer_dict=None):
     """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration."""
     from ..data import BatchLoader, Normalizer, load_dataset, make_augment
@@ -95,6 +110,7 @@ def _build(cfg: dict, dataset=None, normalizer_dict=None):
     from ..models import make_model
 
     device = torch.device(cfg["device"])
+    apply_device_settings(cfg)
     if dataset is None:
         dataset = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], val_split=cfg["val_split"],
                                seed=cfg["split_seed"])
@@ -241,7 +257,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
                       steps=cfg["steps"], callbacks=cbs, precision=cfg["precision"], on_nan=cfg["on_nan"],
                       max_rollbacks=cfg["max_rollbacks"], nan_check_every=cfg["nan_check_every"],
                       eval_batch_size=cfg["eval_batch_size"], handle_signals=handle_signals,
-                      notice_stream=sys.stderr if display != "none" else None)
+                      notice_stream=sys.stderr if display != "none" else None, cuda_graph=cfg["cuda_graph"])
     trainer.extra = {"config": cfg, "classes": list(dataset.classes), "normalizer": normalizer.to_dict(),
                      "dataset": dataset.name, "input_shape": list(dataset.input_shape)}
     if ckpt is not None:
@@ -265,7 +281,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         _say(talk, f"Run {run_path}")
     _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}: "
                f"{len(dataset.x_train)} train / {len(dataset.x_val)} val / {len(dataset.x_test)} test images, "
-               f"device {cfg['device']}, {cfg['precision']}")
+               f"device {cfg['device']}{_cuda_settings(cfg)}, {cfg['precision']}")
     _say(talk, f"Optimizer {optim.describe(optimizer)}")
     status = "completed"
     error: BaseException | None = None

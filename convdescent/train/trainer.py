@@ -34,6 +34,7 @@ import torch
 from .. import optim
 from ..optim.updates import as_lazy
 from .callbacks import Callback, EpochLogger, ProgressBar, layer_of, uses
+from .graphs import GraphedSteps
 from .history import History
 from .precision import Precision
 from .step import accumulate_gradients, checked_gradients, compute_gradients, evaluate, train_step
@@ -95,6 +96,8 @@ class Trainer:
         eval_batch_size: images per validation batch.
         handle_signals: catch SIGINT/SIGTERM (main thread only) to stop cleanly after a step.
         notice_stream: where signal notices go (None: nowhere).
+        cuda_graph: on a CUDA device, replay one CUDA-graph recording of the step where it can (see
+            :mod:`convdescent.train.graphs`); False runs every step eagerly.
 
     Attributes read by callbacks: ``model``, ``optimizer``, ``opt_state``, ``loader``, ``history``, ``step``
     (updates made), ``epochs`` (planned epochs), ``total_steps``, ``stop`` (set True to stop after this
@@ -104,7 +107,8 @@ class Trainer:
     def __init__(self, model, loss, optimizer, loader, val_data=None, *, epochs: int | None = None,
                  steps: int | None = None, callbacks: Iterable[Callback] = (), precision: str = "fp32",
                  on_nan: str = "stop", max_rollbacks: int = 3, nan_check_every: int = 50,
-                 eval_batch_size: int = 1000, handle_signals: bool = True, notice_stream=sys.stderr):
+                 eval_batch_size: int = 1000, handle_signals: bool = True, notice_stream=sys.stderr,
+                 cuda_graph: bool = True):
         if on_nan not in ("stop", "rollback"):
             raise ValueError(f"on_nan must be 'stop' or 'rollback', got {on_nan!r}")
         for name, value, low in (("max_rollbacks", max_rollbacks, 0), ("nan_check_every", nan_check_every, 1),
@@ -155,6 +159,9 @@ class Trainer:
         device = next(iter(model.params().values())).device if model.params() else torch.device("cpu")
         self._loss_sum = torch.zeros((), device=device)
         self._correct = torch.zeros((), dtype=torch.int64, device=device)
+        # On CUDA the plain fast step replays a recording (graphs.py); it falls back to train_step by itself.
+        self.graph_steps = (GraphedSteps(model, loss, optimizer, enabled=cuda_graph, notice=self._notice)
+                            if device.type == "cuda" else None)
         self._seen = 0
         self._epoch_time = 0.0
         self._elapsed_base = 0.0
@@ -502,7 +509,9 @@ class Trainer:
         for xb, yb in loader:
             step = self.step + 1
             hooks = [cb for cb in grad_cbs if cb.wants_grads(step)] if grad_cbs else ()
-            if fast and not hooks:
+            if fast and not hooks and self.graph_steps is not None:
+                loss, correct, self.opt_state = self.graph_steps.step(xb, yb, self.opt_state)
+            elif fast and not hooks:
                 loss, correct, self.opt_state = train_step(model, loss_fn, self.optimizer, self.opt_state, xb, yb)
             else:
                 loss, correct, grads = compute_gradients(model, loss_fn, xb, yb, self.precision)
@@ -607,7 +616,7 @@ def fit(model, loss, optimizer, data, epochs: int | None = None, steps: int | No
         callbacks: Iterable[Callback] = (), seed: int = 0, device="cpu", normalizer=None, augment=None,
         on_nan: str = "stop", max_rollbacks: int = 3, precision: str = "fp32", verbose="auto",
         nan_check_every: int = 50, shuffle: bool = True, drop_last: bool = False, eval_batch_size: int = 1000,
-        chunk_size: int | None = None, handle_signals: bool = True, stream=None) -> History:
+        chunk_size: int | None = None, handle_signals: bool = True, stream=None, cuda_graph: bool = True) -> History:
     """Train ``model`` with the same loop as ``convdescent train``, for notebooks and scripts.
 
     Args:
@@ -630,6 +639,7 @@ def fit(model, loss, optimizer, data, epochs: int | None = None, steps: int | No
         eval_batch_size: images per validation batch.
         handle_signals: stop cleanly after the current step on Ctrl-C/SIGTERM.
         stream: where display lines go (default sys.stdout).
+        cuda_graph: on CUDA, replay the step as one CUDA graph where it can (see ``Trainer``).
 
     Returns:
         The ``History``.
@@ -655,5 +665,6 @@ def fit(model, loss, optimizer, data, epochs: int | None = None, steps: int | No
     trainer = Trainer(model, loss, optimizer, loader, val, epochs=epochs, steps=steps, callbacks=cbs,
                       precision=precision, on_nan=on_nan, max_rollbacks=max_rollbacks,
                       nan_check_every=nan_check_every, eval_batch_size=eval_batch_size,
-                      handle_signals=handle_signals, notice_stream=None if verbose in (0, "quiet") else sys.stderr)
+                      handle_signals=handle_signals, notice_stream=None if verbose in (0, "quiet") else sys.stderr,
+                      cuda_graph=cuda_graph)
     return trainer.run()
