@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from convdescent import native
 from convdescent.diagnostics import check_layer
-from convdescent.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                                GlobalAvgPool2D, Layer, LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid, Softmax,
-                                Tanh, TorchModule)
+from convdescent.layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                                GlobalAvgPool2D, Layer, LayerNorm, LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid,
+                                SiLU, Softmax, Tanh, TorchModule)
 from convdescent.layers.norm import _BatchNorm
 
 N_CONFIGS = 50
@@ -81,6 +81,71 @@ def conv_cases():
     return cases
 
 
+def conv_grouped_cases():
+    """Groups (depthwise included) and dilation, with every padding mode and stride."""
+    rng = random.Random(1017)
+    paddings = ["valid", "same", "int", "pair"]
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        g = rng.randint(1, 3)
+        c = g * rng.randint(1, 2)
+        depthwise = i % 3 == 0
+        if depthwise:
+            g = c
+        f = g * rng.randint(1, 2)
+        k = (rng.randint(1, 3), rng.randint(1, 3))
+        d = (rng.randint(1, 3), rng.randint(1, 2)) if i % 4 else (1, 1)
+        stride = (rng.randint(1, 2), rng.randint(1, 3))
+        kind = paddings[i % 4]
+        padding = {"valid": "valid", "same": "same", "int": rng.randint(0, 2),
+                   "pair": (rng.randint(0, 2), rng.randint(0, 3))}[kind]
+        h, w = _spatial(rng, 2, 8)
+        n, bias = rng.randint(1, 3), i % 3 != 2
+        make = lambda f=f, k=k, s=stride, p=padding, b=bias, g=g, d=d: Conv2D(f, k, s, p, use_bias=b, groups=g,
+                                                                              dilation=d)
+        try:
+            make().compute_output_shape((c, h, w))
+        except ValueError:
+            continue
+        cases.append(Case(f"convg{i}-n{n}c{c}f{f}g{g}-{h}x{w}-k{k[0]}x{k[1]}-d{d[0]}x{d[1]}-s{stride[0]}x{stride[1]}"
+                          f"-p{padding}-b{int(bias)}", make, (c, h, w), n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def dense_token_cases():
+    rng = random.Random(1018)
+    cases = []
+    for i in range(N_CONFIGS):
+        n, t, d_in, units, bias = rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 6), rng.randint(1, 5), i % 3 != 2
+        cases.append(Case(f"dense-tokens{i}-n{n}-t{t}-in{d_in}-out{units}-b{int(bias)}",
+                          lambda u=units, b=bias: Dense(u, use_bias=b), (t, d_in), n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def layernorm_cases():
+    """Groups of at least 3 normalized values: with 2, xhat is +-1 and dL/dx is eps's tiny correction alone, a
+    cancellation that float32 cannot resolve to the tolerance (in torch either)."""
+    rng = random.Random(1019)
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(1, 3)
+        kind = i % 3
+        if kind == 0:
+            shape, dims = (rng.randint(1, 5), rng.randint(3, 6)), 1
+        elif kind == 1:
+            shape, dims = (rng.randint(3, 7),), 1
+        else:
+            shape = (rng.randint(1, 3),) + _spatial(rng, 1, 4)
+            dims = rng.randint(1, 3)
+            if math.prod(shape[3 - dims:]) < 3:
+                shape = (shape[0], shape[1] + 2, shape[2] + 2)
+        affine, eps = i % 4 != 3, [1e-5, 1e-3][i % 2]
+        cases.append(Case(f"ln{i}-n{n}-{'x'.join(map(str, shape))}-dims{dims}-affine{int(affine)}-e{eps}",
+                          lambda d=dims, a=affine, e=eps: LayerNorm(e, d, a), shape, n, train=bool(i % 2), seed=i))
+    return cases
+
+
 def dense_cases():
     rng = random.Random(1002)
     cases = []
@@ -111,6 +176,50 @@ def maxpool_cases():
         cases.append(Case(f"maxpool{i}-n{n}c{c}-{h}x{w}-p{pool[0]}x{pool[1]}-s{stride}-pad{padding}",
                           lambda p=pool, s=stride, pad=padding: MaxPool2D(p, s, padding=pad), (c, h, w), n,
                           train=bool(i % 2), x_kind="distinct", seed=i))
+    return cases
+
+
+def maxpool_dilated_cases():
+    rng = random.Random(1020)
+    paddings = ["valid", "same", "int"]
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        pool = (rng.randint(1, 3), rng.randint(1, 3))
+        dil = (rng.randint(1, 3), rng.randint(1, 3))
+        stride = None if i % 4 == 0 else (rng.randint(1, 3), rng.randint(1, 3))
+        padding = {"valid": "valid", "same": "same",
+                   "int": (rng.randint(0, pool[0] // 2), rng.randint(0, pool[1] // 2))}[paddings[i % 3]]
+        h, w = _spatial(rng, 2, 9)
+        c, n = rng.randint(1, 3), rng.randint(1, 3)
+        make = lambda p=pool, s=stride, pad=padding, d=dil: MaxPool2D(p, s, padding=pad, dilation=d)
+        try:
+            make().compute_output_shape((c, h, w))
+        except ValueError:
+            continue
+        cases.append(Case(f"maxpool-dil{i}-n{n}c{c}-{h}x{w}-p{pool[0]}x{pool[1]}-d{dil[0]}x{dil[1]}-s{stride}"
+                          f"-pad{padding}", make, (c, h, w), n, train=bool(i % 2), x_kind="distinct", seed=i))
+    return cases
+
+
+def avgpool_padded_cases():
+    rng = random.Random(1021)
+    cases = []
+    while len(cases) < N_CONFIGS:
+        i = len(cases)
+        pool = (rng.randint(1, 4), rng.randint(1, 4))
+        pad = (rng.randint(0, pool[0] // 2), rng.randint(0, pool[1] // 2))
+        stride = None if i % 4 == 0 else (rng.randint(1, 3), rng.randint(1, 3))
+        include = i % 2 == 0
+        h, w = _spatial(rng, 1, 7)
+        c, n = rng.randint(1, 3), rng.randint(1, 3)
+        make = lambda p=pool, s=stride, pad=pad, inc=include: AvgPool2D(p, s, padding=pad, count_include_pad=inc)
+        try:
+            make().compute_output_shape((c, h, w))
+        except ValueError:
+            continue
+        cases.append(Case(f"avgpool-pad{i}-n{n}c{c}-{h}x{w}-p{pool[0]}x{pool[1]}-s{stride}-pad{pad}-inc{int(include)}",
+                          make, (c, h, w), n, train=bool(i % 3 == 1), seed=i))
     return cases
 
 
@@ -265,6 +374,14 @@ CASES = {
     "BatchNorm2D": bn2d_cases(),
     "BatchNorm1D": bn1d_cases(),
     "Residual": residual_cases(),
+    "Conv2D (groups, dilation)": conv_grouped_cases(),
+    "MaxPool2D (dilation)": maxpool_dilated_cases(),
+    "AvgPool2D (padding)": avgpool_padded_cases(),
+    "Dense (tokens)": dense_token_cases(),
+    "LayerNorm": layernorm_cases(),
+    "GELU": shape_cases("gelu", lambda rng: GELU, 1022),
+    "GELU (tanh)": shape_cases("gelu-tanh", lambda rng: (lambda: GELU("tanh")), 1023),
+    "SiLU": shape_cases("silu", lambda rng: SiLU, 1024),
     "TorchModule": torch_module_cases(),
 }
 # Softmax is defined over the class axis of (N, K) inputs.
@@ -341,8 +458,14 @@ def build_case(case: Case, dtype=torch.float64):
                 sub.running_mean.copy_(torch.randn(sub.num_features, generator=gen, dtype=dtype) * 0.5)
                 sub.running_var.copy_(torch.rand(sub.num_features, generator=gen, dtype=dtype) + 0.5)
                 sub.num_batches_tracked.fill_(3)
-            elif "bias" in sub.params and not isinstance(sub, TorchModule):
-                sub.params["bias"].copy_(torch.randn(sub.params["bias"].shape, generator=gen, dtype=dtype) * 0.5)
+            elif not isinstance(sub, TorchModule):
+                # biases start at zero and LayerNorm's weight at one: random values so that no term of their
+                # gradients hides behind a zero or a one
+                for key, value in sub.params.items():
+                    if key.endswith("bias"):
+                        value.copy_(torch.randn(value.shape, generator=gen, dtype=dtype) * 0.5)
+                    elif isinstance(sub, LayerNorm):
+                        value.copy_(torch.rand(value.shape, generator=gen, dtype=dtype) + 0.5)
     shape = (case.batch,) + tuple(case.input_shape)
     if case.x_kind == "away":
         mag = torch.rand(shape, generator=gen, dtype=dtype) * 1.4 + 0.1
@@ -380,15 +503,26 @@ def reference(layer, x, params, buffers, train, y_engine, prefix=""):
     """The layer's computation in torch.nn.functional, differentiable by autograd."""
     p = lambda key: params.get(prefix + key)
     if isinstance(layer, Conv2D):
-        pads = explicit_pads(layer.padding, layer.kernel_size, layer.stride, x.shape[2], x.shape[3])
-        return F.conv2d(F.pad(x, pads), p("weight"), p("bias"), stride=layer.stride)
+        reach = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation))
+        pads = explicit_pads(layer.padding, reach, layer.stride, x.shape[2], x.shape[3])
+        return F.conv2d(F.pad(x, pads), p("weight"), p("bias"), stride=layer.stride, groups=layer.groups,
+                        dilation=layer.dilation)
     if isinstance(layer, Dense):
         return F.linear(x, p("weight"), p("bias"))
     if isinstance(layer, MaxPool2D):
-        pads = explicit_pads(layer.padding, layer.pool_size, layer.stride, x.shape[2], x.shape[3])
-        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), layer.pool_size, layer.stride)
+        reach = tuple(d * (k - 1) + 1 for k, d in zip(layer.pool_size, layer.dilation))
+        pads = explicit_pads(layer.padding, reach, layer.stride, x.shape[2], x.shape[3])
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), layer.pool_size, layer.stride,
+                            dilation=layer.dilation)
     if isinstance(layer, AvgPool2D):
-        return F.avg_pool2d(x, layer.pool_size, layer.stride)
+        return F.avg_pool2d(x, layer.pool_size, layer.stride, padding=layer.padding,
+                            count_include_pad=layer.count_include_pad)
+    if isinstance(layer, LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, p("weight"), p("bias"), eps=layer.eps)
+    if isinstance(layer, GELU):
+        return F.gelu(x, approximate=layer.approximate)
+    if isinstance(layer, SiLU):
+        return F.silu(x)
     if isinstance(layer, GlobalAvgPool2D):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
     if isinstance(layer, Flatten):

@@ -92,8 +92,9 @@ def layer_samples() -> list[tuple[str, Callable[[], Layer], tuple, bool]]:
     Batch norm and dropout are checked in both modes (batch statistics / running statistics; a frozen mask /
     identity).
     """
-    from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
-                          LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax, Tanh, TorchModule)
+    from ..layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                          GlobalAvgPool2D, LayerNorm, LeakyReLU, MaxPool2D, ReLU, Sigmoid, SiLU, Softmax, Tanh,
+                          TorchModule)
 
     samples = [
         ("Conv2D(3, 3, valid)", lambda: Conv2D(3, 3), (2, 6, 6), True),
@@ -117,6 +118,18 @@ def layer_samples() -> list[tuple[str, Callable[[], Layer], tuple, bool]]:
         ("Dropout(0.3) train", lambda: Dropout(0.3, seed=1), (2, 4, 4), True),
         ("Dropout(0.3) eval", lambda: Dropout(0.3, seed=1), (2, 4, 4), False),
         ("TorchModule(torch.nn.GELU)", lambda: TorchModule("torch.nn.GELU"), (6,), True),
+        ("Conv2D(4, 3, groups 2, dilation 2, same)", lambda: Conv2D(4, 3, padding="same", groups=2, dilation=2),
+         (2, 7, 7), True),
+        ("Conv2D(3, 3, depthwise)", lambda: Conv2D(3, 3, groups=3), (3, 5, 5), True),
+        ("MaxPool2D(2, stride 1, dilation 2)", lambda: MaxPool2D(2, stride=1, dilation=2), (2, 6, 6), True),
+        ("AvgPool2D(3, stride 2, padding 1, count_include_pad False)",
+         lambda: AvgPool2D(3, stride=2, padding=1, count_include_pad=False), (2, 6, 6), True),
+        ("Dense(3) on tokens", lambda: Dense(3), (4, 5), True),
+        ("LayerNorm() on tokens", lambda: LayerNorm(), (4, 5), True),
+        ("LayerNorm(normalized_dims 3)", lambda: LayerNorm(normalized_dims=3), (2, 3, 3), True),
+        ("GELU()", lambda: GELU(), (6,), True),
+        ("GELU(tanh)", lambda: GELU("tanh"), (6,), True),
+        ("SiLU()", lambda: SiLU(), (6,), True),
     ]
     samples += _residual_samples()
     return samples

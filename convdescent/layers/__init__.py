@@ -1,11 +1,11 @@
 """Layers with explicit forward and backward passes (see ``base.Layer`` for the contract)."""
 
-from .activations import LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+from .activations import GELU, LeakyReLU, ReLU, SiLU, Sigmoid, Softmax, Tanh
 from .base import Layer
 from .conv import Conv2D
 from .dense import Dense
 from .dropout import Dropout
-from .norm import BatchNorm1D, BatchNorm2D
+from .norm import BatchNorm1D, BatchNorm2D, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from .reshape import Flatten
 from .residual import Residual
@@ -14,7 +14,7 @@ from .torch_module import TorchModule
 LAYERS: dict[str, type[Layer]] = {
     cls.__name__: cls
     for cls in (Conv2D, Dense, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Tanh,
-                Sigmoid, Softmax, Dropout, BatchNorm2D, BatchNorm1D, Residual, TorchModule)
+                Sigmoid, Softmax, Dropout, BatchNorm2D, BatchNorm1D, Residual, TorchModule, GELU, SiLU, LayerNorm)
 }
 
 
@@ -26,4 +26,4 @@ def register_layer(cls: type[Layer]) -> type[Layer]:
 
 __all__ = ["Layer", "Conv2D", "Dense", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "ReLU",
            "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "Dropout", "BatchNorm2D", "BatchNorm1D", "Residual",
-           "TorchModule", "LAYERS", "register_layer"]
+           "TorchModule", "GELU", "SiLU", "LayerNorm", "LAYERS", "register_layer"]

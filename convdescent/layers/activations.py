@@ -5,11 +5,20 @@
     Tanh       y = tanh(x)                dL/dx = delta * (1 - y^2)
     Sigmoid    y = 1 / (1 + exp(-x))      dL/dx = delta * y * (1 - y)
     Softmax    y_i = exp(x_i) / sum_j exp(x_j)   dL/dx_i = y_i * (delta_i - sum_j delta_j y_j)
+    GELU       y = x Phi(x)               dL/dx = delta * (Phi(x) + x phi(x))
+    GELU tanh  y = x (1 + tanh u) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3)
+                                          dL/dx = delta * ((1 + t) / 2 + x (1 - t^2) u' / 2),  t = tanh u,
+                                                  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    SiLU       y = x s(x), s = sigmoid    dL/dx = delta * s (1 + x (1 - s))
+
+Phi and phi are the standard normal distribution function and density.
 
 The derivative of ReLU at exactly 0 is taken as 0, as in torch.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -133,3 +142,65 @@ class Softmax(_Elementwise):
 
     def to_torch(self):
         return torch.nn.Softmax(dim=1)
+
+
+class GELU(_Elementwise):
+    """Gaussian error linear unit (Hendrycks & Gimpel 2016), x Phi(x), exactly or by its tanh form. Any shape.
+
+    Args:
+        approximate: "none" (the exact erf form) or "tanh" (torch's names).
+    """
+
+    kind = "gelu"
+    _C = math.sqrt(2.0 / math.pi)
+    _A = 0.044715
+
+    def __init__(self, approximate: str = "none", name=None):
+        super().__init__(name)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x, train=False):
+        if self.approximate == "tanh":
+            t = torch.tanh(self._C * (x + self._A * x * x * x))
+            self._cache = (x, t)
+            return 0.5 * x * (1 + t)
+        cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
+        self._cache = (x, cdf)
+        return x * cdf
+
+    def backward(self, dy):
+        x, aux = self._cache
+        self._cache = None
+        if self.approximate == "tanh":
+            t = aux
+            du = self._C * (1 + 3 * self._A * x * x)
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+        pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return dy * (aux + x * pdf)
+
+    def get_config(self):
+        return {"approximate": self.approximate, "name": self.name}
+
+    def to_torch(self):
+        return torch.nn.GELU(approximate=self.approximate)
+
+
+class SiLU(_Elementwise):
+    """Sigmoid linear unit (swish), x * sigmoid(x). Any shape."""
+
+    kind = "silu"
+
+    def forward(self, x, train=False):
+        s = torch.sigmoid(x)
+        self._cache = (x, s)
+        return x * s
+
+    def backward(self, dy):
+        x, s = self._cache
+        self._cache = None
+        return dy * s * (1 + x * (1 - s))
+
+    def to_torch(self):
+        return torch.nn.SiLU()

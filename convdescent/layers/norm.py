@@ -202,3 +202,106 @@ class BatchNorm1D(_BatchNorm):
     _torch_cls = torch.nn.BatchNorm1d
     _ranks = (2, 3)
     _expect = "(N, C) or (N, C, L)"
+
+
+class LayerNorm(Layer):
+    """Layer normalization (Ba, Kiros & Hinton 2016): each example normalized over its trailing axes.
+
+    For each example (and each token of a (N, T, D) input) over its M = prod(normalized shape) values:
+
+        mu = (1/M) sum x,   r = 1 / sqrt((1/M) sum (x - mu)^2 + eps),   xhat = (x - mu) r,
+        y  = weight * xhat + bias
+
+    and backward, with the sums over the same M values and g = delta * weight:
+
+        dL/dbias   = sum over the other axes of delta
+        dL/dweight = sum over the other axes of delta * xhat
+        dL/dx      = (r / M) * (M g - sum g - xhat * sum (g * xhat))
+
+    the batch-norm formula with the roles of the axes swapped (derived in docs/gradients.md). There are no
+    running statistics: training and evaluation compute the same thing.
+
+    Args:
+        eps: added to the variance before the square root.
+        normalized_dims: how many trailing axes are normalized together (1: the features of each token).
+        elementwise_affine: whether to learn ``weight`` and ``bias``.
+
+    Shapes: (N, *S) unchanged; params ``weight``, ``bias`` of the last ``normalized_dims`` axes of S.
+    """
+
+    kind = "ln"
+    samplewise = True
+
+    def __init__(self, eps: float = 1e-5, normalized_dims: int = 1, elementwise_affine: bool = True,
+                 name: str | None = None):
+        super().__init__(name)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if isinstance(normalized_dims, bool) or not isinstance(normalized_dims, int) or normalized_dims <= 0:
+            raise ValueError(f"normalized_dims must be a positive int, got {normalized_dims!r}")
+        if not isinstance(elementwise_affine, bool):
+            raise ValueError(f"elementwise_affine must be True or False, got {elementwise_affine!r}")
+        self.eps = float(eps)
+        self.normalized_dims = normalized_dims
+        self.elementwise_affine = elementwise_affine
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) < self.normalized_dims:
+            raise ValueError(f"LayerNorm normalizes the last {self.normalized_dims} axes, but its input has "
+                             f"per-sample shape {tuple(input_shape)}; lower normalized_dims")
+        return tuple(input_shape)
+
+    @property
+    def normalized_shape(self) -> tuple[int, ...]:
+        return tuple(self.input_shape[len(self.input_shape) - self.normalized_dims:])
+
+    def build(self, input_shape, generator=None, dtype=torch.float32, device="cpu"):
+        out = super().build(input_shape)
+        if self.elementwise_affine:
+            self.params["weight"] = torch.ones(self.normalized_shape, dtype=dtype, device=device)
+            self.params["bias"] = torch.zeros(self.normalized_shape, dtype=dtype, device=device)
+        return out
+
+    def forward(self, x, train=False):
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"LayerNorm '{self.name}' expects inputs of shape (N, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        dims = tuple(range(x.dim() - self.normalized_dims, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        centered = x - mean
+        r = torch.rsqrt((centered * centered).mean(dim=dims, keepdim=True) + self.eps)
+        xhat = centered * r
+        self._cache = (xhat, r)
+        if not self.elementwise_affine:
+            return xhat
+        return torch.addcmul(self.params["bias"], xhat, self.params["weight"])
+
+    def backward(self, dy):
+        xhat, r = self._cache
+        self._cache = None
+        dims = tuple(range(dy.dim() - self.normalized_dims, dy.dim()))
+        outer = tuple(range(dy.dim() - self.normalized_dims))
+        if self.elementwise_affine:
+            self.grads["weight"] = (dy * xhat).sum(dim=outer)
+            self.grads["bias"] = dy.sum(dim=outer)
+            g = dy * self.params["weight"]
+        else:
+            g = dy
+        if not self.needs_input_grad:
+            return None
+        # (r / M)(M g - sum g - xhat sum(g xhat)) = r (g - mean g - xhat mean(g xhat))
+        return r * (g - g.mean(dim=dims, keepdim=True) - xhat * (g * xhat).mean(dim=dims, keepdim=True))
+
+    def get_config(self):
+        return {"eps": self.eps, "normalized_dims": self.normalized_dims,
+                "elementwise_affine": self.elementwise_affine, "name": self.name}
+
+    def to_torch(self):
+        ln = torch.nn.LayerNorm(self.normalized_shape, eps=self.eps, elementwise_affine=self.elementwise_affine)
+        if self.elementwise_affine:
+            w = self.params["weight"]
+            ln = ln.to(device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                ln.weight.copy_(w)
+                ln.bias.copy_(self.params["bias"])
+        return ln

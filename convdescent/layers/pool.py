@@ -1,18 +1,22 @@
 """Pooling layers with explicit backward passes.
 
-Max pooling, window (ph, pw), stride (sh, sw), no padding ("valid", as Keras' default):
+Max pooling, window (ph, pw), stride (sh, sw), dilation (dh, dw) (the spacing of the window's taps), on
+the input padded with values that never win:
 
-    y[n, c, i, j] = max_{k < ph, l < pw} x[n, c, i*sh + k, j*sw + l]
+    y[n, c, i, j] = max_{k < ph, l < pw} x[n, c, i*sh + k*dh, j*sw + l*dw]
     dL/dx[n, c, p, q] = sum_{i, j} delta[n, c, i, j] * [ (p, q) is the first arg-max of window (i, j) ]
 
 The window is reduced offset by offset, each offset a strided view of the whole input, first along the
 width and then along the height, so the cost is a few elementwise operations per offset whatever the batch
 size. Ties go to the first arg-max in row-major order, as in torch.
 
-Average pooling:
+Average pooling, on the input zero-padded by (ph0, pw0) on each side:
 
-    y[n, c, i, j] = 1/(ph*pw) * sum_{k, l} x[n, c, i*sh + k, j*sw + l]
-    dL/dx[n, c, p, q] = 1/(ph*pw) * sum_{windows (i, j) that contain (p, q)} delta[n, c, i, j]
+    y[n, c, i, j] = 1/m[i, j] * sum_{k, l} xp[n, c, i*sh + k, j*sw + l]
+    dL/dx[n, c, p, q] = sum_{windows (i, j) that contain (p, q)} delta[n, c, i, j] / m[i, j]
+
+with m[i, j] = ph*pw when padded zeros count (torch's count_include_pad=True), else the number of real
+(unpadded) positions in window (i, j).
 """
 
 from __future__ import annotations
@@ -32,23 +36,31 @@ class _Pool2D(Layer):
         super().__init__(name)
         self.pool_size = pair(pool_size, "pool_size")
         self.stride = self.pool_size if stride is None else pair(stride, "stride")
+        self.dilation = (1, 1)
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """The span (rows, columns) of one window: the pool size with dilation's gaps."""
+        (ph, pw), (dh, dw) = self.pool_size, self.dilation
+        return dh * (ph - 1) + 1, dw * (pw - 1) + 1
 
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 3:
             raise ValueError(f"{type(self).__name__} expects inputs of shape (C, H, W), got {tuple(input_shape)}")
         c, h, w = input_shape
-        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        (ph, pw), (sh, sw) = self.reach, self.stride
         if h < ph or w < pw:
-            raise ValueError(f"{type(self).__name__} '{self.name}': pool_size {self.pool_size} is larger than "
-                             f"its input {h}x{w}")
+            what = f"pool_size {self.pool_size}" + (f" at dilation {self.dilation}" if self.dilation != (1, 1) else "")
+            raise ValueError(f"{type(self).__name__} '{self.name}': {what} is larger than its (padded) input {h}x{w}")
         return c, (h - ph) // sh + 1, (w - pw) // sw + 1
 
     def _windows(self, ho: int, wo: int):
         """Yield (k, l, slice_h, slice_w): the strided view of offset (k, l) of every window."""
-        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        (ph, pw), (sh, sw), (dh, dw) = self.pool_size, self.stride, self.dilation
         for k in range(ph):
             for l in range(pw):
-                yield k, l, slice(k, k + sh * (ho - 1) + 1, sh), slice(l, l + sw * (wo - 1) + 1, sw)
+                yield (k, l, slice(k * dh, k * dh + sh * (ho - 1) + 1, sh),
+                       slice(l * dw, l * dw + sw * (wo - 1) + 1, sw))
 
     def get_config(self):
         return {"pool_size": self.pool_size, "stride": self.stride, "name": self.name}
@@ -61,8 +73,8 @@ def _offset(ndim: int, dim: int, start: int, count: int, step: int) -> tuple:
     return tuple(index)
 
 
-def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int):
-    """Max over windows of k along ``dim`` with stride s, plus what the backward needs.
+def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int, d: int = 1):
+    """Max over windows of k taps spaced d apart along ``dim`` with stride s, plus what the backward needs.
 
     Returns (best, gains) where gains[l-1] is 1.0 where offset l strictly beat offsets 0..l-1, else 0.0.
     The masks are kept as floats: comparisons that produce bool tensors are several times slower on CPU
@@ -71,7 +83,7 @@ def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int):
     best = x[_offset(x.dim(), dim, 0, n_out, s)]
     gains = []
     for l in range(1, k):
-        v = x[_offset(x.dim(), dim, l, n_out, s)]
+        v = x[_offset(x.dim(), dim, l * d, n_out, s)]
         gains.append(torch.sign(v - best).clamp_min_(0.0))
         best = torch.maximum(best, v)
     if k == 1:
@@ -79,10 +91,11 @@ def _max_1d(x: torch.Tensor, dim: int, k: int, s: int, n_out: int):
     return best, gains
 
 
-def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, k: int, s: int, n_out: int) -> torch.Tensor:
+def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, k: int, s: int, n_out: int,
+                     d: int = 1) -> torch.Tensor:
     """Route dbest to the first arg-max of each window: the last offset whose gain is 1, else offset 0."""
     ndim = len(shape)
-    if k == s:
+    if k == s and d == 1:
         # Windows tile the axis without overlap: every input position gets exactly one value (or none,
         # past the last window), so write the shares in place instead of zero-filling and adding.
         dx = torch.empty(shape, dtype=dbest.dtype, device=dbest.device)
@@ -99,7 +112,7 @@ def _max_1d_backward(dbest: torch.Tensor, gains, shape, dim: int, k: int, s: int
     rest = dbest
     for l in range(k - 1, 0, -1):
         share = rest * gains[l - 1]
-        dx[_offset(ndim, dim, l, n_out, s)] += share
+        dx[_offset(ndim, dim, l * d, n_out, s)] += share
         rest = rest - share
     dx[_offset(ndim, dim, 0, n_out, s)] += rest
     return dx
@@ -135,12 +148,14 @@ class MaxPool2D(_Pool2D):
         padding: "valid" (none, the default), "same" (output ceil(H / stride), extra padding after, as
             TensorFlow), or an int / pair of at most half the pool size (as torch). Padded positions
             never win a window.
+        dilation: int or (dh, dw): the spacing of a window's taps (torch's ``dilation``).
 
-    Shapes: (N, C, H, W) -> (N, C, (H + pad_h - ph) // sh + 1, (W + pad_w - pw) // sw + 1).
+    Shapes: (N, C, H, W) -> (N, C, (H + pad_h - (dh*(ph-1)+1)) // sh + 1, likewise for W).
     """
 
-    def __init__(self, pool_size=2, stride=None, padding="valid", name: str | None = None):
+    def __init__(self, pool_size=2, stride=None, padding="valid", dilation=1, name: str | None = None):
         super().__init__(pool_size, stride, name)
+        self.dilation = pair(dilation, "dilation")
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
                 raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
@@ -155,8 +170,8 @@ class MaxPool2D(_Pool2D):
         if self.padding == "valid":
             return 0, 0, 0, 0
         if self.padding == "same":
-            return (*same_padding(h, self.pool_size[0], self.stride[0]),
-                    *same_padding(w, self.pool_size[1], self.stride[1]))
+            return (*same_padding(h, self.reach[0], self.stride[0]),
+                    *same_padding(w, self.reach[1], self.stride[1]))
         ph, pw = self.padding
         return ph, ph, pw, pw
 
@@ -168,10 +183,11 @@ class MaxPool2D(_Pool2D):
         return super().compute_output_shape((c, h + pt + pb, w + pl + pr))
 
     def native_ready(self, input_shape) -> bool:
-        """Whether inputs of ``input_shape`` (C, H, W) take the native kernel: no padding, and window codes
-        fit a byte (at most 256 positions per window)."""
+        """Whether inputs of ``input_shape`` (C, H, W) take the native kernel: no padding, no dilation, and
+        window codes fit a byte (at most 256 positions per window)."""
         _, h, w = input_shape
-        return not any(self.pads(h, w)) and self.pool_size[0] * self.pool_size[1] <= 256
+        return (not any(self.pads(h, w)) and self.dilation == (1, 1)
+                and self.pool_size[0] * self.pool_size[1] <= 256)
 
     def forward(self, x, train=False):
         check_rank(x, 4, self)
@@ -195,8 +211,9 @@ class MaxPool2D(_Pool2D):
             # padded entries is 0 rather than nan.
             xh = torch.nn.functional.pad(xh, (0, 0, pl, pr, pt, pb), value=torch.finfo(x.dtype).min)
             h, w = h + pt + pb, w + pl + pr
-        row_max, gains_w = _max_1d(xh, 2, pw, sw, wo)           # (N, H, Wo, C)
-        out, gains_h = _max_1d(row_max, 1, ph, sh, ho)          # (N, Ho, Wo, C)
+        dh, dw = self.dilation
+        row_max, gains_w = _max_1d(xh, 2, pw, sw, wo, dw)       # (N, H, Wo, C)
+        out, gains_h = _max_1d(row_max, 1, ph, sh, ho, dh)      # (N, Ho, Wo, C)
         self._cache = (gains_w, gains_h, (n, h, w, c), tuple(row_max.shape), (ho, wo), pads)
         return out.permute(0, 3, 1, 2)
 
@@ -213,52 +230,103 @@ class MaxPool2D(_Pool2D):
                 return dx.permute(0, 3, 1, 2)
             return _route_by_code(dy, code, (n, c, h, w), self.pool_size, self.stride)
         gains_w, gains_h, x_shape, row_shape, (ho, wo), (pt, pb, pl, pr) = cache
-        d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho)
-        dx = _max_1d_backward(d_row, gains_w, x_shape, 2, pw, sw, wo)
+        dh, dw = self.dilation
+        d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho, dh)
+        dx = _max_1d_backward(d_row, gains_w, x_shape, 2, pw, sw, wo, dw)
         if pt or pb or pl or pr:
             dx = dx[:, pt:x_shape[1] - pb, pl:x_shape[2] - pr, :]
         return dx.permute(0, 3, 1, 2)
 
     def get_config(self):
-        return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding, "name": self.name}
+        return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "name": self.name}
 
     def to_torch(self):
         pt, pb, pl, pr = self.pads(*self.input_shape[1:]) if self.input_shape else (0, 0, 0, 0)
-        if pt == pb and pl == pr:
-            return torch.nn.MaxPool2d(self.pool_size, self.stride, padding=(pt, pl))
+        if pt == pb and pl == pr and pt <= self.pool_size[0] // 2 and pl <= self.pool_size[1] // 2:
+            return torch.nn.MaxPool2d(self.pool_size, self.stride, padding=(pt, pl), dilation=self.dilation)
         return torch.nn.Sequential(torch.nn.ConstantPad2d((pl, pr, pt, pb), float("-inf")),
-                                   torch.nn.MaxPool2d(self.pool_size, self.stride))
+                                   torch.nn.MaxPool2d(self.pool_size, self.stride, dilation=self.dilation))
 
 
 class AvgPool2D(_Pool2D):
-    """Average pooling over (ph, pw) windows, no padding.
+    """Average pooling over (ph, pw) windows.
 
-    Shapes: (N, C, H, W) -> (N, C, (H - ph) // sh + 1, (W - pw) // sw + 1).
+    Args:
+        pool_size: int or (ph, pw).
+        stride: int or pair; defaults to pool_size.
+        padding: int or pair of zeros added on each side, at most half the pool size (as torch).
+        count_include_pad: whether the padded zeros count in a window's divisor (torch's default, True) or
+            only the real positions do.
+
+    Shapes: (N, C, H, W) -> (N, C, (H + 2*pad_h - ph) // sh + 1, (W + 2*pad_w - pw) // sw + 1).
     """
+
+    def __init__(self, pool_size=2, stride=None, padding=0, count_include_pad: bool = True,
+                 name: str | None = None):
+        super().__init__(pool_size, stride, name)
+        self.padding = pair(padding, "padding", allow_zero=True)
+        if any(p > k // 2 for p, k in zip(self.padding, self.pool_size)):
+            raise ValueError(f"padding must be at most half of pool_size {self.pool_size}, got {padding!r}")
+        if not isinstance(count_include_pad, bool):
+            raise ValueError(f"count_include_pad must be True or False, got {count_include_pad!r}")
+        self.count_include_pad = count_include_pad
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"AvgPool2D expects inputs of shape (C, H, W), got {tuple(input_shape)}")
+        c, h, w = input_shape
+        ph, pw = self.padding
+        return super().compute_output_shape((c, h + 2 * ph, w + 2 * pw))
+
+    def _divisor(self, h: int, w: int, ho: int, wo: int, like: torch.Tensor) -> torch.Tensor | float:
+        """m[i, j], shaped (Ho, Wo, 1) to broadcast over channels-last windows, or the plain ph*pw."""
+        (ph, pw), (pad_h, pad_w) = self.pool_size, self.padding
+        if self.count_include_pad or not (pad_h or pad_w):
+            return float(ph * pw)
+        (sh, sw) = self.stride
+
+        def real(size, pad, k, s, n_out):
+            start = torch.arange(n_out, dtype=like.dtype, device=like.device) * s - pad
+            return (torch.clamp(start + k, max=size) - torch.clamp(start, min=0))
+
+        return (real(h, pad_h, ph, sh, ho)[:, None] * real(w, pad_w, pw, sw, wo)[None, :])[..., None]
 
     def forward(self, x, train=False):
         check_rank(x, 4, self)
         n, c, h, w = x.shape
         _, ho, wo = self.compute_output_shape((c, h, w))
+        pad_h, pad_w = self.padding
         xh = x.permute(0, 2, 3, 1)
+        if pad_h or pad_w:
+            xh = torch.nn.functional.pad(xh, (0, 0, pad_w, pad_w, pad_h, pad_h))
         acc = torch.zeros((n, ho, wo, c), dtype=x.dtype, device=x.device)
         for k, l, sl_h, sl_w in self._windows(ho, wo):
             acc += xh[:, sl_h, sl_w, :]
-        acc /= self.pool_size[0] * self.pool_size[1]
-        self._cache = ((n, c, h, w), (ho, wo))
+        divisor = self._divisor(h, w, ho, wo, x)
+        acc /= divisor
+        self._cache = ((n, c, h, w), (ho, wo), divisor)
         return acc.permute(0, 3, 1, 2)
 
     def backward(self, dy):
-        (n, c, h, w), (ho, wo) = self._cache
+        (n, c, h, w), (ho, wo), divisor = self._cache
         self._cache = None
-        share = dy.permute(0, 2, 3, 1) / (self.pool_size[0] * self.pool_size[1])
-        dx = torch.zeros((n, h, w, c), dtype=dy.dtype, device=dy.device)
+        pad_h, pad_w = self.padding
+        share = dy.permute(0, 2, 3, 1) / divisor
+        dx = torch.zeros((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=dy.dtype, device=dy.device)
         for k, l, sl_h, sl_w in self._windows(ho, wo):
             dx[:, sl_h, sl_w, :] += share
+        if pad_h or pad_w:
+            dx = dx[:, pad_h:pad_h + h, pad_w:pad_w + w, :]
         return dx.permute(0, 3, 1, 2)
 
+    def get_config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride, "padding": self.padding,
+                "count_include_pad": self.count_include_pad, "name": self.name}
+
     def to_torch(self):
-        return torch.nn.AvgPool2d(self.pool_size, self.stride)
+        return torch.nn.AvgPool2d(self.pool_size, self.stride, padding=self.padding,
+                                  count_include_pad=self.count_include_pad)
 
 
 class GlobalAvgPool2D(Layer):
