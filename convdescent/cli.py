@@ -21,7 +21,8 @@ from .argparsing import CommandParser, command_name, hidden_alias
 
 # Modules that add their own command groups; each exposes register(subparsers) (the data module's is
 # add_data_parser) and sets func(args) -> exit status on its parsers.
-COMMAND_MODULES = ["convdescent.data.cli", "convdescent.diagnostics.cli", "convdescent.search.cli"]
+COMMAND_MODULES = ["convdescent.data.cli", "convdescent.diagnostics.cli", "convdescent.search.cli",
+                   "convdescent.model_cli"]
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
@@ -189,9 +190,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     groups = {g: p.add_argument_group(title) for g, title in GROUP_TITLES.items()}
     for o in OPTIONS:
-        if o.key == "schedule_params":
+        if o.key in ("schedule_params", "init_checkpoint"):  # init_checkpoint: --checkpoint below
             continue
         add_option_argument(groups[o.group], o)
+    groups["model"].add_argument("--model-file", metavar="TOML", help="train the network of a TOML model file "
+                                 "('convdescent models --show NAME --toml' prints one) instead of --model")
+    groups["model"].add_argument("--checkpoint", dest="init_checkpoint", choices=CHECKPOINTS,
+                                 default=DEFAULT_CHECKPOINT, help="with --init-from: which checkpoint's weights")
     g = groups["optimizer"]
     for flag, (param, conv) in SCHEDULE_FLAGS.items():
         g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=conv, default=None,
@@ -224,6 +229,11 @@ def train_config_from_args(args) -> dict:
         value = getattr(args, o.key, None)
         if value is not None:
             cfg[o.key] = value
+    if getattr(args, "model_file", None):
+        if args.model is not None:
+            raise CliError(f"give --model or --model-file, not both (got --model {args.model} --model-file "
+                           f"{args.model_file})")
+        cfg["model"] = "file:" + str(Path(args.model_file).resolve())
     params = dict(cfg.get("schedule_params") or {})
     for flag, (param, _) in SCHEDULE_FLAGS.items():
         value = getattr(args, f"sched_{flag}", None)

@@ -7,8 +7,10 @@ from typing import Callable
 import torch
 
 from . import init as initializers
-from .layers import BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from .layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU,
+                     Residual)
 from .model import Sequential
+from .model_file import load_model_file
 
 
 def seed_cnn(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
@@ -108,11 +110,51 @@ def deepobs_3c3d(input_shape=(3, 32, 32), num_classes: int = 10, seed: int | Non
     ], input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="3c3d")
 
 
+def _basic_block(filters: int, stride: int) -> list:
+    """A ResNet basic block (He et al. 2016): two 3x3 convs with batch norm, the skip added before the ReLU.
+
+    The skip gets a 1x1 projection (stride ``stride``) only where the block changes the shape.
+    """
+    conv = {"padding": 1, "use_bias": False, "kernel_init": "he_normal"}
+    body = [Conv2D(filters, 3, stride=stride, **conv), BatchNorm2D(), ReLU(), Conv2D(filters, 3, **conv),
+            BatchNorm2D()]
+    return [Residual(body, projection="auto"), ReLU()]
+
+
+@register_model("resnet8")
+def resnet8(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
+            dtype=torch.float32, device="cpu") -> Sequential:
+    """A small ResNet: a 3x3 stem conv, three stages of one basic block each, global average pooling.
+
+    Stem Conv2D(16, 3x3) -> BatchNorm2D -> ReLU, then basic blocks of 16, 32 and 64 filters (the second and
+    third halve the resolution with stride 2, 28x28 -> 14x14 -> 7x7, their skips projected by 1x1 convs),
+    GlobalAvgPool2D -> Dense(K). Eight weight layers on the main path, as the name says (He et al. 2016's
+    CIFAR family, "Deep Residual Learning for Image Recognition", with n = 1). Convs have no bias (batch norm
+    shifts) and He-normal weights; padding 1 keeps the torch export a plain Conv2d.
+    """
+    return Sequential([
+        Conv2D(16, 3, padding=1, use_bias=False, kernel_init="he_normal"), BatchNorm2D(), ReLU(),
+        *_basic_block(16, 1), *_basic_block(32, 2), *_basic_block(64, 2),
+        GlobalAvgPool2D(), Dense(num_classes),
+    ], input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="resnet8")
+
+
 def make_model(name: str, input_shape, num_classes: int = 10, seed: int | None = None,
                dtype=torch.float32, device="cpu") -> Sequential:
-    """Build a named model for inputs of ``input_shape`` (C, H, W)."""
+    """Build a named model, or the model file ``"file:PATH"`` (see ``model_file``), for inputs of
+    ``input_shape`` (C, H, W) and ``num_classes`` outputs."""
+    if isinstance(name, str) and name.startswith("file:"):
+        return load_model_file(name[len("file:"):], input_shape, num_classes, seed=seed, dtype=dtype, device=device)
     try:
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
     return builder(input_shape=tuple(input_shape), num_classes=num_classes, seed=seed, dtype=dtype, device=device)
+
+
+def default_run_name(model: str) -> str:
+    """The run-directory name for a model setting: the model's name, or a model file's stem."""
+    if model.startswith("file:"):
+        stem = model[len("file:"):].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return stem.removesuffix(".toml") or "model_file"
+    return model

@@ -42,6 +42,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "seed_cnn", "str", "model name (see convdescent.models.MODELS)", "model"),
     Option("loss", "cross_entropy", "str", "loss name", "model", ("cross_entropy", "mse")),
     Option("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy target", "model", minimum=0.0),
+    Option("init_from", None, "str", "start from this run directory's weights (tensors matched by name and "
+           "shape; the ones not loaded are listed)", "model"),
+    Option("init_checkpoint", "best", "str", "which checkpoint of init_from: best or last", "model",
+           ("best", "last")),
+    Option("freeze", None, "str", "layers kept fixed: comma-separated names or prefixes (conv1,residual1; "
+           "conv* for a plain prefix)", "model"),
     # data
     Option("dataset", "fashion-mnist", "str", "dataset name, 'npz:PATH' or 'folder:PATH'", "data"),
     Option("data_dir", None, "str", "folder searched first for the dataset files", "data"),

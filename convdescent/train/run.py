@@ -169,6 +169,19 @@ def _resume_config(run_dir: Path, overrides: dict | None) -> dict:
     return cfg
 
 
+def _init_and_freeze(cfg: dict, model, fresh: bool) -> list[str]:
+    """Load init_from's weights into a fresh run's model and check the freeze names; the lines to print."""
+    from ..transfer import frozen_params, init_from_run
+
+    lines = []
+    if cfg["init_from"] and fresh:
+        lines += init_from_run(model, cfg["init_from"], cfg["init_checkpoint"]).lines()
+    if cfg["freeze"]:
+        names = frozen_params(model, cfg["freeze"])
+        lines.append(f"Frozen: {len(names)} parameter tensors ({', '.join(names)}) are not updated")
+    return lines
+
+
 def _say(stream: TextIO | None, text: str) -> None:
     if stream is not None:
         stream.write(text + "\n")
@@ -219,7 +232,9 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         if out is not None:
             cfg["out"] = str(out)
         if cfg["name"] is None:
-            cfg["name"] = cfg["model"]
+            from ..models import default_run_name
+
+            cfg["name"] = default_run_name(cfg["model"])
         cfg["device"] = resolve_device(cfg["device"])
         ckpt = None
     torch.manual_seed(cfg["seed"])
@@ -230,6 +245,12 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
+    init_lines = _init_and_freeze(cfg, model, ckpt is None)
+    if cfg["freeze"]:
+        from ..optim.masked import freeze
+        from ..transfer import frozen_params
+
+        optimizer = freeze(optimizer, frozen_params(model, cfg["freeze"]))
     if ckpt is not None:
         if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(dataset.classes):
             raise CheckpointError(f"the checkpoint in {run_path} was trained on classes {ckpt['classes'][:5]}..., "
@@ -283,6 +304,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
                f"{len(dataset.x_train)} train / {len(dataset.x_val)} val / {len(dataset.x_test)} test images, "
                f"device {cfg['device']}{_cuda_settings(cfg)}, {cfg['precision']}")
     _say(talk, f"Optimizer {optim.describe(optimizer)}")
+    for line in init_lines:
+        _say(talk, line)
     status = "completed"
     error: BaseException | None = None
     try:
