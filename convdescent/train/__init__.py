@@ -11,13 +11,14 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import OPTIONS, ConfigError, default_config, dump_toml, load_toml, resolve_config
 from .history import History
 from .precision import Precision
+from .run import Run, RunResult, load_run, train_from_config
 from .step import accumulate_gradients, compute_gradients, evaluate, predict_logits, train_step
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted, fit
 
 __all__ = [
     "Callback", "CheckpointError", "Checkpointer", "ConfigError", "EarlyStopping", "EpochLogger", "History",
-    "LambdaCallback", "MetricsWriter", "NonFiniteError", "OPTIONS", "Precision", "ProgressBar",
+    "LambdaCallback", "MetricsWriter", "NonFiniteError", "OPTIONS", "Precision", "ProgressBar", "Run", "RunResult",
     "TensorBoardLogger", "Trainer", "TrainingInterrupted", "accumulate_gradients", "compute_gradients",
     "default_config", "dump_toml", "evaluate", "fit", "format_epoch_line", "load_checkpoint", "load_toml",
-    "predict_logits", "resolve_config", "save_checkpoint", "train_step",
+    "load_run", "predict_logits", "resolve_config", "save_checkpoint", "train_from_config", "train_step",
 ]
