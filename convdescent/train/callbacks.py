@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -170,69 +172,83 @@ class EpochLogger(Callback):
 
 
 class ProgressBar(Callback):
-    """A one-line progress bar per epoch on a terminal: steps done, steps per second, running loss.
+    """A progress bar per epoch on a terminal (tqdm): steps done of the epoch, elapsed time, ETA, steps per
+    second, running loss and accuracy; it fits the terminal's width and is redrawn in place.
 
-    The running loss is read (one host sync) only when the bar is redrawn, at most ``1 / interval`` times
-    per second. The epoch line of ``EpochLogger`` replaces the bar when the epoch ends.
+    The running loss and accuracy are read (one host sync) only when the figures are refreshed, at most
+    ``1 / interval`` times per second. The bar of a run that ends inside an epoch (``steps``) counts to
+    where the run ends. The bar is removed when the epoch ends, and ``EpochLogger``'s line takes its place.
 
     Args:
         stream: a terminal (default sys.stdout).
-        interval: seconds between redraws.
-        width: characters of the bar itself.
+        interval: seconds between refreshes of the figures.
+        ncols: width in characters (default: the terminal's, followed when it is resized).
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.1, width: int = 24):
+    def __init__(self, stream: TextIO | None = None, interval: float = 0.1, ncols: int | None = None):
         self.stream = stream
         self.interval = interval
-        self.width = width
+        self.ncols = ncols
+        self._bar = None
         self._last = 0.0
-        self._shown = 0
 
     def _out(self) -> TextIO:
         return self.stream if self.stream is not None else sys.stdout
 
     def on_epoch_begin(self, trainer, epoch):
-        self._t0 = time.monotonic()
-        self._start = trainer.loader.position if not trainer.loader.is_full_batch else 0
+        from tqdm import tqdm
+
+        self._close()
+        loader = trainer.loader
+        start = 0 if loader.is_full_batch else loader.position
+        batches = 1 if loader.is_full_batch else len(loader)
+        total = min(batches, start + max(trainer.total_steps - trainer.step, 0))
+        width = self.ncols or _terminal_columns(self._out())
+        # under 90 columns the figures are shortened so that loss and accuracy still fit beside a bar
+        self._compact = width < 90
+        kw = dict(desc=f"{epoch}/{trainer.epochs}", unit="", bar_format="{desc} {bar} {n_fmt}/{total_fmt} "
+                  "{elapsed}<{remaining} {rate_fmt}{postfix}") if self._compact else \
+            dict(desc=f"Epoch {epoch}/{trainer.epochs}", unit="step")
+        self._bar = tqdm(total=total, initial=start, file=self._out(), leave=False, dynamic_ncols=self.ncols is None,
+                         ncols=self.ncols, mininterval=self.interval, smoothing=0.1, **kw)
         self._last = 0.0
 
     def on_step_end(self, trainer, step, logs):
-        now = time.monotonic()
-        if now - self._last < self.interval and logs["batch"] != logs["batches"]:
+        bar = self._bar
+        if bar is None:
             return
-        self._last = now
-        done, total = logs["batch"], logs["batches"]
-        seen = logs["epoch_seen"]
-        loss = float(logs["epoch_loss_sum"]) / seen if seen else math.nan
-        rate = (done - self._start) / max(now - self._t0, 1e-9)
-        filled = int(self.width * done / max(total, 1))
-        bar = "=" * max(filled - 1, 0) + (">" if filled < self.width and filled else "=" * (filled > 0))
-        line = (f"Epoch {logs['epoch']}/{trainer.epochs} [{bar:<{self.width}}] {done}/{total} - "
-                f"{rate:.1f} steps/s - loss {loss:.4f}")
-        self._write(line)
+        now = time.monotonic()
+        if now - self._last >= self.interval or logs["batch"] >= bar.total:
+            self._last = now
+            seen = logs["epoch_seen"]
+            if seen:
+                loss = float(logs["epoch_loss_sum"]) / seen
+                acc = float(logs["epoch_correct"]) / seen
+                figures = f"loss {loss:.3f} acc {acc:.3f}" if self._compact else f"loss {loss:.4f} acc {acc:.3f}"
+                bar.set_postfix_str(figures, refresh=False)
+        bar.update(logs["batch"] - bar.n)
 
-    def _write(self, line: str) -> None:
-        out = self._out()
-        pad = max(self._shown - len(line), 0)
-        out.write("\r" + line + " " * pad)
-        out.flush()
-        self._shown = len(line)
-
-    def _clear(self) -> None:
-        if self._shown:
-            out = self._out()
-            out.write("\r" + " " * self._shown + "\r")
-            out.flush()
-            self._shown = 0
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def on_epoch_end(self, trainer, epoch, logs):
-        self._clear()
+        self._close()
 
     def on_event(self, trainer, event):
-        self._clear()
+        if self._bar is not None:
+            self._bar.clear()  # the event's line is printed on a clean line; the next step redraws the bar
 
     def on_train_end(self, trainer):
-        self._clear()
+        self._close()
+
+
+def _terminal_columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
 
 
 def _finite_json(value: Any) -> Any:
