@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from convdescent import native
 from convdescent.diagnostics import check_layer
-from convdescent.layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                                GlobalAvgPool2D, Layer, LayerNorm, LeakyReLU, MaxPool2D, ReLU, Residual, Sigmoid,
-                                SiLU, Softmax, Tanh, TorchModule)
+from convdescent.layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, ClassToken, Conv2D, Dense, Dropout,
+                                Flatten, GlobalAvgPool2D, Layer, LayerNorm, LeakyReLU, MaxPool2D,
+                                MultiHeadSelfAttention, PatchEmbed, PositionEmbedding, ReLU, Residual, Sigmoid,
+                                SiLU, Softmax, Tanh, TokenPool, TorchModule)
 from convdescent.layers.norm import _BatchNorm
 
 N_CONFIGS = 50
@@ -143,6 +144,40 @@ def layernorm_cases():
         affine, eps = i % 4 != 3, [1e-5, 1e-3][i % 2]
         cases.append(Case(f"ln{i}-n{n}-{'x'.join(map(str, shape))}-dims{dims}-affine{int(affine)}-e{eps}",
                           lambda d=dims, a=affine, e=eps: LayerNorm(e, d, a), shape, n, train=bool(i % 2), seed=i))
+    return cases
+
+
+def attention_cases():
+    rng = random.Random(1025)
+    cases = []
+    for i in range(N_CONFIGS):
+        n, t, heads, width = rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 3), rng.randint(1, 3)
+        causal, bias = i % 2 == 1, i % 5 != 4
+        cases.append(Case(f"mhsa{i}-n{n}-t{t}-h{heads}-e{width}-causal{int(causal)}-b{int(bias)}",
+                          lambda h=heads, c=causal, b=bias: MultiHeadSelfAttention(h, causal=c, use_bias=b),
+                          (t, heads * width), n, train=bool(i % 3 == 0), seed=i))
+    return cases
+
+
+def token_layer_cases():
+    """PatchEmbed (patch sizes that do and do not tile the image), PositionEmbedding, ClassToken, TokenPool."""
+    rng = random.Random(1026)
+    cases = []
+    for i in range(N_CONFIGS):
+        n = rng.randint(1, 3)
+        kind = i % 5
+        if kind == 0:
+            p = (rng.randint(1, 3), rng.randint(1, 3))
+            c, h, w, d = rng.randint(1, 3), rng.randint(p[0], 7), rng.randint(p[1], 7), rng.randint(1, 5)
+            bias = i % 3 != 2
+            cases.append(Case(f"patch{i}-n{n}c{c}-{h}x{w}-p{p[0]}x{p[1]}-d{d}-b{int(bias)}",
+                              lambda d=d, p=p, b=bias: PatchEmbed(d, p, use_bias=b), (c, h, w), n,
+                              train=bool(i % 2), seed=i))
+            continue
+        shape = (rng.randint(1, 5), rng.randint(1, 5))
+        make, label = {1: (PositionEmbedding, "pos"), 2: (ClassToken, "cls"),
+                       3: (lambda: TokenPool("mean"), "pool-mean"), 4: (lambda: TokenPool("cls"), "pool-cls")}[kind]
+        cases.append(Case(f"{label}{i}-n{n}-{shape[0]}x{shape[1]}", make, shape, n, train=bool(i % 2), seed=i))
     return cases
 
 
@@ -382,6 +417,8 @@ CASES = {
     "GELU": shape_cases("gelu", lambda rng: GELU, 1022),
     "GELU (tanh)": shape_cases("gelu-tanh", lambda rng: (lambda: GELU("tanh")), 1023),
     "SiLU": shape_cases("silu", lambda rng: SiLU, 1024),
+    "MultiHeadSelfAttention": attention_cases(),
+    "PatchEmbed, PositionEmbedding, ClassToken, TokenPool": token_layer_cases(),
     "TorchModule": torch_module_cases(),
 }
 # Softmax is defined over the class axis of (N, K) inputs.
@@ -519,6 +556,21 @@ def reference(layer, x, params, buffers, train, y_engine, prefix=""):
                             count_include_pad=layer.count_include_pad)
     if isinstance(layer, LayerNorm):
         return F.layer_norm(x, layer.normalized_shape, p("weight"), p("bias"), eps=layer.eps)
+    if isinstance(layer, MultiHeadSelfAttention):
+        n, t, d = x.shape
+        h = layer.num_heads
+        q, k, v = (z.reshape(n, t, h, d // h).transpose(1, 2)
+                   for z in F.linear(x, p("in_proj_weight"), p("in_proj_bias")).chunk(3, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal).transpose(1, 2).reshape(n, t, d)
+        return F.linear(o, p("out_proj.weight"), p("out_proj.bias"))
+    if isinstance(layer, PatchEmbed):
+        return F.conv2d(x, p("weight"), p("bias"), stride=layer.patch_size).flatten(2).transpose(1, 2)
+    if isinstance(layer, PositionEmbedding):
+        return x + p("weight")
+    if isinstance(layer, ClassToken):
+        return torch.cat([p("token").expand(x.shape[0], 1, -1), x], dim=1)
+    if isinstance(layer, TokenPool):
+        return x.mean(dim=1) if layer.mode == "mean" else x[:, 0]
     if isinstance(layer, GELU):
         return F.gelu(x, approximate=layer.approximate)
     if isinstance(layer, SiLU):

@@ -92,9 +92,9 @@ def layer_samples() -> list[tuple[str, Callable[[], Layer], tuple, bool]]:
     Batch norm and dropout are checked in both modes (batch statistics / running statistics; a frozen mask /
     identity).
     """
-    from ..layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                          GlobalAvgPool2D, LayerNorm, LeakyReLU, MaxPool2D, ReLU, Sigmoid, SiLU, Softmax, Tanh,
-                          TorchModule)
+    from ..layers import (GELU, AvgPool2D, BatchNorm1D, BatchNorm2D, ClassToken, Conv2D, Dense, Dropout, Flatten,
+                          GlobalAvgPool2D, LayerNorm, LeakyReLU, MaxPool2D, MultiHeadSelfAttention, PatchEmbed,
+                          PositionEmbedding, ReLU, Sigmoid, SiLU, Softmax, Tanh, TokenPool, TorchModule)
 
     samples = [
         ("Conv2D(3, 3, valid)", lambda: Conv2D(3, 3), (2, 6, 6), True),
@@ -130,6 +130,13 @@ def layer_samples() -> list[tuple[str, Callable[[], Layer], tuple, bool]]:
         ("GELU()", lambda: GELU(), (6,), True),
         ("GELU(tanh)", lambda: GELU("tanh"), (6,), True),
         ("SiLU()", lambda: SiLU(), (6,), True),
+        ("MultiHeadSelfAttention(2)", lambda: MultiHeadSelfAttention(2), (3, 4), True),
+        ("MultiHeadSelfAttention(2, causal)", lambda: MultiHeadSelfAttention(2, causal=True), (3, 4), True),
+        ("PatchEmbed(4, 2)", lambda: PatchEmbed(4, 2), (2, 4, 5), True),
+        ("PositionEmbedding()", lambda: PositionEmbedding(), (3, 4), True),
+        ("ClassToken()", lambda: ClassToken(), (3, 4), True),
+        ("TokenPool(mean)", lambda: TokenPool("mean"), (3, 4), True),
+        ("TokenPool(cls)", lambda: TokenPool("cls"), (3, 4), True),
     ]
     samples += _residual_samples()
     return samples

@@ -390,3 +390,111 @@ def silu_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """delta * d/dx [x / (1 + e^-x)] = delta * (1 + e^-x + x e^-x) / (1 + e^-x)^2 (the quotient rule)."""
     e = torch.exp(-x)
     return dy * (1 + e + x * e) / (1 + e) ** 2
+
+
+# -- self-attention ------------------------------------------------------------------------------
+def attention_forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                      b_out: torch.Tensor | None, heads: int, causal: bool = False) -> torch.Tensor:
+    """y = concat_h(softmax(q_h k_h^T / sqrt(e) + mask) v_h) W_out^T + b_out, one head and one row at a time.
+
+    Args:
+        x: (N, T, D). w_in: (3D, D), rows [W_q; W_k; W_v]. b_in: (3D,) or None. w_out: (D, D). b_out: (D,) or None.
+        heads: H (e = D / H). causal: token i attends to tokens j <= i only.
+
+    Returns:
+        y: (N, T, D).
+    """
+    n, t, d = x.shape
+    e = d // heads
+    qkv = dense_forward(x, w_in, b_in)
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    o = torch.zeros((n, t, d), dtype=x.dtype, device=x.device)
+    for h in range(heads):
+        cols = slice(h * e, (h + 1) * e)
+        for i in range(t):
+            keys = i + 1 if causal else t
+            scores = torch.einsum("ne,nje->nj", q[:, i, cols], k[:, :keys, cols]) / e ** 0.5
+            weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+            weights = weights / weights.sum(dim=1, keepdim=True)
+            o[:, i, cols] = torch.einsum("nj,nje->ne", weights, v[:, :keys, cols])
+    return dense_forward(o, w_out, b_out)
+
+
+def attention_backward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                       dy: torch.Tensor, heads: int, causal: bool = False):
+    """Gradients of ``attention_forward``, each softmax row through its full Jacobian diag(p) - p p^T.
+
+    Returns:
+        (dx (N, T, D), dw_in (3D, D), db_in (3D,), dw_out (D, D), db_out (D,)).
+    """
+    n, t, d = x.shape
+    e = d // heads
+    qkv = dense_forward(x, w_in, b_in)
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    # the forward again, keeping each head's attention weights and the merged output
+    o = torch.zeros((n, t, d), dtype=x.dtype, device=x.device)
+    probs = {}
+    for h in range(heads):
+        cols = slice(h * e, (h + 1) * e)
+        for i in range(t):
+            keys = i + 1 if causal else t
+            scores = torch.einsum("ne,nje->nj", q[:, i, cols], k[:, :keys, cols]) / e ** 0.5
+            p = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+            p = p / p.sum(dim=1, keepdim=True)
+            probs[h, i] = p
+            o[:, i, cols] = torch.einsum("nj,nje->ne", p, v[:, :keys, cols])
+    do, dw_out, db_out = dense_backward(o, w_out, dy)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for h in range(heads):
+        cols = slice(h * e, (h + 1) * e)
+        for i in range(t):
+            keys = i + 1 if causal else t
+            p = probs[h, i]                                                    # (N, keys)
+            dp = torch.einsum("ne,nje->nj", do[:, i, cols], v[:, :keys, cols])
+            dv[:, :keys, cols] += torch.einsum("nj,ne->nje", p, do[:, i, cols])
+            jac = torch.diag_embed(p) - torch.einsum("nj,nl->njl", p, p)       # d p_l / d s_j
+            ds = torch.einsum("njl,nl->nj", jac, dp) / e ** 0.5
+            dq[:, i, cols] += torch.einsum("nj,nje->ne", ds, k[:, :keys, cols])
+            dk[:, :keys, cols] += torch.einsum("nj,ne->nje", ds, q[:, i, cols])
+    dqkv = torch.cat([dq, dk, dv], dim=-1)
+    dx, dw_in, db_in = dense_backward(x, w_in, dqkv)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+# -- tokens --------------------------------------------------------------------------------------
+def patch_embed_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """y[n, a*Gw + c, :] = sum_{ch, k, l} x[n, ch, a*ph + k, c*pw + l] w[:, ch, k, l] + b, patch by patch.
+
+    Args:
+        x: (N, C, H, W). w: (D, C, ph, pw). b: (D,) or None.
+
+    Returns:
+        y: (N, (H // ph) * (W // pw), D).
+    """
+    n, _, h, wd = x.shape
+    dim, _, ph, pw = w.shape
+    gh, gw = h // ph, wd // pw
+    y = torch.zeros((n, gh * gw, dim), dtype=x.dtype, device=x.device)
+    for a in range(gh):
+        for c in range(gw):
+            patch = x[:, :, a * ph:(a + 1) * ph, c * pw:(c + 1) * pw]
+            y[:, a * gw + c] = torch.einsum("nckl,dckl->nd", patch, w)
+    return y if b is None else y + b
+
+
+def patch_embed_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
+    """dw = sum over patches of delta_t (x) patch_t; db = sum delta; dx[patch t] = sum_d delta[t, d] w[d].
+
+    Returns:
+        (dx (N, C, H, W), dw (D, C, ph, pw), db (D,)).
+    """
+    n, _, h, wd = x.shape
+    dim, _, ph, pw = w.shape
+    gh, gw = h // ph, wd // pw
+    dx, dw = torch.zeros_like(x), torch.zeros_like(w)
+    for a in range(gh):
+        for c in range(gw):
+            rows, cols = slice(a * ph, (a + 1) * ph), slice(c * pw, (c + 1) * pw)
+            dw += torch.einsum("nd,nckl->dckl", dy[:, a * gw + c], x[:, :, rows, cols])
+            dx[:, :, rows, cols] = torch.einsum("nd,dckl->nckl", dy[:, a * gw + c], w)
+    return dx, dw, dy.sum(dim=(0, 1))
