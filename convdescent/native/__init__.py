@@ -16,6 +16,7 @@ process has one thread pool; the kernels use torch's thread count.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import subprocess
 import threading
@@ -54,6 +55,11 @@ _SIGNATURES = {
     "cd_dense_dx": [_PTR] * 4 + [_I64] * 4 + [ctypes.c_int, ctypes.c_int],
 }
 _RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int}
+# functions without a dtype suffix: name -> (argument types, return type)
+_PLAIN = {
+    "cd_flush_subnormals": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),  # on, threads
+    "cd_flush_state": ([ctypes.c_int, _PTR], None),  # threads, int32 out[threads]
+}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -64,6 +70,9 @@ def _load() -> ctypes.CDLL:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = argtypes
             fn.restype = _RETURNS.get(name)
+    for name, (argtypes, restype) in _PLAIN.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -197,3 +206,87 @@ def gemm(dtype: torch.dtype) -> int | None:
 def threads() -> int:
     """Threads for the kernels: torch's intra-op count, so both share one OpenMP pool size."""
     return torch.get_num_threads()
+
+
+# -- subnormal floats ------------------------------------------------------------------------------------
+# Adam's first moment of a weight whose gradient has stopped (a Dense input that is zero for every image)
+# decays by beta1 each step into the subnormal range, where every operation on it is many times slower;
+# see docs/performance.md. The training step runs with flush-to-zero on, and restores the caller's setting.
+_FLUSH = os.environ.get("CONVDESCENT_FLUSH_SUBNORMALS", "1") != "0"
+_FLUSH_LOCAL = threading.local()
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def set_subnormal_flushing(flag: bool) -> bool:
+    """Turn flushing subnormals to zero inside the training step on or off (``CONVDESCENT_FLUSH_SUBNORMALS=0``
+    starts it off); returns the previous value."""
+    global _FLUSH
+    previous, _FLUSH = _FLUSH, bool(flag)
+    return previous
+
+
+def subnormal_flushing() -> bool:
+    """Whether the training step flushes subnormals to zero."""
+    return _FLUSH
+
+
+def flushes_here() -> bool:
+    """Whether this thread's floating-point unit flushes subnormals now (a subnormal times one gives 0)."""
+    return bool(torch.full((), _TINY / 4, dtype=torch.float32).mul(1.0) == 0)
+
+
+def flush_state() -> list[bool] | None:
+    """For each thread of the OpenMP team torch uses, whether it flushes subnormals now; None without the
+    kernels."""
+    lib = library()
+    if lib is None:
+        return None
+    n = threads()
+    out = (ctypes.c_int32 * n)()
+    lib.cd_flush_state(n, out)
+    return [bool(v) for v in out]
+
+
+class FlushSubnormals:
+    """Context manager (and decorator) that flushes subnormal floats to zero inside it, on every thread of
+    torch's OpenMP team, restoring each thread's own setting on exit; nested uses do nothing more. Values
+    below the smallest normal float (1.2e-38 in float32, 2.2e-308 in float64) become 0, as inputs and as
+    results. A no-op when turned off (``set_subnormal_flushing``). Without the kernels it falls back to
+    ``torch.set_flush_denormal``, which reaches the calling thread only."""
+
+    def __enter__(self):
+        depth = getattr(_FLUSH_LOCAL, "depth", 0)
+        _FLUSH_LOCAL.depth = depth + 1
+        if depth or not _FLUSH:
+            _FLUSH_LOCAL.mode = _FLUSH_LOCAL.mode if depth else None
+            return self
+        lib = library()
+        if lib is not None and lib.cd_flush_subnormals(1, threads()):
+            _FLUSH_LOCAL.mode = ("native", threads())
+        elif not flushes_here() and torch.set_flush_denormal(True):
+            _FLUSH_LOCAL.mode = ("torch", 1)
+        else:
+            _FLUSH_LOCAL.mode = None
+        return self
+
+    def __exit__(self, *exc):
+        _FLUSH_LOCAL.depth -= 1
+        if _FLUSH_LOCAL.depth == 0 and _FLUSH_LOCAL.mode is not None:
+            kind, n = _FLUSH_LOCAL.mode
+            if kind == "native":
+                _LIB.cd_flush_subnormals(0, n)
+            else:
+                torch.set_flush_denormal(False)
+            _FLUSH_LOCAL.mode = None
+        return False
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with self:
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+flush_subnormals = FlushSubnormals()

@@ -474,3 +474,71 @@ void cd_dense_dx_##SUF(cd_gemm_fn gemm, const T *wt, const T *dy, T *dx, int64_t
 
 DEFINE_DENSE(float, f32)
 DEFINE_DENSE(double, f64)
+
+/* Subnormal floats: flush-to-zero for the threads that run a training step.
+ *
+ * The floating-point control register (MXCSR on x86, FPCR on AArch64) is per thread, and torch's
+ * set_flush_denormal sets only the calling thread's; the OpenMP workers that run half of every parallel
+ * operation keep theirs. cd_flush_subnormals(1, n) runs one parallel region of n threads (the team every
+ * torch operation and kernel here uses, as the library shares torch's runtime) in which each thread saves
+ * its own flush bits and sets them; cd_flush_subnormals(0, n) restores each thread's saved bits. On x86 the
+ * bits are FTZ (results below the smallest normal become 0) and DAZ (such inputs are read as 0); on AArch64
+ * FZ, which does both. Returns 0 where the architecture is not one of these (nothing is changed).
+ * cd_flush_state(n, out) writes each team thread's current flush bits (nonzero: flushing) into out[n]. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define CD_FLUSH_BITS 0x8040u
+static inline unsigned cd_fp_get(void) { return _mm_getcsr(); }
+static inline void cd_fp_set(unsigned v) { _mm_setcsr(v); }
+#elif defined(__aarch64__)
+#define CD_FLUSH_BITS (1u << 24)
+static inline unsigned cd_fp_get(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(v));
+    return (unsigned)v;
+}
+static inline void cd_fp_set(unsigned v)
+{
+    uint64_t w = v;
+    __asm__ volatile("msr fpcr, %0" : : "r"(w));
+}
+#else
+#define CD_FLUSH_BITS 0u
+static inline unsigned cd_fp_get(void) { return 0; }
+static inline void cd_fp_set(unsigned v) { (void)v; }
+#endif
+
+static _Thread_local unsigned cd_saved_bits;
+static _Thread_local int cd_saved;
+
+int cd_flush_subnormals(int on, int threads)
+{
+    if (!CD_FLUSH_BITS)
+        return 0;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        const unsigned v = cd_fp_get();
+        if (on) {
+            cd_saved_bits = v & CD_FLUSH_BITS;
+            cd_saved = 1;
+            cd_fp_set(v | CD_FLUSH_BITS);
+        } else if (cd_saved) {
+            cd_fp_set((v & ~CD_FLUSH_BITS) | cd_saved_bits);
+            cd_saved = 0;
+        }
+    }
+    return 1;
+}
+
+void cd_flush_state(int threads, int32_t *out)
+{
+    for (int i = 0; i < threads; i++)
+        out[i] = -1;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        const int t = omp_get_thread_num();
+        if (t < threads)
+            out[t] = (int32_t)(cd_fp_get() & CD_FLUSH_BITS);
+    }
+}

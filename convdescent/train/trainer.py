@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import optim
+from ..native import flush_subnormals
 from ..optim.updates import as_lazy
 from .callbacks import Callback, EpochLogger, ProgressBar, layer_of, uses
 from .graphs import GraphedSteps
@@ -314,9 +315,11 @@ class Trainer:
             cb.on_gradients(self, step, grads, params)
         if self.lr_scale == 1.0 and not any(uses(cb, "on_update") for cb in hooks):
             # Nobody reads the updates: one fused pass where the optimizer has one, as in train_step.
-            self.opt_state = optim.update_and_apply(self.optimizer, params, grads, self.opt_state)
+            with flush_subnormals:  # as in train_step: the moments decay into subnormals otherwise
+                self.opt_state = optim.update_and_apply(self.optimizer, params, grads, self.opt_state)
             return
-        updates, self.opt_state = self.optimizer.update(grads, self.opt_state, params)
+        with flush_subnormals:
+            updates, self.opt_state = self.optimizer.update(grads, self.opt_state, params)
         if self.lr_scale != 1.0:
             updates = as_lazy(updates, owned=False).scaled(self.lr_scale)
         for cb in hooks:
