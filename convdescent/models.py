@@ -139,6 +139,34 @@ def resnet8(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = N
     ], input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="resnet8")
 
 
+def _separable(in_channels: int, filters: int, stride: int) -> list:
+    """A depthwise-separable block (Howard et al. 2017): a 3x3 depthwise conv (one filter per input channel,
+    ``groups`` equal to the channels) then a 1x1 pointwise conv mixing channels, each with batch norm and ReLU."""
+    return [Conv2D(in_channels, 3, stride=stride, padding=1, groups=in_channels, use_bias=False,
+                   kernel_init="he_normal"), BatchNorm2D(), ReLU(),
+            Conv2D(filters, 1, use_bias=False, kernel_init="he_normal"), BatchNorm2D(), ReLU()]
+
+
+@register_model("mobilenet_tiny")
+def mobilenet_tiny(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
+                   dtype=torch.float32, device="cpu") -> Sequential:
+    """A small MobileNet: a 3x3 stem conv, four depthwise-separable blocks, global average pooling.
+
+    Stem Conv2D(16, 3x3) -> BatchNorm2D -> ReLU, then separable blocks of 32 (stride 2), 64, 128 (stride 2)
+    and 128 filters (28x28 -> 14x14 -> 7x7), GlobalAvgPool2D -> Dense(K). A separable block costs
+    C*9 + C*F weights where a full 3x3 conv costs C*F*9 (Howard et al. 2017, "MobileNets: Efficient
+    Convolutional Neural Networks for Mobile Vision Applications").
+    """
+    layers = [Conv2D(16, 3, padding=1, use_bias=False, kernel_init="he_normal"), BatchNorm2D(), ReLU()]
+    width = 16
+    for filters, stride in ((32, 2), (64, 1), (128, 2), (128, 1)):
+        layers += _separable(width, filters, stride)
+        width = filters
+    layers += [GlobalAvgPool2D(), Dense(num_classes)]
+    return Sequential(layers, input_shape=input_shape, seed=seed, dtype=dtype, device=device,
+                      name="mobilenet_tiny")
+
+
 def make_model(name: str, input_shape, num_classes: int = 10, seed: int | None = None,
                dtype=torch.float32, device="cpu") -> Sequential:
     """Build a named model, or the model file ``"file:PATH"`` (see ``model_file``), for inputs of

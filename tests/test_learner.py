@@ -80,8 +80,9 @@ def test_bad_arguments(data):
         Learner("seed_cnn", data, verbose="quiet").fit(0)
 
 
-def test_resnet8_learns_on_a_small_set(data):
-    learner = Learner("resnet8", data, lr=3e-3, batch_size=16, verbose="quiet")
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny"])
+def test_named_network_learns_on_a_small_set(data, name):
+    learner = Learner(name, data, lr=3e-3, batch_size=16, verbose="quiet")
     first = learner.evaluate("train")["loss"]
     learner.fit(3)
     assert learner.evaluate("train")["loss"] < 0.5 * first
