@@ -34,7 +34,7 @@ import torch
 from .. import optim
 from ..native import flush_subnormals
 from ..optim.updates import as_lazy
-from .callbacks import Callback, EpochLogger, ProgressBar, layer_of, uses
+from .callbacks import Callback, Checkpointer, EpochLogger, ProgressBar, layer_of, uses
 from .graphs import GraphedSteps
 from .history import History
 from .precision import Precision
@@ -411,8 +411,14 @@ class Trainer:
         if self._interrupt is not None:
             raise KeyboardInterrupt
         self._interrupt = signum
-        self._notice(f"\n{signal.Signals(signum).name} received: finishing the current step and saving a "
-                     f"checkpoint (send it again to stop at once)")
+        what = "and saving a checkpoint" if self.saves_checkpoints else "(no checkpoint is configured)"
+        self._notice(f"\n{signal.Signals(signum).name} received: finishing the current step {what} (send it "
+                     f"again to stop at once)")
+
+    @property
+    def saves_checkpoints(self) -> bool:
+        """Whether a callback writes a checkpoint when training is interrupted."""
+        return any(isinstance(cb, Checkpointer) for cb in self.callbacks)
 
     def _install_signals(self) -> dict:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
@@ -645,7 +651,8 @@ def fit(model, loss, optimizer, data, epochs: int | None = None, steps: int | No
         cuda_graph: on CUDA, replay the step as one CUDA graph where it can (see ``Trainer``).
 
     Returns:
-        The ``History``.
+        The ``History``; after Ctrl-C or SIGTERM (with ``handle_signals``), the history up to the step that
+        was finishing when the signal came, with a message on stderr.
     """
     from ..data import BatchLoader, Normalizer
     from ..losses import make_loss
@@ -670,4 +677,13 @@ def fit(model, loss, optimizer, data, epochs: int | None = None, steps: int | No
                       nan_check_every=nan_check_every, eval_batch_size=eval_batch_size,
                       handle_signals=handle_signals, notice_stream=None if verbose in (0, "quiet") else sys.stderr,
                       cuda_graph=cuda_graph)
-    return trainer.run()
+    try:
+        return trainer.run()
+    except TrainingInterrupted as e:
+        # as an interactive loop should: Ctrl-C ends training, not the notebook cell's results
+        epochs = len(trainer.history)
+        saved = ("; a checkpoint was written" if trainer.saves_checkpoints
+                 else "; no checkpoint was written (none is configured: pass a Checkpointer callback for one)")
+        print(f"Training interrupted by {e.signal_name} after step {e.step} (epoch {e.epoch}): returning the "
+              f"history so far ({epochs} finished epoch{'s' if epochs != 1 else ''}){saved}", file=sys.stderr)
+        return trainer.history
