@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
+import math
 import re
 import shutil
 
@@ -128,3 +130,29 @@ def test_tensorboard_event_files(run_dir):
     for name in ("conv1.weight", "conv1.bias", "dense1.weight", "dense2.weight"):
         assert f"weights/{name}" in tags["histograms"] and f"grads/{name}" in tags["histograms"]
     assert len(acc.Histograms("grads/conv1.weight")) == 8  # 8 steps an epoch, every 2 steps, 2 epochs
+
+
+def test_tensorboard_has_test_figures_layer_scalars_and_an_input_grid(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (test_acc,) = acc.Scalars("test/acc")
+    assert test_acc.value == pytest.approx(summary["test_acc"], abs=1e-6) and test_acc.step == 16
+    assert acc.Scalars("test/loss")[0].value == pytest.approx(summary["test_loss"], rel=1e-5)
+    layers = ("conv1", "dense1", "dense2")
+    for layer in layers:
+        norms = acc.Scalars(f"grad_norm/{layer}")
+        ratios = acc.Scalars(f"update_ratio/{layer}")
+        assert [e.step for e in norms] == list(range(2, 17, 2)) == [e.step for e in ratios]
+        assert all(e.value > 0 and math.isfinite(e.value) for e in norms)
+        assert all(0 < e.value < 1 for e in ratios)  # a step moves a layer by a small fraction of its weights
+    # the per-layer norms add up (in squares) to the overall norm of the same step
+    total = {e.step: e.value for e in acc.Scalars("step/grad_norm")}
+    layer_sq = sum(acc.Scalars(f"grad_norm/{layer}")[0].value ** 2 for layer in layers)
+    assert math.sqrt(layer_sq) == pytest.approx(total[2], rel=1e-4)
+    (grid,) = acc.Images("inputs/train")
+    img = Image.open(io.BytesIO(grid.encoded_image_string))
+    assert img.size[0] >= 4 * 10 and img.size[1] >= 10  # several 10x10 images tiled

@@ -531,8 +531,10 @@ class Checkpointer(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """TensorBoard event files: scalars per epoch and every ``every`` steps, and per-layer histograms of
-    weights and gradients every ``every`` steps.
+    """TensorBoard event files: scalars per epoch and every ``every`` steps (loss, accuracy, learning rate,
+    the gradient norm overall and per layer, each layer's update-to-weight ratio), per-layer histograms of
+    weights and gradients every ``every`` steps, a grid of the first training inputs, and the test figures
+    (``add_test``).
 
     Args:
         logdir: folder for the event files.
@@ -552,16 +554,36 @@ class TensorBoardLogger(Callback):
         self.every = max(int(every), 1)
         self.writer = None
         self._grads = None
+        self._ratios = None
 
     def on_train_begin(self, trainer):
         self.writer = self._SummaryWriter(log_dir=str(self.logdir), purge_step=trainer.step + 1 if trainer.step
                                           else None)
+        x = getattr(trainer.loader, "x", None)
+        if trainer.step == 0 and isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4:
+            # what the network is fed, before normalization: the first images, as a grid
+            sample = x[:16].float().div(255.0)
+            if sample.shape[1] not in (1, 3):
+                sample = sample[:, :1]
+            self.writer.add_images("inputs/train", sample, 0, dataformats="NCHW")
 
     def wants_grads(self, step):
         return step % self.every == 0
 
     def on_gradients(self, trainer, step, grads, params):
         self._grads = {k: g.detach().float().cpu().clone() for k, g in grads.items()}
+
+    def on_update(self, trainer, step, updates, params):
+        # |update| / |weights| per layer: around 1e-3 is the usual healthy size of a step
+        sums: dict[str, list[float]] = {}
+        for name, u in updates.items():
+            p = params.get(name)
+            if p is None:
+                continue
+            acc = sums.setdefault(layer_of(name), [0.0, 0.0])
+            acc[0] += float(u.detach().double().pow(2).sum())
+            acc[1] += float(p.detach().double().pow(2).sum())
+        self._ratios = {layer: math.sqrt(a) / math.sqrt(b) for layer, (a, b) in sums.items() if b > 0}
 
     def on_step_end(self, trainer, step, logs):
         if step % self.every:
@@ -574,11 +596,20 @@ class TensorBoardLogger(Callback):
             self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
         if self._grads is not None:
             total = 0.0
+            layers: dict[str, float] = {}
             for name, g in self._grads.items():
                 self.writer.add_histogram(f"grads/{name}", g, step)
-                total += float(g.double().pow(2).sum())
+                sq = float(g.double().pow(2).sum())
+                total += sq
+                layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + sq
             self.writer.add_scalar("step/grad_norm", math.sqrt(total), step)
+            for layer, sq in layers.items():
+                self.writer.add_scalar(f"grad_norm/{layer}", math.sqrt(sq), step)
             self._grads = None
+        if self._ratios is not None:
+            for layer, ratio in self._ratios.items():
+                self.writer.add_scalar(f"update_ratio/{layer}", ratio, step)
+            self._ratios = None
 
     def on_epoch_end(self, trainer, epoch, logs):
         for key in ("loss", "acc", "val_loss", "val_acc", "lr", "time"):
@@ -591,3 +622,11 @@ class TensorBoardLogger(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def add_test(self, acc: float, loss: float, step: int) -> None:
+        """Write the test accuracy and loss (after training, when the run evaluates its test split)."""
+        writer = self.writer or self._SummaryWriter(log_dir=str(self.logdir))
+        writer.add_scalar("test/acc", float(acc), step)
+        writer.add_scalar("test/loss", float(loss), step)
+        writer.close()
+        self.writer = None

@@ -371,6 +371,9 @@ def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, 
         ev = evaluate_model(model, loss, dataset.x_test, dataset.y_test, normalizer, dataset.num_classes,
                             cfg["eval_batch_size"])
         save_evaluation(run_path / EVALUATION_FILE, ev, "test", dataset.name)
+        for cb in trainer.callbacks:
+            if isinstance(cb, TensorBoardLogger):
+                cb.add_test(ev["acc"], ev["loss"], trainer.step)
         atomic_write_bytes(run_path / "confusion.png",
                            confusion_png(ev["confusion"], dataset.classes, f"{dataset.name} test"))
         summary["test_loss"], summary["test_acc"] = ev["loss"], ev["acc"]
