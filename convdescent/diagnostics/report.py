@@ -49,29 +49,37 @@ def _series(checks: list[dict], group: str, key: str, only=None) -> dict[str, tu
 
 def health_png(checks: list[dict], warnings: list[dict]) -> bytes:
     """Six panels of monitor figures over steps, with vertical marks at the steps that raised warnings."""
-    fig, axes = new_figure(2, 3, size=(4.2, 3.0))
     weight = lambda st: st.get("ndim", 2) >= 2  # noqa: E731
     panels = [
-        (axes[0, 0], _series(checks, "params", "grad_norm"), "gradient norm ||g||", True),
-        (axes[0, 1], _series(checks, "params", "grad_max"), "largest |g| element", True),
-        (axes[0, 2], _series(checks, "params", "update_ratio", weight), "update / weight norm (weights)", True),
-        (axes[1, 0], _series(checks, "params", "clip_frac"), "fraction of elements clipped", False),
-        (axes[1, 1], _series(checks, "layers", "dead_frac"), "dead ReLU units (fraction)", False),
-        (axes[1, 2], _series(checks, "layers", "act_std"), "activation std (solid), mean (dotted)", False),
+        ("grad", _series(checks, "params", "grad_norm"), "gradient norm ||g||", True),
+        ("max", _series(checks, "params", "grad_max"), "largest |g| element", True),
+        ("ratio", _series(checks, "params", "update_ratio", weight), "update / weight norm (weights)", True),
+        ("clip", _series(checks, "params", "clip_frac"), "fraction of elements clipped", False),
+        ("dead", _series(checks, "layers", "dead_frac"), "dead ReLU units (fraction)", False),
+        ("act", _series(checks, "layers", "act_std"), "activation std (solid), mean (dotted)", False),
     ]
+    # a panel with nothing to show is left out: no records, or no clipping at all (none configured)
+    panels = [p for p in panels if p[1] and not (p[0] == "clip" and not any(y for _, ys in p[1].values() for y in ys))]
+    if not panels:
+        panels = [("grad", {}, "gradient norm ||g||", True)]
+    cols = min(3, len(panels))
+    fig, axes = new_figure(math.ceil(len(panels) / cols), cols, size=(4.2, 3.0))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    panels = [(ax, *rest) for ax, rest in zip(axes.flat, panels)]
     means = _series(checks, "layers", "act_mean")
     warn_steps = sorted({w["step"] for w in warnings})
-    for ax, series, title, log in panels:
+    for ax, kind, series, title, log in panels:
         for name, (xs, ys) in series.items():
             line, = ax.plot(xs, ys, lw=1.0, label=name)
-            if ax is axes[1, 2] and name in means:
+            if kind == "act" and name in means:
                 ax.plot(*means[name], lw=0.8, ls=":", color=line.get_color())
         if log and any(y > 0 for _, ys in series.values() for y in ys):
             ax.set_yscale("log")
-        if ax is axes[0, 2]:
+        if kind == "ratio":
             ax.axhspan(1e-4, 1e-2, color="green", alpha=0.08, label="healthy band")
             ax.axhline(1e-3, color="green", lw=0.6, ls="--")
-        if ax is axes[1, 1]:
+        if kind == "dead":
             ax.axhline(0.5, color="red", lw=0.6, ls="--")
             ax.set_ylim(-0.02, 1.02)
         for s in warn_steps:
@@ -80,7 +88,7 @@ def health_png(checks: list[dict], warnings: list[dict]) -> bytes:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if series and len(series) <= 12:
-            ax.legend(fontsize=6, loc="best")
+            ax.legend(fontsize=7, loc="best", framealpha=0.85)
         if not series:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     return figure_to_png(fig)

@@ -258,9 +258,13 @@ def _overlay(ax, img, heat):
     ax.imshow(gray.numpy(), cmap="gray", vmin=0, vmax=1)
     h = heat.detach().double().cpu()
     h = h / h.max() if h.max() > 0 else h
-    ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    im = ax.imshow(h.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
+    # the maps are scaled to their own maximum: the bar says so, so colours read as relative importance
+    bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, ticks=[0, 0.5, 1])
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("relative to the map's max", fontsize=6)
 
 
 def plot_explanations(img: torch.Tensor, maps: dict[str, torch.Tensor], path: str | Path, title: str) -> Path:

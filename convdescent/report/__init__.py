@@ -42,10 +42,17 @@ def register_section(title: str, fn: Callable[[Any], str | None]) -> None:
 
 
 def figure_html(png: bytes, caption: str, fig_id: str) -> str:
-    """An embedded PNG figure with a caption (for section functions)."""
+    """An embedded PNG figure with a caption (for section functions); one wider than half the page is
+    stretched to the page's width."""
     data = base64.b64encode(png).decode("ascii")
+    wide = " data-wide" if _png_width(png) >= 470 else ""
     return (f'<figure id="{html.escape(fig_id)}"><img alt="{html.escape(caption)}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+            f'src="data:image/png;base64,{data}"{wide}><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _png_width(png: bytes) -> int:
+    # the IHDR chunk of a PNG holds the width in bytes 16-19
+    return int.from_bytes(png[16:20], "big") if png[:8] == b"\x89PNG\r\n\x1a\n" else 0
 
 
 def _fmt(v: Any) -> str:
@@ -170,8 +177,10 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:98
 color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;
-font-size:.9em}th{background:#f6f6f6}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:.85em;color:#555}
-pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}.missing{color:#777;font-style:italic}
+font-size:.9em}th{background:#f6f6f6}figure{margin:1em 0}img{max-width:100%;height:auto}
+figure img[data-wide]{width:100%}figcaption{font-size:.85em;color:#555}
+pre{background:#f6f6f6;padding:.8em;white-space:pre-wrap;overflow-wrap:anywhere;font-size:.85em}
+td,h1,h2,p,li,figcaption,code{overflow-wrap:anywhere}.missing{color:#777;font-style:italic}
 .error{color:#b00}
 """
 

@@ -12,6 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# The report's column is 940 px wide: 9.4 in at 100 dpi fills it without scaling text up or down.
+FIG_SIZE = (9.4, 4.0)
+LEGEND_SIZE = 9
+
+
 def png_bytes(fig) -> bytes:
     """Render a matplotlib figure to PNG bytes and close it."""
     buf = io.BytesIO()
@@ -47,9 +52,10 @@ def curves_png(records: list[dict], metric: str) -> bytes | None:
     sx, sy = _series(records, "step", metric)
     if not (ty or vy or sy):
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=FIG_SIZE)
     if sy:
-        ax.plot(sx, sy, color="tab:blue", alpha=0.3, lw=1, label=f"train {metric} (every logged step)")
+        # drawn in a lighter blue of its own (not a faint copy of the epoch line) so it stays visible
+        ax.plot(sx, sy, color="#7fb3e0", lw=1.3, label=f"train {metric} (every logged step)", zorder=1)
     if ty:
         ax.plot([ep.get(e, e) for e in tx], ty, "o-", color="tab:blue", label=f"train {metric} (epoch mean)")
     if vy:
@@ -59,7 +65,7 @@ def curves_png(records: list[dict], metric: str) -> bytes | None:
     if metric == "loss" and all(v > 0 for v in sy + ty + vy):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=LEGEND_SIZE, framealpha=0.9)
     ax.set_title("Loss" if metric == "loss" else "Accuracy")
     return png_bytes(fig)
 
@@ -73,7 +79,7 @@ def lr_png(records: list[dict]) -> bytes | None:
         xs, ys = [ep.get(e, e) for e in ex], ey
     if not xs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(FIG_SIZE[0], 3.2))
     ax.plot(xs, ys, ".-", color="tab:green", ms=3)
     for r in records:
         if r.get("type") == "event" and r.get("event") == "rollback":
@@ -101,7 +107,7 @@ def grad_norm_png(records: list[dict]) -> bytes | None:
                 ys.append(v)
     if not layers and not gx:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=FIG_SIZE)
     for name, (xs, ys) in layers.items():
         ax.plot(xs, ys, lw=1.2, label=name)
     if gx:
@@ -110,7 +116,7 @@ def grad_norm_png(records: list[dict]) -> bytes | None:
     ax.set_xlabel("step")
     ax.set_ylabel("gradient L2 norm")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=LEGEND_SIZE, ncol=min(4, len(layers) + bool(gx)), framealpha=0.9)
     ax.set_title("Gradient norm per layer")
     return png_bytes(fig)
 
