@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -511,6 +512,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("convdescent: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (convdescent runs | head): stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ defaults, and one-line 'convdescent: error:' messages with exit status 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 import pytest
@@ -124,3 +125,27 @@ def test_old_spellings_still_parse_but_are_hidden():
     args = PARSER.parse_args(["border", "--run", "r"])
     assert args.run_flag == "r"
     assert "--output" not in dict(ALL)["evaluate"].format_help()
+
+
+def test_optimizers_fits_100_columns(capsys):
+    assert main(["optimizers"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "adam" in out and "reduce_on_plateau" in out
+    assert main(["optimizers", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "adam" in data["optimizers"] and "cosine" in data["schedules"]
+
+
+def test_the_text_confusion_matrix_labels_rows_and_columns():
+    import torch
+
+    from convdescent.train.evaluation import format_evaluation
+
+    ev = {"loss": 0.5, "acc": 0.8, "n": 30, "per_class_acc": torch.tensor([0.9, 0.7, 0.8]),
+          "confusion": torch.tensor([[9, 1, 0], [2, 7, 1], [0, 2, 8]])}
+    lines = format_evaluation(ev, ["T-shirt/top", "Trouser", "Bag"], "t").splitlines()
+    head = next(i for i, ln in enumerate(lines) if "true \\ predicted" in ln)
+    assert lines[head].split()[-3:] == ["0", "1", "2"]
+    assert lines[head + 2].split() == ["0", "T-shirt/top", "9", "1", "0"]
+    assert lines[head + 4].split() == ["2", "Bag", "0", "2", "8"]

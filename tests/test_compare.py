@@ -133,3 +133,15 @@ def test_real_comparison_on_synthetic_data_writes_its_report(tmp_path):
     assert first.config["lr"] == 0.1 and first.config["optimizer"] == "adam"
     assert first.history.step[0] == 4  # the subset: 120 of the 160 training images, 4 batches of 32
     assert (tmp_path / "cmp" / "report.html").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_one_seed_shows_no_spread():
+    from convdescent.search.compare import _mean_std, markdown_table
+
+    mean, std = _mean_std([0.9])
+    assert mean == 0.9 and std is None
+    row = {"optimizer": "adam", "lr": 1e-3, "test_acc_mean": 0.9, "test_acc_std": None, "final_val_acc_mean": 0.88,
+           "epochs_to_target_mean": 2.0, "epochs_to_target_std": None, "seconds_to_target_mean": 4.0,
+           "seconds_to_target_std": None, "reached": 1, "seeds": 1, "note": ""}
+    md = markdown_table([row], 0.6)
+    assert "±" not in md and "| adam | 0.001 | 0.9000 | 0.8800 | 2.0 | 4.0 | 1/1 |" in md

@@ -463,9 +463,26 @@ def list_optimizers_text() -> str:
     return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r).rstrip() for r in rows]
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], width: int = 100) -> list[str]:
+    """Rows as columns within ``width`` characters; the last two columns wrap onto further lines."""
+    import textwrap
+
+    first = max(len(r[0]) for r in [header, *rows])
+    room = width - first - 4
+    natural = [max(len(r[i]) for r in [header, *rows]) for i in (1, 2)]
+    if sum(natural) <= room:
+        widths = natural
+    else:  # share the room, giving the shorter column what it needs when it needs less than half
+        second = min(natural[0], max(room // 2, room - natural[1]))
+        widths = [second, room - second]
+    out = [f"{header[0]:<{first}}  {header[1]:<{widths[0]}}  {header[2]}".rstrip(),
+           f"{'-' * first}  {'-' * widths[0]}  {'-' * widths[1]}"]
+    for r in rows:
+        a = textwrap.wrap(r[1], widths[0], break_on_hyphens=False) or [""]
+        b = textwrap.wrap(r[2], widths[1], break_on_hyphens=False) or [""]
+        for i in range(max(len(a), len(b))):
+            name = r[0] if i == 0 else ""
+            left = a[i] if i < len(a) else ""
+            right = b[i] if i < len(b) else ""
+            out.append(f"{name:<{first}}  {left:<{widths[0]}}  {right}".rstrip())
     return out

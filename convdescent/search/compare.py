@@ -179,7 +179,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    # one value has no spread: None, shown as the mean alone rather than as "± 0"
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def _to_target(curve: list[float], times: list[float], target: float) -> tuple[int | None, float | None]:
@@ -312,13 +313,16 @@ def _summarize(settings: CompareSettings, tuning, results) -> dict[str, Any]:
 def _pm(mean, std, digits=4, scale=1.0) -> str:
     if mean is None:
         return "-"
+    if std is None:
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
     """The comparison as a Markdown table: lr, test accuracy mean ± std, epochs and seconds to target."""
     tgt = f"{target:.3f}" if target is not None else "-"
-    lines = [f"| optimizer | lr | test acc (mean ± std) | final val acc | epochs to val acc {tgt} | "
+    spread = " (mean ± std)" if any(r.get("test_acc_std") is not None for r in rows) else ""
+    lines = [f"| optimizer | lr | test acc{spread} | final val acc | epochs to val acc {tgt} | "
              f"seconds to val acc {tgt} | reached |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -389,6 +393,7 @@ def _html(settings: CompareSettings, summary: dict[str, Any], files: dict[str, s
     target = summary["target"]
     base = ", ".join(f"{k}={v}" for k, v in settings.base.items() if v is not None)
     subset = (f" on a random subset of {settings.train_subset} training images" if settings.train_subset else "")
+    spread = " (mean ± std)" if any(r.get("test_acc_std") is not None for r in summary["rows"]) else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Optimizer comparison</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;}}table{{border-collapse:collapse;margin:1em 0;}}
@@ -400,7 +405,7 @@ rerun with {settings.seeds} seeds for {settings.epochs} epochs{e(subset)}. Targe
 {_fmt(target, 3)}.</p>
 <p>Shared settings: {e(base)}</p>
 <h2>Results</h2>
-<table><tr><th>optimizer</th><th>lr</th><th>test acc (mean ± std)</th><th>final val acc</th>
+<table><tr><th>optimizer</th><th>lr</th><th>test acc{spread}</th><th>final val acc</th>
 <th>epochs to target</th><th>seconds to target</th><th>reached</th><th>note</th></tr>
 {''.join(rows_html)}</table>
 <h2>Curves</h2>

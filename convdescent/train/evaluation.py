@@ -133,12 +133,17 @@ def format_evaluation(ev: dict[str, Any], classes: list[str], title: str) -> str
         acc = float(ev["per_class_acc"][i])
         shown = "   n/a" if math.isnan(acc) else f"{acc:6.3f}"
         lines.append(f"    {c:<{width}}  {shown}  ({int(totals[i])} images)")
-    lines += ["", "  confusion matrix (rows: true class, columns: predicted class):"]
+    lines += ["", "  confusion matrix (rows: true class, columns: predicted class, numbered as the rows):"]
     conf = ev["confusion"].tolist()
-    cell = max(4, len(str(max((max(r) for r in conf), default=0))) + 1)
-    lines.append("    " + " " * width + "".join(f"{j:>{cell}}" for j in range(k)))
+    cell = max(4, len(str(max((max(r) for r in conf), default=0))) + 1, len(str(k - 1)) + 2)
+    label = len(str(k - 1)) + 1 + width  # "<number> <name>"
+    corner = "true \\ predicted"
+    label = max(label, len(corner))
+    lines.append(f"    {corner:<{label}}" + "".join(f"{j:>{cell}}" for j in range(k)))
+    lines.append("    " + "-" * label + "-" * (cell * k))
     for i, row in enumerate(conf):
-        lines.append(f"    {classes[i]:<{width}}" + "".join(f"{v:>{cell}}" for v in row) + f"   {i}")
+        name = f"{i:>{len(str(k - 1))}} {classes[i]}"
+        lines.append(f"    {name:<{label}}" + "".join(f"{v:>{cell}}" for v in row))
     return "\n".join(lines)
 
 

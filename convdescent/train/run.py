@@ -33,6 +33,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, 
 from .config import OPTION_BY_KEY, RESUMABLE_KEYS, ConfigError, dump_toml, load_toml, resolve_config
 from .evaluation import EVALUATION_FILE, confusion_png, evaluate_model, load_evaluation, save_evaluation
 from .history import History
+from .liveness import RunLock, run_state
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callbacks
 
 CONFIG_FILE = "config.toml"
@@ -266,6 +267,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         cbs.append(EarlyStopping(monitor, cfg["early_stopping"], cfg["min_delta"], cfg["restore_best"]))
     checkpointer = Checkpointer(run_path / "checkpoints", monitor, cfg["checkpoint_every"])
     cbs.append(checkpointer)
+    cbs.append(RunLock(run_path))
     cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
     if cfg["health_every"]:
         from ..diagnostics.health import HealthMonitor
@@ -533,13 +535,19 @@ def list_runs(out=None) -> list[dict]:
         if not (d / CONFIG_FILE).is_file():
             continue
         s = _read_json(d / SUMMARY_FILE) or {}
+        live = run_state(d)
         if not s:
             try:
                 cfg = load_toml(d / CONFIG_FILE)
             except ConfigError:
                 cfg = {}
-            s = {"status": "running or crashed", "model": cfg.get("model"), "dataset": cfg.get("dataset")}
-        rows.append({"run": d.name, "path": str(d), "status": s.get("status"), "model": s.get("model"),
+            # no summary and no process holding the run: it died before its first summary
+            s = {"status": "crashed", "model": cfg.get("model"), "dataset": cfg.get("dataset")}
+        status = s.get("status")
+        if live is not None:
+            status = {"running": "running", "crashed": "crashed",
+                      "elsewhere": f"running on {live['host']}? (last heard {live['heartbeat']})"}[live["state"]]
+        rows.append({"run": d.name, "path": str(d), "status": status, "model": s.get("model"),
                      "dataset": s.get("dataset"), "epochs": f"{s.get('epochs_done', '?')}/{s.get('epochs', '?')}",
                      "best_val_acc": s.get("best_val_acc"), "test_acc": s.get("test_acc"),
                      "wall_time_s": s.get("wall_time_s")})
