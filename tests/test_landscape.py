@@ -79,7 +79,12 @@ def test_plane_center_is_the_final_loss_and_landscape_summary(tmp_path):
     corner = loss_on_plane(model, loss, params, d1, d2, [0.5], [-0.5], x, y)
     assert float(corner[0, 0]) == pytest.approx(float(res.plane[0, 2]), rel=1e-6)
     text = res.summary()
-    assert "line (train)" in text and "plane: loss" in text
+    assert "line (train)" in text and "plane (train): loss" in text
+    # the grid (-0.25, 0.125, ..., 1.25) misses 0 and 1: the summary says which points it reads, with their losses
+    losses = res.line["train"]["loss"]
+    assert f"loss {losses[1]:.4f} at a=0.125, the point nearest 0 (initial)" in text
+    assert f"{losses[3]:.4f} at a=0.875, the point nearest 1 (final)" in text
+    assert f"loss {float(res.plane[1, 1]):.4f} at the final weights" in text
     assert json.loads(json.dumps(res.to_dict()))["plane"][1][1] == pytest.approx(center_loss, rel=1e-6)
     assert plot_line(res, tmp_path / "l.png").stat().st_size > 1000
     assert plot_plane(res, tmp_path / "p.png").stat().st_size > 1000

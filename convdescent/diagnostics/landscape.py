@@ -181,17 +181,25 @@ class Landscape:
             inside = [i for i in range(len(al)) if 0 <= al[i] <= 1]
             peak = max(inside, key=lambda i: loss[i]) if inside else i0
             mono = all(loss[inside[j + 1]] <= loss[inside[j]] + 1e-12 for j in range(len(inside) - 1))
-            lines.append(f"line ({name}): loss {loss[i0]:.4f} at a=0 (initial) -> {loss[i1]:.4f} at a=1 (final); "
-                         f"highest on [0, 1]: {loss[peak]:.4f} at a={al[peak]:.2f}; "
-                         f"{'monotone decrease' if mono else 'not monotone'} along the segment")
+            # the grid may miss 0 and 1 exactly: say which point each figure is read at
+            a0 = "a=0" if abs(al[i0]) < 1e-9 else f"a={al[i0]:.3g}, the point nearest 0"
+            a1 = "a=1" if abs(al[i1] - 1) < 1e-9 else f"a={al[i1]:.3g}, the point nearest 1"
+            shape = ("monotone decrease" if mono else "not monotone") if len(inside) > 1 else \
+                "too few points on [0, 1] to tell its shape"
+            lines.append(f"line ({name}): loss {loss[i0]:.4f} at {a0} (initial) -> {loss[i1]:.4f} at {a1} (final); "
+                         f"highest on [0, 1]: {loss[peak]:.4f} at a={al[peak]:.2f}; {shape} along the segment")
         if self.plane is not None:
             flat = int(torch.argmin(self.plane))
             j, i = divmod(flat, self.plane.shape[1])
             ci = min(range(len(self.a_values)), key=lambda t: abs(self.a_values[t]))
             cj = min(range(len(self.b_values)), key=lambda t: abs(self.b_values[t]))
-            lines.append(f"plane: loss {float(self.plane[cj, ci]):.4f} at the final weights; minimum "
-                         f"{float(self.plane.min()):.4f} at (a, b) = ({self.a_values[i]:.2f}, {self.b_values[j]:.2f}); "
-                         f"maximum {float(self.plane.max()):.4f}")
+            centre = abs(self.a_values[ci]) < 1e-9 and abs(self.b_values[cj]) < 1e-9
+            at = "at the final weights" if centre else \
+                f"at ({self.a_values[ci]:.2f}, {self.b_values[cj]:.2f}), the point nearest the final weights"
+            split = next(iter(self.line), None)
+            lines.append(f"plane{f' ({split})' if split else ''}: loss {float(self.plane[cj, ci]):.4f} {at}; "
+                         f"minimum {float(self.plane.min()):.4f} at (a, b) = ({self.a_values[i]:.2f}, "
+                         f"{self.b_values[j]:.2f}); maximum {float(self.plane.max()):.4f}")
         return "\n".join(lines)
 
 
