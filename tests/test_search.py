@@ -204,3 +204,24 @@ def test_the_last_epoch_is_reported_but_never_pruned(npz, tmp_path):
     rows = {r["lr"]: r for r in summary["rows"]}
     assert rows[1e-7]["state"] == "COMPLETE" and rows[1e-7]["value"] < rows[0.1]["value"]
     assert rows[1e-7]["val_acc_curve"] == [rows[1e-7]["value"]]  # the epoch was still reported
+
+
+def test_diverged_trials_are_flagged(npz, tmp_path):
+    import io
+
+    from convdescent.search.trials import diverged
+
+    assert diverged([1.0, 0.5]) is None and diverged([1.0, float("nan")]) == "non-finite training loss"
+    assert diverged([1.0, 2.0]) == "training loss rose from 1 to 2"
+    # sgd at lr 1e6 blows up within the first steps; 1e-2 trains
+    space = SearchSpace([parse_dimension("lr", "1e-2,1e6")])
+    settings = SearchSettings(space=space, base=dict(_base(npz), optimizer="sgd"), sampler="grid", pruner="none",
+                              study_name="div", out=str(tmp_path / "div"))
+    stream = io.StringIO()
+    summary = run_search(settings, stream=stream)
+    rows = {r["lr"]: r for r in summary["rows"]}
+    assert rows[1e6]["diverged"] and not rows[1e-2]["diverged"]
+    assert summary["diverged"] == [rows[1e6]["number"]]
+    text = stream.getvalue()
+    assert "DIVERGED: " in text and f"1 trial(s) diverged (trial {rows[1e6]['number']})" in text
+    assert "DIVERGED: " in (tmp_path / "div" / "trials.md").read_text()

@@ -500,7 +500,7 @@ def trial_rows(study) -> list[dict[str, Any]]:
             "best_val_acc": ua.get("best_val_acc"), "last_val_acc": curve[-1] if curve else None,
             "epochs_run": ua.get("epochs_run"), "seconds": ua.get("seconds"), "test_acc": ua.get("test_acc"),
             "run_dir": ua.get("run_dir"), "worker": ua.get("worker"), "error": ua.get("error"),
-            "val_acc_curve": curve,
+            "val_acc_curve": curve, "diverged": ua.get("diverged"),
         })
         rows.append(row)
     return rows
@@ -508,8 +508,8 @@ def trial_rows(study) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool = False) -> str:
     """The trials as a text (or Markdown) table, best first."""
-    cols = ["number", "state", *keys, "best_val_acc", "epochs_run", "seconds"]
-    heads = ["trial", "state", *keys, "val_acc", "epochs", "seconds"]
+    cols = ["number", "state", *keys, "best_val_acc", "epochs_run", "seconds", "diverged"]
+    heads = ["trial", "state", *keys, "val_acc", "epochs", "seconds", "note"]
 
     def cell(row, c):
         v = row.get(c)
@@ -519,6 +519,8 @@ def format_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool = F
             return f"{v:.4f}"
         if c == "seconds":
             return f"{v:.1f}"
+        if c == "diverged":
+            return f"DIVERGED: {v}"
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)
@@ -575,7 +577,7 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
                                "train_subset": settings.train_subset}
     # csv
     fields = ["number", "state", *keys, "best_val_acc", "last_val_acc", "epochs_run", "seconds", "test_acc",
-              "worker", "run_dir", "error"]
+              "worker", "run_dir", "error", "diverged"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
@@ -603,9 +605,13 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
     files["plot"] = plot_trials(plot_rows, out_dir / "trials.png", metric="value")
     summary["files"] = files
     summary["rows"] = rows
+    summary["diverged"] = [r["number"] for r in rows if r.get("diverged")]
     atomic_write_text(out_dir / "search.json", json.dumps(_jsonable(summary), indent=2) + "\n")
     if stream is not None:
         print(format_table(rows, keys), file=stream)
+        if summary["diverged"]:
+            print(f"{len(summary['diverged'])} trial(s) diverged (trial {', '.join(map(str, summary['diverged']))}): "
+                  f"their settings are too aggressive; the range searched may be too wide", file=stream)
     return summary
 
 

@@ -116,7 +116,7 @@ class TrialRunner:
             result = train_from_config(config, callbacks=callbacks, display="quiet", dataset=dataset,
                                        handle_signals=False, report=self.report, stream=io.StringIO())
         except NonFiniteError as e:
-            return TrialOutcome(None, False, {"error": f"non-finite values: {e}"})
+            return TrialOutcome(None, False, {"error": f"non-finite values: {e}", "diverged": "non-finite values"})
         h = result.history
         s = result.summary
         attrs = {
@@ -125,9 +125,22 @@ class TrialRunner:
             "test_acc": _num(s.get("test_acc")), "epochs_run": len(h), "run_dir": str(result.run_dir),
             "train_seconds": _num(s.get("train_time_s")), "status": result.status,
         }
+        why = diverged(list(h.loss))
+        if why:
+            attrs["diverged"] = why
         pruned = pruning is not None and pruning.pruned
         value = attrs["best_val_acc"] if not pruned else (_num(h.val_acc[-1]) if len(h) else None)
         return TrialOutcome(value, pruned, attrs)
+
+
+def diverged(losses: list[float]) -> str | None:
+    """Why a trial's training loss per epoch counts as diverged (non-finite, or ending far above where it
+    started), or None."""
+    if any(not math.isfinite(v) for v in losses):
+        return "non-finite training loss"
+    if len(losses) >= 2 and losses[-1] > 1.5 * losses[0]:
+        return f"training loss rose from {losses[0]:.3g} to {losses[-1]:.3g}"
+    return None
 
 
 def _num(v) -> float | None:
