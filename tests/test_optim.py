@@ -125,7 +125,7 @@ def test_lazy_updates_read_equals_what_apply_adds():
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
 
 
-@pytest.mark.parametrize("name", ["gd", "sgd", "rmsprop", "adam", "adamw", "nadam", "lion"])
+@pytest.mark.parametrize("name", ["gd", "sgd", "rmsprop", "adam", "adamw", "nadam", "radam", "adamax", "lion"])
 def test_reading_updates_never_changes_the_run(name):
     tx = optim.make_optimizer(name, lr=0.01, **({"momentum": 0.9} if name == "sgd" else {}))
     p1, p2 = make_params(), make_params()
@@ -207,6 +207,8 @@ RESUME_CASES = [
     ("adam", {"lr": 0.01, "amsgrad": True}),
     ("adamw", {"lr": 0.01}),
     ("nadam", {"lr": 0.01}),
+    ("radam", {"lr": 0.01, "weight_decay": 0.01, "decoupled_weight_decay": True}),
+    ("adamax", {"lr": 0.01}),
     ("lion", {"lr": 0.001, "weight_decay": 0.1}),
 ]
 
@@ -336,7 +338,8 @@ def test_registry_defaults_follow_torch_optim():
     counterparts = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad,
                     "adadelta": torch.optim.Adadelta, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                     "nadam": torch.optim.NAdam}
-    assert set(optim.OPTIMIZERS) == {"gd", "sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam", "lion"}
+    assert set(optim.OPTIMIZERS) == {"gd", "sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam", "radam",
+                                     "adamax", "lion"}
     for name, cls in counterparts.items():
         torch_defaults = cls([torch.nn.Parameter(torch.zeros(1))]).defaults
         ours = optim.OPTIMIZERS[name].defaults
@@ -408,14 +411,14 @@ def test_negative_learning_rate_is_refused(name):
         optim.make_optimizer(name, lr=-0.1)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "nadam", "lion"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "nadam", "radam", "adamax", "lion"])
 @pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, -0.1), (0.9,), "0.9"])
 def test_betas_outside_unit_interval_are_refused(name, betas):
     with pytest.raises(ValueError, match=r"betas must be a pair of numbers in \[0, 1\), got " + repr(betas)[:3].replace("(", r"\(")):
         optim.make_optimizer(name, betas=betas)
 
 
-@pytest.mark.parametrize("name", ["rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam"])
+@pytest.mark.parametrize("name", ["rmsprop", "adagrad", "adadelta", "adam", "adamw", "nadam", "radam", "adamax"])
 @pytest.mark.parametrize("eps", [0.0, -1e-8])
 def test_non_positive_eps_is_refused(name, eps):
     with pytest.raises(ValueError, match=f"eps must be > 0, got {eps!r}"):

@@ -88,6 +88,13 @@ TORCH_CASES = [
     ("nadam", torch.optim.NAdam, {"lr": 0.01}),
     ("nadam", torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.05, "momentum_decay": 0.01}),
     ("nadam", torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.05, "decoupled_weight_decay": True}),
+    ("radam", torch.optim.RAdam, {"lr": 0.01}),
+    ("radam", torch.optim.RAdam, {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
+    ("radam", torch.optim.RAdam, {"lr": 0.01, "weight_decay": 0.05, "decoupled_weight_decay": True}),
+    ("radam", torch.optim.RAdam, {"lr": 0.01, "maximize": True}),
+    ("adamax", torch.optim.Adamax, {"lr": 0.01}),
+    ("adamax", torch.optim.Adamax, {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
+    ("adamax", torch.optim.Adamax, {"lr": 0.01, "maximize": True}),
 ]
 
 

@@ -17,6 +17,7 @@ from .aliases import (
     adadelta,
     adagrad,
     adam,
+    adamax,
     adamw,
     gd,
     lion,
@@ -24,6 +25,7 @@ from .aliases import (
     make_optimizer,
     nadam,
     optimizer_from_args,
+    radam,
     rmsprop,
     sgd,
 )
@@ -72,10 +74,12 @@ from .schedules import (
 from .transforms import (
     ScaleByAdadeltaState,
     ScaleByAdagradState,
+    ScaleByAdamaxState,
     ScaleByAdamState,
     ScaleByLearningRateState,
     ScaleByLionState,
     ScaleByNadamState,
+    ScaleByRadamState,
     ScaleByRmsState,
     TraceState,
     add_decayed_weights,
@@ -85,17 +89,19 @@ from .transforms import (
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
+    scale_by_adamax,
     scale_by_learning_rate,
     scale_by_lion,
     scale_by_nadam,
+    scale_by_radam,
     scale_by_rms,
     trace,
 )
 from .updates import LazyUpdates
 
 __all__ = [
-    "OPTIMIZERS", "OptimizerEntry", "adadelta", "adagrad", "adam", "adamw", "gd", "lion", "list_optimizers_text",
-    "make_optimizer", "nadam", "optimizer_from_args", "rmsprop", "sgd",
+    "OPTIMIZERS", "OptimizerEntry", "adadelta", "adagrad", "adam", "adamax", "adamw", "gd", "lion",
+    "list_optimizers_text", "make_optimizer", "nadam", "optimizer_from_args", "radam", "rmsprop", "sgd",
     "EmptyState", "GradientTransformation", "TransformInfo", "apply_updates", "chain", "current_lr", "describe",
     "find_plateau", "identity", "load_state_dict", "state_dict",
     "ClipState", "adaptive_grad_clip", "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm",
@@ -105,8 +111,9 @@ __all__ = [
     "cosine_restarts", "exponential_decay", "inverse_time_decay", "make_schedule", "multistep_decay", "one_cycle",
     "one_cycle_momentum", "polynomial_decay", "step_decay", "warmup",
     "ScaleByAdadeltaState", "ScaleByAdagradState", "ScaleByAdamState", "ScaleByLearningRateState",
-    "ScaleByLionState", "ScaleByNadamState", "ScaleByRmsState", "TraceState", "add_decayed_weights",
-    "coupled_weight_decay", "decoupled_weight_decay", "scale", "scale_by_adadelta", "scale_by_adagrad",
-    "scale_by_adam", "scale_by_learning_rate", "scale_by_lion", "scale_by_nadam", "scale_by_rms", "trace",
+    "ScaleByLionState", "ScaleByNadamState", "ScaleByRadamState", "ScaleByAdamaxState", "ScaleByRmsState",
+    "TraceState", "add_decayed_weights", "coupled_weight_decay", "decoupled_weight_decay", "scale",
+    "scale_by_adadelta", "scale_by_adagrad", "scale_by_adam", "scale_by_adamax", "scale_by_radam",
+    "scale_by_learning_rate", "scale_by_lion", "scale_by_nadam", "scale_by_rms", "trace",
     "LazyUpdates", "update_and_apply",
 ]

@@ -25,9 +25,11 @@ from .transforms import (
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
+    scale_by_adamax,
     scale_by_learning_rate,
     scale_by_lion,
     scale_by_nadam,
+    scale_by_radam,
     scale_by_rms,
     trace,
 )
@@ -241,6 +243,50 @@ def nadam(lr=2e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 
     return chain(*parts, scale_by_learning_rate(lr))
 
 
+def radam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+          decoupled_weight_decay: bool = False, maximize: bool = False) -> GradientTransformation:
+    """RAdam (Liu et al. 2020): Adam whose adaptive term is switched on, and rectified, only once its
+    variance is bounded; torch ``RAdam``.
+
+    Args:
+        lr: learning rate (number or schedule).
+        betas: decays of the first and second moments.
+        eps: denominator term.
+        weight_decay: weight decay, coupled (L2) unless ``decoupled_weight_decay``.
+        decoupled_weight_decay: decay the weights AdamW-style.
+        maximize: ascend instead of descend.
+
+    Returns:
+        ``chain([coupled_weight_decay], scale_by_radam, [decoupled_weight_decay], scale_by_learning_rate)``.
+    """
+    lr = _check_lr(lr)
+    b1, b2 = chk.betas(betas, hint="use e.g. betas=(0.9, 0.999)")
+    decoupled = chk.boolean("decoupled_weight_decay", decoupled_weight_decay)
+    parts = _ascent(maximize) + ([] if decoupled else _coupled(weight_decay))
+    parts += [scale_by_radam(b1, b2, eps)] + (_decoupled(weight_decay) if decoupled else [])
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+def adamax(lr=2e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+           maximize: bool = False) -> GradientTransformation:
+    """Adamax (Kingma & Ba 2015, section 7.1): Adam with an infinity-norm second moment; torch ``Adamax``.
+
+    Args:
+        lr: learning rate (number or schedule).
+        betas: decays of the first moment and of the infinity norm.
+        eps: added to |grad| before the maximum.
+        weight_decay: L2 penalty added to the gradient.
+        maximize: ascend instead of descend.
+
+    Returns:
+        ``chain([coupled_weight_decay], scale_by_adamax, scale_by_learning_rate)``.
+    """
+    lr = _check_lr(lr)
+    b1, b2 = chk.betas(betas, hint="use e.g. betas=(0.9, 0.999)")
+    parts = _ascent(maximize) + _coupled(weight_decay) + [scale_by_adamax(b1, b2, eps)]
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
 def lion(lr=1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False) -> GradientTransformation:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an
     interpolated momentum, with decoupled weight decay. torch.optim has no Lion.
@@ -283,6 +329,8 @@ _DESCRIPTIONS = {
     "adam": (adam, "bias-corrected first/second moments; AMSGrad variant; L2 weight decay"),
     "adamw": (adamw, "Adam with decoupled weight decay"),
     "nadam": (nadam, "Adam with Nesterov momentum and a momentum-decay schedule"),
+    "radam": (radam, "Adam with the adaptive term rectified, and off while its variance is unbounded"),
+    "adamax": (adamax, "Adam with an infinity-norm second moment"),
     "lion": (lion, "sign of interpolated momentum (Chen et al. 2023); decoupled weight decay"),
 }
 
@@ -317,7 +365,7 @@ def make_optimizer(name: str, *, clip_norm: float | None = None, clip_value: flo
     ``clip_by_global_norm`` (``clip_norm``), so the global bound holds for the gradients the optimizer sees.
 
     Args:
-        name: one of ``OPTIMIZERS``: gd, sgd, rmsprop, adagrad, adadelta, adam, adamw, nadam, lion.
+        name: one of ``OPTIMIZERS``: gd, sgd, rmsprop, adagrad, adadelta, adam, adamw, nadam, radam, adamax, lion.
         clip_norm: global-norm bound, or None.
         clip_value: element bound, or None.
         agc: AGC ratio (Brock et al. 2021), or None.
@@ -375,7 +423,7 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
         momentum: sgd/rmsprop momentum.
         nesterov: sgd Nesterov flag.
         weight_decay: weight decay (coupled or decoupled as the optimizer defines it).
-        betas: ``(b1, b2)`` for adam, adamw, nadam, lion.
+        betas: ``(b1, b2)`` for adam, adamw, nadam, radam, adamax, lion.
         eps: denominator term for the adaptive optimizers.
         clip_norm, clip_value, agc: clipping settings (None = off).
         schedule: schedule name (see ``SCHEDULES``) or None for a constant rate.

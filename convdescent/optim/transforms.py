@@ -1,4 +1,5 @@
-"""Scaling building blocks: learning rate, momentum, weight decay, RMSprop, Adagrad, Adadelta, Adam, NAdam, Lion.
+"""Scaling building blocks: learning rate, momentum, weight decay, RMSprop, Adagrad, Adadelta, Adam, NAdam,
+RAdam, Adamax, Lion.
 
 Each function returns a :class:`~convdescent.optim.base.GradientTransformation` with its own NamedTuple
 state. The arithmetic follows ``torch.optim``'s single-tensor code operation for operation, except where a
@@ -499,6 +500,108 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
     kwargs = {"b1": b1, "b2": b2, "eps": eps, "momentum_decay": momentum_decay}
     return GradientTransformation(init, update, TransformInfo("scale_by_nadam", kwargs=kwargs))
+
+
+class ScaleByRadamState(NamedTuple):
+    """State of scale_by_radam: step count, first and second moments."""
+
+    count: int
+    mu: dict
+    nu: dict
+
+
+def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """RAdam's scaling (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond").
+
+    With ``rho_inf = 2 / (1 - b2) - 1`` and ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)`` (the length of the
+    approximated simple moving average), the step is the bias-corrected momentum ``m_hat`` alone while
+    ``rho_t <= 5`` (the adaptive term's variance is not yet bounded), and afterwards Adam's
+    ``m_hat * sqrt(1 - b2^t) / (sqrt(v) + eps)`` times the rectification
+    ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``, as torch ``RAdam``.
+
+    Args:
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to sqrt(v) (> 0).
+
+    Returns:
+        GradientTransformation with a :class:`ScaleByRadamState`.
+    """
+    b1 = chk.unit_interval("b1", b1, hint="use e.g. betas=(0.9, 0.999)")
+    b2 = chk.unit_interval("b2", b2, hint="use e.g. betas=(0.9, 0.999)")
+    eps = chk.positive("eps", eps, hint="use e.g. eps=1e-8")
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+    def init(params):
+        return ScaleByRadamState(0, _zeros(params), _zeros(params))
+
+    def update(grads, state, params=None):
+        keys, g = tensors(grads)
+        mu = _listed(state.mu, keys, "scale_by_radam")
+        nu = _listed(state.nu, keys, "scale_by_radam")
+        step = state.count + 1
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        bias_correction1 = 1 - b1 ** step
+        bias_correction2 = 1 - b2 ** step
+        rho_t = rho_inf - 2 * step * (b2 ** step) / bias_correction2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            denom = torch._foreach_sqrt(nu)
+            torch._foreach_add_(denom, eps)
+            term = Term(mu, denom, rect * bias_correction2 ** 0.5, bias_correction1)
+        else:
+            term = Term(mu, None, 1.0, bias_correction1)
+        out = LazyUpdates(keys, [term], owned=False)
+        return out, ScaleByRadamState(step, state.mu, state.nu)
+
+    kwargs = {"b1": b1, "b2": b2, "eps": eps}
+    return GradientTransformation(init, update, TransformInfo("scale_by_radam", kwargs=kwargs))
+
+
+class ScaleByAdamaxState(NamedTuple):
+    """State of scale_by_adamax: step count, first moment, and the exponentially weighted infinity norm."""
+
+    count: int
+    mu: dict
+    inf_norm: dict
+
+
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adamax's scaling (Kingma & Ba 2015, section 7.1): Adam with the infinity norm in place of the second
+    moment, ``u <- max(b2 * u, |g| + eps)`` and the step ``m / ((1 - b1^t) u)``, as torch ``Adamax``.
+
+    Args:
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the infinity norm, in [0, 1).
+        eps: added to |g| (> 0), which keeps u positive.
+
+    Returns:
+        GradientTransformation with a :class:`ScaleByAdamaxState`.
+    """
+    b1 = chk.unit_interval("b1", b1, hint="use e.g. betas=(0.9, 0.999)")
+    b2 = chk.unit_interval("b2", b2, hint="use e.g. betas=(0.9, 0.999)")
+    eps = chk.positive("eps", eps, hint="use e.g. eps=1e-8")
+
+    def init(params):
+        return ScaleByAdamaxState(0, _zeros(params), _zeros(params))
+
+    def update(grads, state, params=None):
+        keys, g = tensors(grads)
+        mu = _listed(state.mu, keys, "scale_by_adamax")
+        u = _listed(state.inf_norm, keys, "scale_by_adamax")
+        step = state.count + 1
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(u, b2)
+        magnitude = torch._foreach_abs(g)
+        torch._foreach_add_(magnitude, eps)
+        torch._foreach_maximum_(u, magnitude)
+        out = LazyUpdates(keys, [Term(mu, u, 1.0, 1 - b1 ** step)], owned=False)
+        return out, ScaleByAdamaxState(step, state.mu, state.inf_norm)
+
+    kwargs = {"b1": b1, "b2": b2, "eps": eps}
+    return GradientTransformation(init, update, TransformInfo("scale_by_adamax", kwargs=kwargs))
 
 
 class ScaleByLionState(NamedTuple):

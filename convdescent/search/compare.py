@@ -30,7 +30,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Centre of the default learning-rate grid per optimizer: the usual working value on small CNNs.
 TYPICAL_LR = {"gd": 0.1, "sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "rmsprop": 1e-3, "adagrad": 1e-2,
-              "adadelta": 1.0, "adam": 1e-3, "adamw": 1e-3, "nadam": 2e-3, "lion": 1e-4}
+              "adadelta": 1.0, "adam": 1e-3, "adamw": 1e-3, "nadam": 2e-3, "radam": 1e-3, "adamax": 2e-3,
+              "lion": 1e-4}
 SETTING_KEYS = ("momentum", "nesterov", "weight_decay", "betas", "eps", "clip_norm", "clip_value", "agc",
                 "schedule")
 
