@@ -78,6 +78,24 @@ def add_checkpoint_argument(p) -> None:
                    help="which of the run's checkpoints to load: best (the best monitored epoch) or last")
 
 
+def add_device_argument(p) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` for commands that run a trained model (auto: the GPU when there is one)."""
+    p.add_argument("--device", default="auto", help="where the model runs: auto (a CUDA GPU when torch sees one, "
+                   "else the CPU), cpu, cuda or cuda:N")
+
+
+def _device(args) -> str:
+    from .train.config import ConfigError
+    from .train.run import resolve_device
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise CliError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        return resolve_device(args.device)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+
+
 def add_run_dir_argument(p, nargs=None) -> None:
     """The run directory, given the same way on every command: the first positional argument RUN_DIR."""
     kw = {"nargs": nargs} if nargs else {}
@@ -294,7 +312,7 @@ def cmd_evaluate(args) -> int:
                                    save_evaluation)
     from .train.run import load_run
 
-    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=_device(args))
     name = args.dataset or run.dataset
     same = name == run.dataset
     cfg = run.config
@@ -339,7 +357,7 @@ def cmd_predict(args) -> int:
     from .train.evaluation import predict_files
     from .train.run import load_run
 
-    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=_device(args))
     results = predict_files(run.model, run.normalizer, run.classes, args.images, top_k=args.top_k, strict=args.strict)
     for r in results:
         if args.json:
@@ -453,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder searched first for the dataset (default: the run's data_dir)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which split to evaluate")
     add_checkpoint_argument(p)
+    add_device_argument(p)
     p.add_argument("--out", metavar="PNG", help="where to write the confusion-matrix PNG (default "
                    "RUN_DIR/confusion.png for the run's test set, else RUN_DIR/confusion-DATASET-SPLIT.png)")
     hidden_alias(p, "--output", dest="out")
@@ -464,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image")
     add_checkpoint_argument(p)
+    add_device_argument(p)
     p.add_argument("--strict", action="store_true",
                    help="refuse images of another size or channel count instead of converting them")
     p.add_argument("--json", action="store_true", help="one JSON object per image")

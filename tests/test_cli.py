@@ -208,3 +208,19 @@ def test_nonfinite_stop_exits_3_naming_step_and_layer(npz, tmp_path, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "nonfinite" and "step" in summary["error"]
     assert (run_dir / "report.html").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_device_flag_of_commands_that_run_a_model(trained, capsys, tmp_path, command):
+    """--device cpu runs; a device that is not there or not a device name is one clear error, exit 2."""
+    run_dir, _, _ = trained
+    image = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((12, 12), np.uint8), "L").save(image)
+    extra = [image] if command == "predict" else []
+    code, _, err = run(capsys, command, run_dir, *extra, "--device", "cpu")
+    assert code == 0, err
+    code, _, err = run(capsys, command, run_dir, *extra, "--device", "tpu")
+    assert code == 2 and err.count("\n") == 1 and "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, command, run_dir, *extra, "--device", "cuda")
+        assert code == 2 and err.count("\n") == 1 and "no CUDA device" in err
