@@ -161,7 +161,8 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=device)
         self._correct = torch.zeros((), dtype=torch.int64, device=device)
         # On CUDA the plain fast step replays a recording (graphs.py); it falls back to train_step by itself.
-        self.graph_steps = (GraphedSteps(model, loss, optimizer, enabled=cuda_graph, notice=self._notice)
+        self.graph_steps = (GraphedSteps(model, loss, optimizer, self.precision, enabled=cuda_graph,
+                                         notice=self._notice)
                             if device.type == "cuda" else None)
         self._seen = 0
         self._epoch_time = 0.0
@@ -518,7 +519,8 @@ class Trainer:
         for xb, yb in loader:
             step = self.step + 1
             hooks = [cb for cb in grad_cbs if cb.wants_grads(step)] if grad_cbs else ()
-            if fast and not hooks and self.graph_steps is not None:
+            if self.graph_steps is not None and not hooks and self.lr_scale == 1.0:
+                # fp32 and bf16 alike: the recorded step holds the bf16 shadows' refresh too
                 loss, correct, self.opt_state = self.graph_steps.step(xb, yb, self.opt_state)
             elif fast and not hooks:
                 loss, correct, self.opt_state = train_step(model, loss_fn, self.optimizer, self.opt_state, xb, yb)

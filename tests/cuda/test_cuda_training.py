@@ -65,6 +65,26 @@ def test_graph_replay_equals_the_eager_static_step(kind, opt):
     assert sb[0].count == 20
 
 
+def test_bf16_graph_replay_equals_the_eager_static_step():
+    from convdescent.train.precision import Precision
+
+    a, b = _model("bn"), _model("bn")
+    opt = make_optimizer("adam", lr=1e-2)
+    sa, sb = opt.init(a.params()), opt.init(b.params())
+    loss_fn = SoftmaxCrossEntropy()
+    batches = _batches(10)
+    static = StaticStep(a, loss_fn, opt, *batches[0], precision=Precision(a, "bf16"))
+    runner = GraphedSteps(b, loss_fn, opt, Precision(b, "bf16"), warmup=2)
+    for xb, yb in batches:
+        la, _, sa = static.run(xb, yb, sa)
+        la = la.clone()
+        lb, _, sb = runner.step(xb, yb, sb)
+        assert torch.equal(la, lb)
+    assert runner.replays == 8
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
 def test_partial_batch_runs_eagerly_and_says_so_once():
     model = _model()
     opt = make_optimizer("adam", lr=1e-2)
