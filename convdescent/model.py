@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from . import allocator
+from . import allocator, native
+from .hooks import HookHandle, Hooks
 from .layers.base import Layer, assign_names
-from .layers.conv import Conv2D
-from .layers.pool import MaxPool2D
+from .layers.registry import layer_config, layer_from_config
+from .plan import Plan, compile_plan
 
 
 # Examples per chunk for the leading conv/pool/activation layers; measured on a 2-core CPU with the
@@ -18,17 +20,16 @@ from .layers.pool import MaxPool2D
 DEFAULT_CHUNK_SIZE = 32
 
 
+def fusion_default() -> bool:
+    """Fused plan nodes unless the environment says ``CONVDESCENT_FUSION=0`` (the reference plan)."""
+    return os.environ.get("CONVDESCENT_FUSION", "1") != "0"
+
+
 def _set_data(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
                          f"the model expects {tuple(target.shape)}")
     target.copy_(value)
-
-
-def _fusable_pair(a: Layer, b: Layer) -> bool:
-    """A plain Conv2D right before a plain MaxPool2D, neither forward replaced on the instance (a probe)."""
-    return (type(a) is Conv2D and type(b) is MaxPool2D
-            and "forward" not in a.__dict__ and "forward" not in b.__dict__)
 
 
 class Sequential:
@@ -53,7 +54,11 @@ class Sequential:
         self.name = name
         self.input_shape = None
         self.chunk_size = DEFAULT_CHUNK_SIZE
-        self._run = None  # (chunked layers, other layers, per-chunk caches, chunk sizes) of the last forward
+        self.fusion = fusion_default()
+        self.hooks = Hooks()
+        self._plan: Plan | None = None
+        self._plan_key = None
+        self._pending: Plan | None = None  # the plan of the last training forward, until its backward
         self.dtype = dtype
         self.device = torch.device(device)
         assign_names(self.layers)
@@ -121,94 +126,65 @@ class Sequential:
             visit(layer, "")
         return found
 
-    # -- computation -------------------------------------------------------------------------
-    def _chunked_prefix(self) -> int:
-        """How many leading layers run chunk by chunk (0: none).
+    # -- the execution plan and hooks -------------------------------------------------------
+    def set_fusion(self, enabled: bool) -> bool:
+        """Turn fused plan nodes (conv+pool passes, the ReLU after max-pool) on or off; returns the old value.
 
-        Only worth it when a conv among them writes its whole feature map: a conv fused with the max-pool
-        after it (``_run_forward``) never does, and with every conv fused the chunks only add work
-        (measured: the tutorial's CNN at batch 128 ran 5-8% faster unchunked once its conv was fused)."""
-        count = 0
-        for layer in self.layers:
-            if not layer.samplewise:
-                break
-            count += 1
-        order = self._execution_order(self.layers[:count])
-        for i, layer in enumerate(order):
-            if layer.kind != "conv":
-                continue
-            fused = (i + 1 < len(order) and _fusable_pair(layer, order[i + 1])
-                     and layer.fuses_with(order[i + 1]))
-            if not fused:
-                return count
-        return 0
+        Off, every layer runs on its own in written order: the reference the fused plan must match.
+        The default comes from ``CONVDESCENT_FUSION`` (``0``: off)."""
+        previous, self.fusion = self.fusion, bool(enabled)
+        return previous
 
-    @staticmethod
-    def _execution_order(layers: list[Layer]) -> list[Layer]:
-        """The layers in the order they run: a ReLU followed by a max-pool runs after it instead.
+    def register_hook(self, event: str, fn: Callable, layer: Layer | str | None = None, *,
+                      split: bool = True) -> HookHandle:
+        """Call ``fn`` after a layer's forward or backward; returns a handle whose ``remove()`` undoes it.
 
-        Max-pooling and ReLU commute exactly, values and gradients alike: max is monotone, so
-        pool(relu(x)) = relu(pool(x)); where a window's maximum is positive both route its gradient to the
-        same element, and where it is not both give zero. Running the ReLU on the pooled map does its
-        forward and backward on a quarter of the elements (for 2x2 pools). A layer whose ``forward`` was
-        replaced on the instance (a probe recording its output) keeps its written place.
+        Args:
+            event: "after_forward" (``fn(layer_name, layer, output)``), "after_backward"
+                (``fn(layer_name, layer, grads)``: the layer's parameter gradients by qualified name, final)
+                or "before_forward" (``fn(layer_name, layer, input)``).
+            fn: a function that only reads what it is given.
+            layer: a layer of this model (nested ones included), its qualified name, or None for every layer.
+            split: forward events: whether the hook may split a fused node to see a layer's own input/output
+                (False: such a layer's hook is not called and the node stays fused). ``plan()`` shows which.
+
+        Returns:
+            a ``HookHandle``.
         """
-        order = list(layers)
-        i = 0
-        while i < len(order) - 1:
-            a, b = order[i], order[i + 1]
-            if (type(a).__name__ == "ReLU" and type(b).__name__ == "MaxPool2D"
-                    and "forward" not in a.__dict__ and "forward" not in b.__dict__):
-                order[i], order[i + 1] = b, a
-                i += 2
+        target = None
+        if layer is not None:
+            names = {id(obj): name for name, obj in self.all_layers()}
+            if isinstance(layer, Layer):
+                if id(layer) not in names:
+                    raise ValueError(f"register_hook: layer {layer!r} is not part of model '{self.name}'")
+                target = names[id(layer)]
+            elif isinstance(layer, str):
+                if layer not in names.values():
+                    raise ValueError(f"register_hook: model '{self.name}' has no layer named {layer!r}; "
+                                     f"its layers: {', '.join(names.values())}")
+                target = layer
             else:
-                i += 1
-        return order
+                raise TypeError(f"register_hook: layer must be a Layer, a layer name or None, "
+                                f"got {type(layer).__name__}")
+        return self.hooks.add(event, fn, target, split)
 
-    @staticmethod
-    def _run_forward(order: list[Layer], x: torch.Tensor, train: bool) -> torch.Tensor:
-        """Run ``order``'s forwards; a Conv2D directly followed by a MaxPool2D runs as one native pass
-        (``Conv2D.forward_pooled``) where it applies. That pass leaves both layers' caches as their own
-        forwards would, so the backward is unchanged; it is skipped when either forward was replaced on
-        the instance (a probe that records outputs), as the conv's own output is never written."""
-        i = 0
-        while i < len(order):
-            layer = order[i]
-            if i + 1 < len(order) and _fusable_pair(layer, order[i + 1]):
-                y = layer.forward_pooled(x, order[i + 1], train)
-                if y is not None:
-                    x = y
-                    i += 2
-                    continue
-            x = layer.forward(x, train)
-            i += 1
-        return x
+    def plan(self) -> Plan:
+        """The execution plan the next forward runs (``print(model.plan())`` describes it)."""
+        self._require_built()
+        key = (self.hooks.version, self.fusion, self.chunk_size, native.enabled(), self.input_shape,
+               tuple(map(id, self.layers)))
+        if key != self._plan_key:
+            self._plan = compile_plan(self.layers, self.hooks, self.fusion, self.chunk_size)
+            self._plan_key = key
+        return self._plan
 
-    @staticmethod
-    def _run_backward(order: list[Layer], dy: torch.Tensor) -> torch.Tensor | None:
-        """Run ``order``'s backwards, last first; a first-layer Conv2D and the MaxPool2D after it take one
-        native pass (``Conv2D.backward_pooled``) where it applies, unless either backward was replaced on
-        the instance."""
-        i = len(order) - 1
-        while i >= 0:
-            layer = order[i]
-            if (i >= 1 and _fusable_pair(order[i - 1], layer) and "backward" not in layer.__dict__
-                    and "backward" not in order[i - 1].__dict__ and order[i - 1].backward_pooled(dy, layer)):
-                dy = None
-                i -= 2
-                continue
-            dy = layer.backward(dy)
-            i -= 1
-        return dy
-
+    # -- computation -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """Run all layers; x is (N, *input_shape). Keeps what backward needs.
+        """Run the plan on x of shape (N, *input_shape); keeps what backward needs.
 
-        The leading sample-wise layers (convolutions, pooling, activations, flatten) run on chunks of
-        ``chunk_size`` examples and their outputs are concatenated: each chunk's activations stay in the
-        CPU caches from one layer to the next, which makes large batches markedly faster. The result is
-        the same computation; gradients are summed over chunks in ``backward``. ``chunk_size = 0``
-        turns this off (one pass over the whole batch). See also ``_execution_order``.
+        How the layers run (fused nodes, a chunked stage, where hooks fire) is ``self.plan()``; the result
+        is the computation the layers describe, up to rounding. ``chunk_size = 0`` turns the chunks off,
+        ``set_fusion(False)`` the fused nodes.
         """
         self._require_built()
         if tuple(x.shape[1:]) != self.input_shape:
@@ -216,60 +192,29 @@ class Sequential:
                              f"got {tuple(x.shape)}")
         if train:
             allocator.tune()  # once per process: keep each step's scratch memory for the next
+        plan = self.plan()
         for layer in self.layers:
             layer.training = train
-        prefix = self._chunked_prefix() if self.chunk_size else 0
-        if not (prefix and x.shape[0] > self.chunk_size):
-            prefix = 0
-        head = self._execution_order(self.layers[:prefix])
-        rest = self._execution_order(self.layers[prefix:])
-        caches, sizes = [], []
-        if head:
-            outs = []
-            for piece in x.split(self.chunk_size):
-                sizes.append(piece.shape[0])
-                outs.append(self._run_forward(head, piece, train))
-                caches.append([layer._cache for layer in head])
-            x = torch.cat(outs)
-        x = self._run_forward(rest, x, train)
-        self._run = (head, rest, caches, sizes)
-        return x
+        out = plan.forward(x, train)
+        self._pending = plan
+        return out
 
     __call__ = forward
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         """Propagate dL/doutput back; fills every layer's grads and returns dL/dinput (or None)."""
-        if self._run is None:
+        plan, self._pending = self._pending, None
+        if plan is None:
             raise RuntimeError("backward needs a forward first (each forward allows one backward)")
-        head, rest, caches, sizes = self._run
-        self._run = None
-        dy = self._run_backward(rest, dy)
-        if not head:
-            return dy
-        # Chunks of a gradient laid out batch-innermost (Dense's dx comes transposed) would be read with
-        # long strides by every chunked layer; one copy first is cheaper (measured at batch 128).
-        dy = dy.contiguous()
-        sums: list[dict[str, torch.Tensor]] = [{} for _ in head]
-        dxs = []
-        start = 0
-        for cache, size in zip(caches, sizes):
-            for layer, c in zip(head, cache):
-                layer._cache = c
-            d = dy[start:start + size]
-            start += size
-            d = self._run_backward(head, d)
-            dxs.append(d)
-            for acc, layer in zip(sums, head):
-                for key, g in layer.grads.items():
-                    if key in acc:
-                        acc[key].add_(g)
-                    else:
-                        acc[key] = g
-        for acc, layer in zip(sums, head):
-            layer.grads.update(acc)
-        if dxs[0] is None:
-            return None
-        return torch.cat(dxs)
+        return plan.backward(dy)
+
+    def clear_cache(self) -> None:
+        """Drop what the last forward kept (after evaluation, when no backward follows)."""
+        self._pending = None
+        if self._plan is not None:
+            self._plan.clear_cache()
+        for layer in self.layers:
+            layer.clear_cache()
 
     def set_input_grad(self, needed: bool) -> None:
         """Ask the first layer to return dL/dinput (saliency, gradcheck) or to skip it (training)."""
@@ -280,8 +225,7 @@ class Sequential:
     def predict(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Outputs (logits) for x in evaluation mode, in batches to bound memory."""
         outs = [self.forward(x[i:i + batch_size], train=False) for i in range(0, x.shape[0], batch_size)]
-        for layer in self.layers:  # drop what forward kept for a backward that will not come
-            layer.clear_cache()
+        self.clear_cache()  # drop what forward kept for a backward that will not come
         return torch.cat(outs) if outs else torch.empty(0)
 
     # -- state -------------------------------------------------------------------------------
@@ -346,6 +290,8 @@ class Sequential:
         out.append(line)
         total = self.num_params()
         nbytes = sum(p.numel() * p.element_size() for p in self.params().values())
+        out.append("Execution plan: " + "\n".join(self.plan().describe()))
+        out.append(line)
         out.append(f"Total params: {total:,} ({nbytes / 2**20:.2f} MiB)")
         return "\n".join(out)
 
@@ -359,27 +305,3 @@ class Sequential:
 
     def __repr__(self) -> str:
         return f"Sequential({', '.join(repr(layer) for layer in self.layers)})"
-
-
-def layer_config(layer: Layer) -> dict[str, Any]:
-    cfg = layer.get_config()
-    return {"class": type(layer).__name__, "config": _plain(cfg)}
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def layer_from_config(entry: dict[str, Any]) -> Layer:
-    from .layers import LAYERS
-
-    cls_name = entry.get("class")
-    if cls_name not in LAYERS:
-        raise ValueError(f"unknown layer class {cls_name!r} in model config; known: {sorted(LAYERS)}")
-    return LAYERS[cls_name].from_config(entry.get("config", {}))

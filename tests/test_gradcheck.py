@@ -4,7 +4,6 @@ failure when it is wrong, kinks reported, sampling as documented, inputs left un
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
@@ -51,18 +50,25 @@ def test_eval_mode_and_mse_loss():
     assert max(report.values()) < MODEL_TOL, report.table()
 
 
+def with_layer(model, index, layer):
+    """The same architecture and initial weights with the layer at ``index`` replaced by ``layer``."""
+    layer.name = model.layers[index].name
+    layers = [type(l).from_config(l.get_config()) for l in model.layers]
+    layers[index] = layer
+    rebuilt = Sequential(layers, input_shape=model.input_shape, dtype=model.dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
+
+
 def test_broken_parameter_gradient_is_detected_and_named():
-    model = seed_cnn(input_shape=(1, 10, 10), seed=1, dtype=torch.float64)
-    dense = model.layers[4]
-    assert dense.name == "dense1"
+    class FlippedBias(Dense):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            self.grads["bias"] = -self.grads["bias"]  # one sign flipped in one layer
+            return dx
 
-    def flipped(self, dy):
-        dx = Dense.backward(self, dy)
-        self.grads["bias"] = -self.grads["bias"]  # one sign flipped in one layer
-        return dx
-
-    # A bound method, so the deep copy gradcheck works on carries the patch with it.
-    dense.backward = types.MethodType(flipped, dense)
+    model = with_layer(seed_cnn(input_shape=(1, 10, 10), seed=1, dtype=torch.float64), 4, FlippedBias(128))
+    assert model.layers[4].name == "dense1"
     report = gradcheck(model, SoftmaxCrossEntropy(), *batch())
     assert report.failures(MODEL_TOL) == ["dense1.bias"], report.table()
     assert report["dense1.bias"] > 0.5
@@ -70,10 +76,13 @@ def test_broken_parameter_gradient_is_detected_and_named():
 
 
 def test_broken_input_gradient_taints_only_upstream_tensors():
-    model = seed_cnn(input_shape=(1, 10, 10), seed=1, dtype=torch.float64)
-    relu = model.layers[5]  # the ReLU between the two dense layers
-    assert relu.name == "relu2"
-    relu.backward = types.MethodType(lambda self, dy: -ReLU.backward(self, dy), relu)
+    class Negated(ReLU):
+        def backward(self, dy):
+            return -super().backward(dy)
+
+    # the ReLU between the two dense layers
+    model = with_layer(seed_cnn(input_shape=(1, 10, 10), seed=1, dtype=torch.float64), 5, Negated())
+    assert model.layers[5].name == "relu2"
     report = gradcheck(model, SoftmaxCrossEntropy(), *batch())
     assert set(report.failures(MODEL_TOL)) == {"input", "conv1.weight", "conv1.bias", "dense1.weight",
                                                "dense1.bias"}, report.table()
@@ -113,16 +122,15 @@ def test_sampling_limits_and_includes_the_largest_gradient():
     assert DEFAULT_MAX_ELEMENTS == 64
     # The element with the largest analytic gradient is always among those checked: spoiling only that one
     # is caught even when just 3 of 200 elements are checked.
-    dense = model.layers[3]
+    class SpoilLargest(Dense):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            g = self.grads["weight"]
+            largest = torch.unravel_index(g.abs().argmax(), g.shape)  # the weight is not contiguous
+            g[largest] *= 2
+            return dx
 
-    def spoil_largest(self, dy):
-        dx = Dense.backward(self, dy)
-        g = self.grads["weight"]
-        largest = torch.unravel_index(g.abs().argmax(), g.shape)  # the weight is not contiguous
-        g[largest] *= 2
-        return dx
-
-    dense.backward = types.MethodType(spoil_largest, dense)
+    model = with_layer(model, 3, SpoilLargest(10))
     for seed in range(3):
         spoiled = gradcheck(model, SoftmaxCrossEntropy(), x, y, max_elements=3, seed=seed)
         assert spoiled["dense2.weight"] > 0.3 and spoiled["dense2.bias"] < MODEL_TOL

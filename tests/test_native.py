@@ -249,10 +249,11 @@ def _fusion_cases(count=30):
 def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, monkeypatch, kernel, c, filters,
                                                                     pool, pstride, cstride, padding, relu, hw,
                                                                     dtype, input_grad):
-    """The fused forward (Conv2D.forward_pooled) and, for a first layer, the fused backward
-    (Conv2D.backward_pooled) against the same layers run one by one."""
+    """The fused node's forward (ConvPool) and, for a first layer, its fused backward against the same layers
+    run one by one (fusion off)."""
     from convdescent import Flatten, ReLU, Sequential, SoftmaxCrossEntropy
     from convdescent.layers import Conv2D, Dense
+    from convdescent.plan import ConvPool
 
     layers = [Conv2D(filters, kernel, cstride, padding)] + ([ReLU()] if relu else []) + [MaxPool2D(pool, pstride)]
     model = Sequential(layers + [Flatten(), Dense(4)], input_shape=(c, *hw), seed=2, dtype=dtype)
@@ -262,22 +263,23 @@ def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, 
     y = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(10))
     runs = []
     forward_calls, backward_calls = [], []
-    forward_pooled, backward_pooled = Conv2D.forward_pooled, Conv2D.backward_pooled
+    fused_forward, fused_backward = ConvPool._fused_forward, ConvPool._fused_backward
 
     def counted_forward(self, *args):
-        out = forward_pooled(self, *args)
+        out = fused_forward(self, *args)
         forward_calls.append(out is not None)
         return out
 
     def counted_backward(self, *args):
-        done = backward_pooled(self, *args)
+        done = fused_backward(self, *args)
         backward_calls.append(done)
         return done
 
+    monkeypatch.setattr(ConvPool, "_fused_forward", counted_forward)
+    monkeypatch.setattr(ConvPool, "_fused_backward", counted_backward)
     for fused in (True, False):
-        monkeypatch.setattr(Conv2D, "FUSE_MAX_PATCH", 32 if fused else 0)
-        monkeypatch.setattr(Conv2D, "forward_pooled", counted_forward)
-        monkeypatch.setattr(Conv2D, "backward_pooled", counted_backward if fused else lambda self, *a: False)
+        model.set_fusion(fused)
+        assert isinstance(model.plan().nodes[0], ConvPool) == fused
         model.chunk_size = 2  # fused: one pass (nothing left to chunk); unfused: chunks of 2
         logits = model.forward(x, train=True)
         loss, dlogits = SoftmaxCrossEntropy()(logits, y)
@@ -301,34 +303,56 @@ def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, 
         torch.testing.assert_close(g1[k], g2[k], rtol=tol, atol=tol)
 
 
-def test_a_probe_on_the_conv_keeps_its_output_written(kernels_on):
+def test_a_hook_on_the_conv_splits_its_fused_node(kernels_on):
     from convdescent import Flatten, ReLU, Sequential
     from convdescent.layers import Conv2D, Dense
 
     model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(1, 10, 10), seed=0)
+    model.set_fusion(True)  # about the fused nodes, whatever CONVDESCENT_FUSION says
+    assert model.plan().nodes[0].label == "conv1+relu1+pool1"
     seen = []
-    conv = model.layers[0]
-    plain = conv.forward
-
-    def probe(x, train=False):
-        y = plain(x, train)
-        seen.append(y.shape)
-        return y
-
-    conv.forward = probe
+    handle = model.register_hook("after_forward", lambda name, layer, out: seen.append((name, out.shape)),
+                                 layer="conv1")
+    assert model.plan().nodes[0].label == "conv1"
+    assert "conv1+relu1+pool1: not fused" in str(model.plan())
     model.forward(torch.randn(2, 1, 10, 10), train=True)
-    assert seen == [(2, 4, 8, 8)]
+    assert seen == [("conv1", (2, 4, 8, 8))]
+    handle.remove()
+    # a hook that must not split sees nothing of the conv, and the node stays fused
+    model.register_hook("after_forward", lambda name, layer, out: seen.append((name, out.shape)), layer="conv1",
+                        split=False)
+    assert model.plan().nodes[0].label == "conv1+relu1+pool1"
+    assert "are not called" in str(model.plan())
+    model.forward(torch.randn(2, 1, 10, 10), train=True)
+    assert len(seen) == 1
+
+
+def test_a_hook_on_the_pool_keeps_the_node_fused(kernels_on):
+    """The fused node's output is the pool's (written order): a hook there sees pool(relu(conv(x)))."""
+    from convdescent import Flatten, ReLU, Sequential
+    from convdescent.layers import Conv2D, Dense
+
+    model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(1, 10, 10), seed=0)
+    model.set_fusion(True)
+    seen = []
+    model.register_hook("after_forward", lambda name, layer, out: seen.append(out.clone()), layer=model.layers[2])
+    assert model.plan().nodes[0].label == "conv1+relu1+pool1"
+    x = torch.randn(3, 1, 10, 10)
+    model.forward(x, train=True)
+    net = model.to_torch()
+    with torch.no_grad():
+        want = net[2](net[1](net[0](x)))
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_large_patches_are_not_fused(kernels_on, monkeypatch):
-    from convdescent.layers import Conv2D
+    from convdescent import Flatten, Sequential
+    from convdescent.layers import Conv2D, Dense
 
-    conv = Conv2D(8, 3)
-    conv.build((4, 9, 9))  # 4*3*3 = 36 > FUSE_MAX_PATCH
-    pool = MaxPool2D(2)
-    pool.build((8, 7, 7))
-    assert conv.forward_pooled(torch.randn(2, 4, 9, 9), pool, True) is None
-    assert conv._cache is None and pool._cache is None  # nothing was done
+    model = Sequential([Conv2D(8, 3), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(4, 9, 9), seed=0)
+    conv, pool = model.layers[:2]  # 4*3*3 = 36 > FUSE_MAX_PATCH
+    assert not conv.fuses_with(pool)
+    assert [node.label for node in model.plan().nodes[:2]] == ["conv1", "pool1"]
 
 
 def test_a_fused_pair_inside_chunks_next_to_an_unfused_conv(kernels_on):
@@ -339,13 +363,15 @@ def test_a_fused_pair_inside_chunks_next_to_an_unfused_conv(kernels_on):
 
     model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Conv2D(6, 3, padding="same"), ReLU(), MaxPool2D(2),
                         Flatten(), Dense(5)], input_shape=(1, 14, 14), seed=4, dtype=torch.float64)
+    model.set_fusion(True)
     model.chunk_size = 3
-    assert model._chunked_prefix() == 7
+    plan = model.plan()
+    assert sum(len(node.members) for node in plan.head) == 7
+    assert plan.nodes[0].label == "conv1+relu1+pool1" and plan.nodes[1].label == "conv2"
     x = torch.randn(8, 1, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(3))
     model.set_input_grad(True)
     loss, dlogits = SoftmaxCrossEntropy()(model.forward(x, train=True), y)
-    assert model.layers[2]._cache is not None and model._run[2][0][1][0] == "native"  # pool1, first chunk
     dx = model.backward(dlogits)
     net = model.to_torch()
     xr = x.clone().requires_grad_()
@@ -482,6 +508,7 @@ def test_fused_conv_pool_reads_any_input_layout(kernels_on, c, padding, cstride,
 
     model = Sequential([Conv2D(5, 3, cstride, padding), MaxPool2D(2), Flatten(), Dense(3)],
                        input_shape=(c, 11, 9), seed=3, dtype=torch.float64)
+    model.set_fusion(True)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(6, c, 11, 9, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=gen)
@@ -495,7 +522,7 @@ def test_fused_conv_pool_reads_any_input_layout(kernels_on, c, padding, cstride,
     results = []
     for inp in (x, other):
         logits = model.forward(inp, train=True)
-        assert model.layers[1]._cache[0] == "native"  # the fused forward ran
+        assert model.plan().nodes[0]._cache[0] == "fused"  # the fused forward ran
         _, dlogits = SoftmaxCrossEntropy()(logits, y)
         model.backward(dlogits)
         results.append((logits, {k: g.clone() for k, g in model.grads().items()}))
@@ -505,30 +532,38 @@ def test_fused_conv_pool_reads_any_input_layout(kernels_on, c, padding, cstride,
         assert torch.equal(g1[k], g2[k]), k
 
 
-def test_fused_backward_after_an_unfused_forward(kernels_on):
-    """Called after the conv's own forward (its columns written) and a native pool forward, the first-layer
-    fused backward reads the input kept in the conv's cache and gives the two layers' backwards' gradients."""
-    from convdescent.layers import Conv2D
+def test_conv_pool_node_without_its_kernel_runs_the_layers_and_gives_the_same_gradients(kernels_on):
+    """With the kernels off during its forward the node runs its layers one by one (their own caches); its
+    backward then takes their backwards, and the gradients equal those of the fused passes."""
+    from convdescent.layers import Conv2D, ReLU
+    from convdescent.plan import ConvPool
 
-    conv, pool = Conv2D(4, 3, padding="same"), MaxPool2D(2)
+    conv, relu, pool = Conv2D(4, 3, padding="same"), ReLU(), MaxPool2D(2)
     conv.build((2, 10, 10), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     pool.build(conv.output_shape)
-    conv.needs_input_grad = False
+    node = ConvPool(("conv1", conv), ("relu1", relu), ("pool1", pool))
     gen = torch.Generator().manual_seed(6)
     conv.params["bias"].normal_(generator=gen)
     x = torch.randn(4, 2, 10, 10, generator=gen, dtype=torch.float64)
     dy = torch.randn(4, 4, 5, 5, generator=gen, dtype=torch.float64)
-    grads = []
-    for fused in (True, False):
-        pool.forward(conv.forward(x, True), True)
-        assert conv._cache[0] is not None and pool._cache[0] == "native"
-        if fused:
-            assert conv.backward_pooled(dy, pool)
-        else:
-            assert conv.backward(pool.backward(dy)) is None
-        grads.append({k: g.clone() for k, g in conv.grads.items()})
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-12, atol=1e-12)
+    results = []
+    for first_layer in (True, False):
+        conv.needs_input_grad = not first_layer
+        for kernel_forward in (True, False):
+            previous = native.set_enabled(kernel_forward)
+            try:
+                y = node.forward(x, True)
+            finally:
+                native.set_enabled(previous)
+            assert node._cache[0] == ("fused" if kernel_forward else "layers")
+            dx = node.backward(dy)
+            assert (dx is None) == first_layer
+            results.append((y, dx, {k: g.clone() for k, g in conv.grads.items()}))
+    for y, dx, grads in results[1:]:
+        torch.testing.assert_close(y, results[0][0], rtol=1e-12, atol=1e-12)
+        for k in grads:
+            torch.testing.assert_close(grads[k], results[0][2][k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[2][1], results[3][1], rtol=1e-12, atol=1e-12)
 
 
 def test_native_dense_rejects_a_mismatched_gradient_like_the_torch_path(kernels_on, monkeypatch):

@@ -99,7 +99,7 @@ def test_conv_activations_and_filter_pictures(tmp_path):
         h2 = model.layers[3].forward(model.layers[2].forward(h1, False), False)
     torch.testing.assert_close(maps[0][1], h1[0])
     torch.testing.assert_close(maps[1][1], h2[0])
-    assert not any("forward" in vars(layer) for _, layer in model.all_layers())
+    assert len(model.hooks) == 0  # the capturing hooks are gone
     assert first_conv(model)[0] == "conv1"
     paths = write_filter_pictures(model, x[:1], tmp_path)
     assert [p.name for p in paths] == ["filters_conv1.png", "activations_conv1_relu1.png", "activations_conv2.png"]

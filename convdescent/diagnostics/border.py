@@ -297,8 +297,7 @@ def input_gradient_map(model: Sequential, loss_fn, x: torch.Tensor, y: torch.Ten
             total += dx.abs().sum(dim=(0, 1)).double()
     finally:
         first.needs_input_grad = old
-        for layer in model.layers:
-            layer.clear_cache()
+        model.clear_cache()
     return total / (x.shape[0] * x.shape[1])
 
 

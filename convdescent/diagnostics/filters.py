@@ -53,26 +53,17 @@ def conv_activations(model: Sequential, x: torch.Tensor) -> list[tuple[str, torc
     if not targets:
         raise ValueError(f"model '{model.name}' has no Conv2D layer, so it has no activation maps")
     captured: dict[int, torch.Tensor] = {}
-    installed = []
+    handles = []
     for idx, (_, layer) in enumerate(targets):
-        original = layer.forward
-
-        def hook(inp, train=False, _orig=original, _idx=idx):
-            out = _orig(inp, train)
+        def keep(name, lyr, out, _idx=idx):
             captured[_idx] = out.detach().clone()
-            return out
 
-        had_own = "forward" in vars(layer)
-        layer.forward = hook
-        installed.append((layer, had_own, original))
+        handles.append(model.register_hook("after_forward", keep, layer=layer))
     try:
         model.predict(x)
     finally:
-        for layer, had_own, original in installed:
-            if had_own:
-                layer.forward = original
-            else:
-                del layer.forward
+        for handle in handles:
+            handle.remove()
     return [(label, captured[i][0]) for i, (label, _) in enumerate(targets)]
 
 

@@ -50,6 +50,8 @@ from ..layers.activations import LeakyReLU, ReLU
 from ..layers.base import Layer
 from ..layers.dropout import rng_states, set_rng_states
 from ..layers.pool import MaxPool2D
+from ..hooks import Hooks
+from ..plan import compile_plan
 
 DEFAULT_MAX_ELEMENTS = 64
 FLOOR_FRACTION = 1e-3
@@ -169,26 +171,30 @@ def _probe_for(layer: Layer):
     return None
 
 
-def _install_probes(layers: list[Layer], record: list[torch.Tensor]) -> None:
-    """Wrap each kinked layer's forward (on the private copy) so it appends its kink pattern to ``record``."""
-    for layer in layers:
+def _kink_recorder(record: list[torch.Tensor]):
+    """(before_forward hook, after_forward hook) that append each kinked layer's pattern to ``record``."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def before(name, layer, x):
+        inputs[name] = x
+
+    def after(name, layer, y):
+        x = inputs.pop(name)
         probe = _probe_for(layer)
-        if probe is None:
-            continue
-        inner = layer.forward
+        if probe is not None:
+            record.append(probe(layer, x, y))
 
-        def forward(x, train=False, _inner=inner, _probe=probe, _layer=layer):
-            y = _inner(x, train)
-            record.append(_probe(_layer, x, y))
-            return y
-
-        layer.forward = forward
+    return before, after
 
 
-def _all_layers(layer: Layer) -> list[Layer]:
-    found = [layer]
+def _kinked_names(named_layers) -> list[str]:
+    return [name for name, layer in named_layers if _probe_for(layer) is not None]
+
+
+def _layer_names(layer: Layer, prefix: str = "") -> list[tuple[str, Layer]]:
+    found = [(prefix + layer.name, layer)]
     for sub in layer.sublayers():
-        found.extend(_all_layers(sub))
+        found.extend(_layer_names(sub, f"{prefix}{layer.name}."))
     return found
 
 
@@ -305,8 +311,10 @@ def gradcheck(model, loss, x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6,
     else:
         y = y.to(device)
     record: list[torch.Tensor] = []
-    layers = [layer for _, layer in model.all_layers()]
-    _install_probes(layers, record)
+    before, after = _kink_recorder(record)
+    for name in _kinked_names(model.all_layers()):  # their own inputs and outputs: fused nodes split there
+        model.register_hook("before_forward", before, layer=name)
+        model.register_hook("after_forward", after, layer=name)
     rng = rng_states(model)
     model.set_input_grad(include_input)
 
@@ -337,8 +345,7 @@ def gradcheck(model, loss, x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6,
         if name == "input":
             layer_name, param = "input", "input"
         results.append(_result(layer_name, param, grad, numeric, kinked, indices, floor))
-    for layer in layers:
-        layer.clear_cache()
+    model.clear_cache()
     return GradcheckReport(results)
 
 
@@ -383,8 +390,15 @@ def check_layer(layer: Layer, input_shape, batch_size: int = 2, train: bool = Tr
             raise ValueError(f"x must have shape (N, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
         x = x.detach().to(device=device, dtype=torch.float64).clone(memory_format=torch.contiguous_format)
     record: list[torch.Tensor] = []
-    everything = _all_layers(layer)
-    _install_probes(everything, record)
+    named = _layer_names(layer)
+    everything = [sub for _, sub in named]
+    hooks = Hooks()
+    before, after = _kink_recorder(record)
+    for name in _kinked_names(named):
+        hooks.add("before_forward", before, name)
+        hooks.add("after_forward", after, name)
+    # the layer alone as a plan, so nested layers (a Residual's) report their kinks through the same hooks
+    plan = compile_plan([layer], hooks, fusion=False, chunk_size=0)
     rng = rng_states(layer)
     layer.needs_input_grad = True
 
@@ -392,7 +406,7 @@ def check_layer(layer: Layer, input_shape, batch_size: int = 2, train: bool = Tr
         set_rng_states(layer, rng)
         for sub in everything:
             sub.training = train
-        return layer.forward(x, train)
+        return plan.forward(x, train)
 
     out = run_forward()
     if upstream is None:
@@ -401,7 +415,7 @@ def check_layer(layer: Layer, input_shape, batch_size: int = 2, train: bool = Tr
         if tuple(upstream.shape) != tuple(out.shape):
             raise ValueError(f"upstream must have the output's shape {tuple(out.shape)}, got {tuple(upstream.shape)}")
         r = upstream.detach().to(device=device, dtype=torch.float64)
-    dx = layer.backward(r)
+    dx = plan.backward(r)
     record.clear()
     targets = [("input", "input", x, dx.clone())]
     for (name, tensor), (_, grad) in zip(layer.named_params(), layer.named_grads()):
@@ -421,7 +435,7 @@ def check_layer(layer: Layer, input_shape, batch_size: int = 2, train: bool = Tr
         # clone: an output may be a view of the input (Flatten), which the next perturbation would change
         numeric, kinked = _compare(lambda: run_forward().clone(), difference, record, tensor, eps, indices)
         results.append(_result(qualified, param, grad, numeric, kinked, indices, floor))
-    layer.clear_cache()
+    plan.clear_cache()
     return results
 
 

@@ -19,8 +19,8 @@ each warning naming the figure that set it off and a remedy:
     loss_plateau          the mean loss of the last ``plateau_window`` checks less than ``plateau_tol``
                           (relative) below that of the ``plateau_window`` checks before
 
-Cost: the monitor does nothing on other steps. On a monitored step it wraps the layers' ``forward`` for
-that step only, computes its figures on the device and reads them back with a single host sync.
+Cost: the monitor does nothing on other steps. On a monitored step it hooks the layers' forward (``model.register_hook``)
+for that step only, computes its figures on the device and reads them back with a single host sync.
 ``benchmarks/monitor_overhead.py`` measures the cost against a run without the monitor.
 """
 
@@ -34,11 +34,11 @@ from typing import Any, Callable, TextIO
 
 import torch
 
+from ..layers.activations import ReLU
 from ..train.callbacks import Callback
 
 # Layer kinds whose outputs are summarized (activation mean/std); pure reshapes and dropout are skipped.
 _SKIP_KINDS = {"flatten", "dropout"}
-_RELU_CLASSES = {"ReLU"}
 _STDERR: Any = object()  # "print to whatever sys.stderr is when a warning comes"
 
 REMEDIES = {
@@ -143,17 +143,19 @@ def clipped_fractions(names, grads, params, norms, specs: list[ClipSpec]) -> lis
     return out
 
 
-# -- activations: wrap forward on monitored steps only -----------------------------------------------------
+# -- activations: hooks on monitored steps only -----------------------------------------------------
 
 class ActivationProbe:
-    """Collects output statistics of chosen layers during one training forward.
+    """Collects output statistics of chosen layers during training forwards, through after_forward hooks.
 
-    ``arm()`` puts a wrapper in front of each layer's ``forward`` (an instance attribute, so other layers
-    and later steps run the plain method); ``disarm()`` removes it. A forward may reach a layer in several
-    chunks (``Sequential`` runs its leading layers chunk by chunk), so sums are accumulated.
+    ``arm()`` registers one hook per layer on the model; ``disarm()`` removes them, so unmonitored steps run
+    the plan without hooks (and with every fusion the plan has; a hooked conv or ReLU runs outside its fused
+    node while armed, which ``model.plan()`` shows). A forward may reach a layer in several chunks (a chunked
+    stage of the plan), so sums are accumulated.
     """
 
     def __init__(self, model):
+        self.model = model
         self.layers = []
         for name, layer in model.all_layers():
             if layer.sublayers() or layer.kind in _SKIP_KINDS:
@@ -162,36 +164,28 @@ class ActivationProbe:
                 continue  # pooling, reshapes: nothing new to say about the distribution
             self.layers.append((name, layer))
         self.armed = False
+        self._handles: list = []
         self._acc: dict[str, list] = {}
 
     def arm(self) -> None:
         if self.armed:
             return
         self._acc = {}
-        for name, layer in self.layers:
-            original = layer.forward
-            is_relu = type(layer).__name__ in _RELU_CLASSES
-
-            def wrapper(x, train=False, _orig=original, _name=name, _relu=is_relu):
-                y = _orig(x, train)
-                if train:
-                    self._record(_name, y, _relu)
-                return y
-
-            layer.__dict__["_health_saved_forward"] = layer.__dict__.get("forward")
-            layer.forward = wrapper
+        self._handles = [self.model.register_hook("after_forward", self._on_forward, layer=name)
+                         for name, _ in self.layers]
         self.armed = True
 
     def disarm(self) -> None:
         if not self.armed:
             return
-        for _, layer in self.layers:
-            saved = layer.__dict__.pop("_health_saved_forward", None)
-            if saved is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = saved
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self.armed = False
+
+    def _on_forward(self, name: str, layer, y: torch.Tensor) -> None:
+        if layer.training:  # evaluation forwards say nothing about the training step
+            self._record(name, y, isinstance(layer, ReLU))
 
     @torch.no_grad()
     def _record(self, name: str, y: torch.Tensor, relu: bool) -> None:
@@ -420,7 +414,7 @@ class HealthMonitor(Callback):
             the data, whose losses differ by a few percent in a run that still improves by 10% an epoch,
             and so raised false plateau warnings.
         plateau_tol: smallest relative improvement between windows that is not a plateau.
-        activations: also record activation statistics (wraps forward on monitored steps).
+        activations: also record activation statistics (hooks the forward on monitored steps).
         stream: where warnings are printed (default: sys.stderr at the time of printing; None: not printed).
         sink: callable receiving every record; default: the ``write`` of the trainer's ``MetricsWriter``.
     """

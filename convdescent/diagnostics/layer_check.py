@@ -244,8 +244,7 @@ def autograd_rows(model, loss, x: torch.Tensor, y: torch.Tensor) -> tuple[list[R
             layer, param = "input", "input"
         rows.append(Row("autograd", layer, param, tuple(g.shape), g.numel(), rel, 0, verdict(rel),
                         f"vs torch {rname}"))
-    for _, layer in m.all_layers():
-        layer.clear_cache()
+    m.clear_cache()
     return rows, "train" if train else "eval"
 
 

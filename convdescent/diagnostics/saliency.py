@@ -39,8 +39,7 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
 
 
 def _clear(model: Sequential) -> None:
-    for layer in model.layers:
-        layer.clear_cache()
+    model.clear_cache()
 
 
 @torch.no_grad()

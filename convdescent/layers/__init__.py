@@ -8,26 +8,19 @@ from .dense import Dense
 from .dropout import Dropout
 from .norm import BatchNorm1D, BatchNorm2D, LayerNorm
 from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from .registry import LAYERS, layer_config, layer_from_config, register_layer
 from .reshape import Flatten
 from .residual import Residual
 from .tokens import ClassToken, PatchEmbed, PositionEmbedding, TokenPool
 from .torch_module import TorchModule
 
-LAYERS: dict[str, type[Layer]] = {
-    cls.__name__: cls
-    for cls in (Conv2D, Dense, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Tanh,
-                Sigmoid, Softmax, Dropout, BatchNorm2D, BatchNorm1D, Residual, TorchModule, GELU, SiLU, LayerNorm, MultiHeadSelfAttention,
-                PatchEmbed, PositionEmbedding, ClassToken, TokenPool)
-}
-
-
-def register_layer(cls: type[Layer]) -> type[Layer]:
-    """Make a layer class known to ``Sequential.from_config`` (usable as a decorator)."""
-    LAYERS[cls.__name__] = cls
-    return cls
+for _cls in (Conv2D, Dense, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Tanh, Sigmoid,
+             Softmax, Dropout, BatchNorm2D, BatchNorm1D, Residual, TorchModule, GELU, SiLU, LayerNorm,
+             MultiHeadSelfAttention, PatchEmbed, PositionEmbedding, ClassToken, TokenPool):
+    register_layer(_cls)
 
 
 __all__ = ["Layer", "Conv2D", "Dense", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "ReLU",
            "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "Dropout", "BatchNorm2D", "BatchNorm1D", "Residual",
            "TorchModule", "GELU", "SiLU", "LayerNorm", "MultiHeadSelfAttention", "PatchEmbed", "PositionEmbedding",
-           "ClassToken", "TokenPool", "LAYERS", "register_layer"]
+           "ClassToken", "TokenPool", "LAYERS", "register_layer", "layer_config", "layer_from_config"]

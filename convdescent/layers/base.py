@@ -81,6 +81,15 @@ class Layer:
         for sub in self.sublayers():
             sub.clear_cache()
 
+    def take_cache(self):
+        """What the last forward kept, handed over and cleared (a chunked plan keeps one per chunk)."""
+        cache, self._cache = self._cache, None
+        return cache
+
+    def put_cache(self, cache) -> None:
+        """Give back a cache from ``take_cache``, so the next ``backward`` reads it."""
+        self._cache = cache
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Layer":
         """Rebuild a layer from ``get_config()`` output."""

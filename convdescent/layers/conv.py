@@ -142,7 +142,7 @@ class Conv2D(Layer):
         return out
 
     # -- computation -------------------------------------------------------------------------
-    def _padded(self, x: torch.Tensor):
+    def padded(self, x: torch.Tensor):
         """Check x and pad it: (padded x, the cache fields (shape, pads, (Ho, Wo)))."""
         check_rank(x, 4, self)
         n, c, h, w = x.shape
@@ -158,7 +158,7 @@ class Conv2D(Layer):
         wo = (w + pl + pr - kw) // sw + 1
         return x, ((n, c, h, w), (pt, pb, pl, pr), (ho, wo))
 
-    def _im2col(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+    def im2col(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
         """The patches of the padded input x: cols (N*Ho*Wo, C*kh*kw), one row per output position."""
         n, c = x.shape[:2]
         kh, kw = self.kernel_size
@@ -195,8 +195,8 @@ class Conv2D(Layer):
         return out
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        xp, (shape, pads, (ho, wo)) = self._padded(x)
-        cols = self._im2col(xp, ho, wo)
+        xp, (shape, pads, (ho, wo)) = self.padded(x)
+        cols = self.im2col(xp, ho, wo)
         if self.groups > 1:
             out = self._grouped_forward(cols)
             self._cache = (cols, shape, pads, (ho, wo), None)
@@ -206,8 +206,9 @@ class Conv2D(Layer):
             out = torch.addmm(self.params["bias"], cols, wmat.t())
         else:
             out = cols @ wmat.t()
-        # the cache: the patches, the shapes, and for a first layer the padded input (backward_pooled reads it)
-        self._cache = (cols, shape, pads, (ho, wo), None if self.needs_input_grad else xp)
+        # the cache: the patches, the shapes, and a padded input to lay the patches out from when they are
+        # None (the fused conv + max-pool node of ``convdescent.plan`` hands over only the input)
+        self._cache = (cols, shape, pads, (ho, wo), None)
         return out.view(shape[0], ho, wo, self.filters).permute(0, 3, 1, 2)
 
     # Fused with a following max-pool when a patch has at most this many entries (C*kh*kw): the product per
@@ -216,87 +217,16 @@ class Conv2D(Layer):
     FUSE_MAX_PATCH = 32
 
     def fuses_with(self, pool) -> bool:
-        """Whether ``forward_pooled`` will take this built layer and a built ``pool`` (float CPU inputs)."""
+        """Whether this built layer and a built ``pool`` can run as one native pass (``plan.ConvPool``)."""
         return (self.built and pool.built and self.plain() and self.in_channels * self.kernel_size[0] * self.kernel_size[1]
                 <= self.FUSE_MAX_PATCH and pool.native_ready(self.output_shape)
                 and native.library() is not None and native.enabled())
-
-    def forward_pooled(self, x: torch.Tensor, pool, train: bool = False) -> torch.Tensor | None:
-        """``pool.forward(self.forward(x))`` in one native pass that never writes the conv's output.
-
-        Both layers are left ready for their own ``backward`` exactly as after the two forwards (this
-        layer's patches; the pool's winners). Returns None, having done nothing, when the kernel does not
-        apply (see ``MaxPool2D.native_ready``, patch size, dtype, device); the caller runs them one by one.
-        """
-        if (x.dim() != 4 or x.shape[1] * self.kernel_size[0] * self.kernel_size[1] > self.FUSE_MAX_PATCH
-                or not self.plain()):
-            return None
-        n, _, h, w = x.shape
-        f = self.filters
-        try:
-            _, ho, wo = self.compute_output_shape(tuple(x.shape[1:]))
-        except ValueError:
-            return None
-        if ho <= 0 or not pool.native_ready((f, ho, wo)):
-            return None
-        fn = native.kernel("cd_conv_pool_fwd", x, self.params["weight"])
-        if fn is None:
-            return None
-        xp, (shape, pads, _) = self._padded(x)
-        _, po, qo = pool.compute_output_shape((f, ho, wo))
-        (ph, pw), (sh, sw) = pool.pool_size, pool.stride
-        wt = self.params["weight"].reshape(f, -1).t().contiguous()  # (K, F)
-        bias = self.params["bias"].contiguous() if self.use_bias else None
-        out = torch.empty((n, f, po, qo), dtype=x.dtype, device=x.device)
-        code = torch.empty((n, po, qo, f), dtype=torch.uint8, device=x.device)
-        # the patches are read from the input itself: no im2col (see the kernel's comment)
-        failed = fn(xp.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
-                    code.data_ptr(), n, f, shape[1], *self.kernel_size, *xp.stride(), *self.stride, ho, wo,
-                    po, qo, ph, pw, sh, sw, *out.stride(), native.threads())
-        if failed:  # out of memory for the patch offsets: nothing was written
-            return None
-        self._cache = (None, shape, pads, (ho, wo), xp)  # the patches are laid out only if backward needs them
-        pool._cache = ("native", code, (n, f, ho, wo), (po, qo))
-        return out
-
-    def backward_pooled(self, dy: torch.Tensor, pool) -> bool:
-        """``self.backward(pool.backward(dy))`` in one native pass, when this layer's input needs no
-        gradient (the first layer) and the pool ran natively: each window's gradient goes straight into
-        the weight and bias gradients through its winner's patch, and the conv's output gradient (zero
-        but at the winners) is never written. Returns False, having done nothing, when it does not apply;
-        the caller then runs the two backwards."""
-        if (self.needs_input_grad or self._cache is None or pool._cache is None or pool._cache[0] != "native"
-                or not self.plain()):
-            return False
-        _, (n, c, h, w), pads, (ho, wo), xp = self._cache
-        _, code, pool_in, (po, qo) = pool._cache
-        f = self.filters
-        if pool_in != (n, f, ho, wo) or tuple(dy.shape) != (n, f, po, qo):
-            return False
-        fn = native.kernel("cd_pool_conv_bwd", dy, xp)
-        if fn is None:
-            return False
-        kh, kw = self.kernel_size
-        dwt = torch.empty((c * kh * kw, f), dtype=dy.dtype, device=dy.device)
-        db = torch.empty((f,), dtype=dy.dtype, device=dy.device) if self.use_bias else None
-        (ph, pw), (sh, sw) = pool.pool_size, pool.stride
-        failed = fn(dy.data_ptr(), code.data_ptr(), xp.data_ptr(), dwt.data_ptr(),
-                    db.data_ptr() if db is not None else None, n, f, c, kh, kw, *xp.stride(), *self.stride,
-                    po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
-        if failed:
-            return False
-        self._cache = None
-        pool._cache = None
-        self.grads["weight"] = dwt.t().reshape(f, c, kh, kw)  # the layout backward gives it
-        if db is not None:
-            self.grads["bias"] = db
-        return True
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo), xp = self._cache
         self._cache = None
         if cols is None:  # the fused forward read the patches from the input directly
-            cols = self._im2col(xp, ho, wo)
+            cols = self.im2col(xp, ho, wo)
         kh, kw = self.kernel_size
         sh, sw = self.stride
         dh, dw = self.dilation

@@ -135,6 +135,27 @@ def _route_by_code(dy, code, shape, pool_size, stride):
     return dx.permute(0, 3, 1, 2)
 
 
+def backward_by_code(dy, code, in_shape, pool_size, stride) -> torch.Tensor:
+    """dL/dx of a max-pool whose forward recorded each window's winner as a byte ``k*pw + l``.
+
+    Args:
+        dy: (N, C, Ho, Wo); code: uint8 (N, Ho, Wo, C); in_shape: the pool's input shape (N, C, H, W).
+
+    Returns:
+        dL/dx (N, C, H, W), laid out channels-last.
+    """
+    n, c, h, w = in_shape
+    ho, wo = code.shape[1], code.shape[2]
+    (ph, pw), (sh, sw) = pool_size, stride
+    fn = native.kernel("cd_maxpool_bwd", dy)
+    if fn is not None and dy.shape == (n, c, ho, wo):
+        dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
+        fn(dy.data_ptr(), code.data_ptr(), dx.data_ptr(), n, c, h, w, ho, wo, *dy.stride(),
+           ph, pw, sh, sw, native.threads())
+        return dx.permute(0, 3, 1, 2)
+    return _route_by_code(dy, code, in_shape, pool_size, stride)
+
+
 class MaxPool2D(_Pool2D):
     """Max pooling over (ph, pw) windows.
 
@@ -221,14 +242,8 @@ class MaxPool2D(_Pool2D):
         cache, self._cache = self._cache, None
         (ph, pw), (sh, sw) = self.pool_size, self.stride
         if cache[0] == "native":
-            _, code, (n, c, h, w), (ho, wo) = cache
-            fn = native.kernel("cd_maxpool_bwd", dy)
-            if fn is not None and dy.shape == (n, c, ho, wo):
-                dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dy.device)
-                fn(dy.data_ptr(), code.data_ptr(), dx.data_ptr(), n, c, h, w, ho, wo, *dy.stride(),
-                   ph, pw, sh, sw, native.threads())
-                return dx.permute(0, 3, 1, 2)
-            return _route_by_code(dy, code, (n, c, h, w), self.pool_size, self.stride)
+            _, code, in_shape, _ = cache
+            return backward_by_code(dy, code, in_shape, self.pool_size, self.stride)
         gains_w, gains_h, x_shape, row_shape, (ho, wo), (pt, pb, pl, pr) = cache
         dh, dw = self.dilation
         d_row = _max_1d_backward(dy.permute(0, 2, 3, 1), gains_h, row_shape, 1, ph, sh, ho, dh)

@@ -17,6 +17,7 @@ import torch
 from .base import Layer, assign_names, check_rank
 from .conv import Conv2D
 from .dense import Dense
+from .registry import layer_config, layer_from_config
 
 
 class ResidualModule(torch.nn.Module):
@@ -158,15 +159,11 @@ class Residual(Layer):
 
     # -- description -------------------------------------------------------------------------
     def get_config(self):
-        from ..model import layer_config  # the model module imports the layers package
-
         return {"layers": [layer_config(layer) for layer in self.layers], "projection": self.projection_mode,
                 "name": self.name}
 
     @classmethod
     def from_config(cls, config):
-        from ..model import layer_from_config
-
         config = dict(config)
         layers = [layer_from_config(entry) for entry in config.pop("layers")]
         return cls(layers, **config)

@@ -183,8 +183,7 @@ def evaluate(model, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int =
         logits = model.forward(xb, train=False)
         loss_sum += loss_fn.value(logits, yb).double() * xb.shape[0]
         correct += (logits.argmax(dim=1) == yb).sum()
-    for layer in model.layers:
-        layer.clear_cache()
+    model.clear_cache()
     return float(loss_sum) / n, float(correct) / n
 
 
@@ -197,8 +196,7 @@ def predict_logits(model, x: torch.Tensor, batch_size: int = 1000, normalizer=No
         if normalizer is not None:
             xb = normalizer(xb)
         outs.append(model.forward(xb, train=False))
-    for layer in model.layers:
-        layer.clear_cache()
+    model.clear_cache()
     if not outs:
         return torch.empty((0, 0))
     return torch.cat(outs)
