@@ -12,8 +12,9 @@ from convdescent import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Sequential, S
 from convdescent.data.synthetic import write_npz_dataset
 from convdescent.diagnostics.cli import initial_weights
 from convdescent.diagnostics.cli import main as diag_main
+from convdescent.train.step import evaluate
 from convdescent.diagnostics.landscape import (compute_landscape, filter_normalized_direction, loss_on_line,
-                                               loss_on_plane, mean_loss)
+                                               loss_on_plane)
 
 
 # one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
@@ -38,12 +39,12 @@ def test_line_hits_both_ends_and_restores_weights():
     res = loss_on_line(model, loss, theta0, model.params(), [0.0, 0.5, 1.0], {"train": (x, y)})
     for k, p in model.params().items():
         assert torch.equal(p, final[k])  # weights put back, even though theta1 was the model's own tensors
-    assert res["train"]["loss"][2] == pytest.approx(mean_loss(model, loss, x, y)[0], rel=1e-6)
+    assert res["train"]["loss"][2] == pytest.approx(evaluate(model, loss, x, y)[0], rel=1e-6)
     model.load_state_dict({**model.state_dict(), **theta0})
-    assert res["train"]["loss"][0] == pytest.approx(mean_loss(model, loss, x, y)[0], rel=1e-6)
+    assert res["train"]["loss"][0] == pytest.approx(evaluate(model, loss, x, y)[0], rel=1e-6)
     mid = {k: 0.5 * (theta0[k] + final[k]) for k in final}
     model.load_state_dict({**model.state_dict(), **mid})
-    assert res["train"]["loss"][1] == pytest.approx(mean_loss(model, loss, x, y)[0], rel=1e-5)
+    assert res["train"]["loss"][1] == pytest.approx(evaluate(model, loss, x, y)[0], rel=1e-5)
     with pytest.raises(ValueError, match="initial weights do not match"):
         loss_on_line(model, loss, {"w": torch.zeros(1)}, final, [0.0], {"train": (x, y)})
 
@@ -66,7 +67,7 @@ def test_plane_center_is_the_final_loss_and_landscape_summary(tmp_path):
 
     model, theta0, x, y = setup()
     loss = SoftmaxCrossEntropy()
-    center_loss = mean_loss(model, loss, x, y)[0]
+    center_loss = evaluate(model, loss, x, y)[0]
     res = compute_landscape(model, loss, theta0, {"train": (x, y)}, line_points=5, plane_points=3,
                             plane_range=0.5, seed=2)
     assert res.alphas[0] == -0.25 and res.alphas[-1] == 1.25 and len(res.alphas) == 5

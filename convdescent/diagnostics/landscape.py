@@ -21,28 +21,7 @@ from pathlib import Path
 import torch
 
 from ..model import Sequential
-
-
-@torch.no_grad()
-def mean_loss(model: Sequential, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
-    """Mean loss and accuracy of the model's current weights on (x, y), evaluation mode, in batches.
-
-    Args:
-        x: normalized inputs (N, C, H, W); y: labels (N,).
-
-    Returns:
-        (loss, accuracy) as floats.
-    """
-    n = x.shape[0]
-    loss = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    for i in range(0, n, batch_size):
-        logits = model.forward(x[i:i + batch_size], train=False)
-        loss += loss_fn.value(logits, y[i:i + batch_size]).double() * logits.shape[0]
-        correct += (logits.argmax(dim=1) == y[i:i + batch_size]).sum()
-    for layer in model.layers:
-        layer.clear_cache()
-    return float(loss) / n, float(correct) / n
+from ..train.step import evaluate
 
 
 def _check_same(a: dict, b: dict, what: str) -> None:
@@ -81,7 +60,7 @@ def loss_on_line(model: Sequential, loss_fn, theta0: dict, theta1: dict, alphas,
             for k, p in params.items():
                 torch.lerp(theta0[k], theta1[k], float(a), out=p)
             for name, (x, y) in data.items():
-                loss, acc = mean_loss(model, loss_fn, x, y)
+                loss, acc = evaluate(model, loss_fn, x, y)
                 out[name]["loss"].append(loss)
                 out[name]["accuracy"].append(acc)
     finally:
@@ -135,7 +114,7 @@ def loss_on_plane(model: Sequential, loss_fn, center: dict, d1: dict, d2: dict, 
             for i, a in enumerate(a_values):
                 for k, p in params.items():
                     p.copy_(center[k] + float(a) * d1[k].to(p) + float(b) * d2[k].to(p))
-                grid[j, i] = mean_loss(model, loss_fn, x, y)[0]
+                grid[j, i] = evaluate(model, loss_fn, x, y)[0]
     finally:
         for k, p in params.items():
             p.copy_(saved[k])

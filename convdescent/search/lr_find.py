@@ -35,9 +35,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..optim import update_and_apply
 from ..optim import load_state_dict as load_opt_state
 from ..optim import state_dict as opt_state_dict
+from ..train.snapshot import Snapshot
+from ..train.step import train_step
 
 RULES = ("valley", "steepest", "min/10")
 
@@ -452,33 +453,6 @@ class _SweepLR:
         return "lr_range_test_sweep"
 
 
-def _snapshot(model, loader):
-    saved = {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "rng_layers": {name: layer.get_rng_state().clone() for name, layer in model.all_layers()
-                       if hasattr(layer, "get_rng_state")},
-        "torch_rng": torch.get_rng_state(),
-        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        saved["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return saved
-
-
-def _restore(model, loader, saved) -> None:
-    model.load_state_dict(saved["model"])
-    layers = dict(model.all_layers())
-    for name, state in saved["rng_layers"].items():
-        layers[name].set_rng_state(state)
-    torch.set_rng_state(saved["torch_rng"])
-    if "cuda_rng" in saved:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    if saved["loader"] is not None:
-        loader.load_state_dict(saved["loader"])
-    for _, layer in model.all_layers():
-        layer.clear_cache()
-
-
 def _check_args(start_lr, end_lr, num_steps, beta, diverge_factor, skip_start, sync_every):
     def pos(name, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -550,7 +524,7 @@ def lr_find(model, loss_fn, loader, optimizer: str | Callable = "sgd", *, start_
     params = model.params()
     template = opt.init(params)
     state = template if opt_state is None else load_opt_state(template, opt_state_dict(opt_state))
-    saved = _snapshot(model, loader)
+    saved = Snapshot(model, loader=loader)  # the sweep's own optimizer state is thrown away
     device = next(iter(params.values())).device
     loss_buf = torch.empty(num_steps, dtype=torch.float64, device=device)
     raw = np.empty(0)
@@ -568,11 +542,8 @@ def lr_find(model, loss_fn, loader, optimizer: str | Callable = "sgd", *, start_
                         it = iter(loader)
                         xb, yb = next(it)
                     sched.value = float(lrs[i])
-                    logits = model.forward(xb, train=True)
-                    loss, dlogits = loss_fn(logits, yb)
+                    loss, _, state = train_step(model, loss_fn, opt, state, xb, yb)
                     loss_buf[i] = loss.detach()
-                    model.backward(dlogits)
-                    state = update_and_apply(opt, params, model.grads(), state)
                 raw = loss_buf[:chunk_end].cpu().numpy()
                 done = chunk_end
                 cut, _, _ = _find_stop(lrs[:done], raw, beta, diverge_factor)
@@ -580,7 +551,7 @@ def lr_find(model, loss_fn, loader, optimizer: str | Callable = "sgd", *, start_
                     stop_early = cut
                     break
     finally:
-        _restore(model, loader, saved)
+        saved.restore(model, loader=loader)
     steps_run = len(raw) if stop_early is None else stop_early + 1
     settings = {"optimizer": opt_name, "start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps,
                 "beta": beta, "diverge_factor": diverge_factor, "skip_start": skip_start,

@@ -1,5 +1,8 @@
 """The training step: forward, loss, explicit backward, optimizer update. The hot path of every run.
 
+This module is the one step engine: the trainer, full-batch accumulation, the NaN replay, the learning-rate
+range test and the loss landscape all run their steps and evaluations through these functions.
+
 The step functions run with subnormal floats flushed to zero (``native.flush_subnormals``: a gradient that
 stops leaves Adam's first moment decaying into the subnormal range, which slowed steps 3x); the caller's own
 floating-point setting is restored when each returns. ``CONVDESCENT_FLUSH_SUBNORMALS=0`` turns that off.
@@ -74,52 +77,50 @@ def _finite(t: torch.Tensor) -> bool:
 @torch.no_grad()
 def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precision=None,
                       denominator: int | None = None):
-    """``compute_gradients`` layer by layer, noting the first non-finite tensor (slow; for diagnosis).
+    """``compute_gradients`` through the same plan, noting the first non-finite tensor (slow; for diagnosis).
+
+    Hooks check every value the plan writes: each node's output (``split=False``: fused nodes stay fused, so
+    the replay recomputes exactly what the fast step computed; a problem inside a fused node is named at the
+    node's output) and each layer's gradients as they become final.
 
     Returns:
         (loss, correct, grads, problem) where problem is None or a dict with ``where`` ("forward", "loss",
         "backward"), ``layer`` and ``tensor`` naming the first non-finite value in computation order.
     """
-    model._require_built()
-    problem = None
-    ctx = precision.compute() if precision is not None and precision.mixed else _null()
-    with ctx:
-        x = precision.cast_input(xb) if precision is not None else xb
-        if not _finite(x):
-            problem = {"where": "forward", "layer": "input", "tensor": "input batch"}
-        for layer in model.layers:
-            layer.training = True
-            x = layer.forward(x, True)
-            if problem is None and not _finite(x):
-                problem = {"where": "forward", "layer": layer.name,
-                           "tensor": f"output of {layer.name} ({type(layer).__name__})"}
-        logits = precision.cast_logits(x) if precision is not None else x
-        loss, dlogits = loss_fn(logits, yb, denominator=denominator)
-        if problem is None and not _finite(loss):
-            problem = {"where": "loss", "layer": model.layers[-1].name, "tensor": "loss"}
-        dy = precision.cast_output_grad(dlogits) if precision is not None else dlogits
-        for layer in reversed(model.layers):
-            dy = layer.backward(dy)
-            if problem is None:
-                for name, g in layer.named_grads(f"{layer.name}."):
-                    if not _finite(g):
-                        problem = {"where": "backward", "layer": layer.name, "tensor": f"gradient of {name}"}
-                        break
-        grads = model.grads()
-        if precision is not None:
-            grads = precision.master_grads(grads)
-    return loss, (logits.argmax(dim=1) == yb).sum(), grads, problem
+    model.plan()  # raises the model's own message when it is not built
+    found: list[dict] = []
+    if not _finite(xb):
+        found.append({"where": "forward", "layer": "input", "tensor": "input batch"})
+
+    def after_forward(name, layer, out):
+        if not found and not _finite(out):
+            found.append({"where": "forward", "layer": name, "tensor": f"output of {name} ({type(layer).__name__})"})
+
+    def after_backward(name, layer, grads):
+        if any(p["where"] == "backward" for p in found):
+            return
+        for key, g in grads.items():
+            if not _finite(g):
+                found.append({"where": "backward", "layer": name, "tensor": f"gradient of {key}"})
+                return
+
+    handles = [model.register_hook("after_forward", after_forward, split=False),
+               model.register_hook("after_backward", after_backward)]
+    try:
+        loss, correct, grads = compute_gradients(model, loss_fn, xb, yb, precision, denominator)
+    finally:
+        for handle in handles:
+            handle.remove()
+    forward = [p for p in found if p["where"] == "forward"]
+    if forward:
+        problem = forward[0]
+    elif not _finite(loss):
+        problem = {"where": "loss", "layer": model.layers[-1].name, "tensor": "loss"}
+    else:
+        problem = found[0] if found else None
+    return loss, correct, grads, problem
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-@flush_subnormals
 @torch.no_grad()
 def accumulate_gradients(model, loss_fn, chunks, total: int, precision=None, checked: bool = False):
     """Full-batch gradient: sum the gradients of chunks so the result is the gradient of the mean loss.

@@ -38,6 +38,7 @@ from .callbacks import Callback, Checkpointer, EpochLogger, ProgressBar, layer_o
 from .graphs import GraphedSteps
 from .history import History
 from .precision import Precision
+from .snapshot import Snapshot, random_states, set_random_states
 from .step import accumulate_gradients, checked_gradients, compute_gradients, evaluate, train_step
 
 
@@ -204,41 +205,13 @@ class Trainer:
             self.notice_stream.flush()
 
     # ------------------------------------------------------------------------------------------ state
-    def _rng_states(self) -> dict:
-        out: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["cuda"] = list(torch.cuda.get_rng_state_all())
-        layers = {}
-        for name, layer in self.model.all_layers():
-            if hasattr(layer, "get_rng_state"):
-                layers[name] = layer.get_rng_state().clone()
-        out["layers"] = layers
-        return out
-
-    def _set_rng_states(self, states: dict) -> None:
-        torch.set_rng_state(states["torch"].cpu())
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-        own = {name: layer for name, layer in self.model.all_layers() if hasattr(layer, "set_rng_state")}
-        saved = states.get("layers", {})
-        if set(own) != set(saved):
-            raise ValueError(f"saved random-generator states are for layers {sorted(saved)}, the model has "
-                             f"{sorted(own)}")
-        for name, layer in own.items():
-            layer.set_rng_state(saved[name])
-
     def _snapshot(self) -> dict:
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "opt": optim.state_dict(self.opt_state), "loader": self.loader.state_dict(),
-                "rng": self._rng_states(), "step": self.step, "loss_sum": self._loss_sum.clone(),
-                "correct": self._correct.clone(), "seen": self._seen, "epoch_time": self._epoch_time,
-                "history": len(self.history)}
+        return {"state": Snapshot(self.model, self.opt_state, self.loader), "step": self.step,
+                "loss_sum": self._loss_sum.clone(), "correct": self._correct.clone(), "seen": self._seen,
+                "epoch_time": self._epoch_time, "history": len(self.history)}
 
     def _restore(self, snap: dict) -> None:
-        self.model.load_state_dict(snap["model"])
-        self.opt_state = optim.load_state_dict(self.opt_state, snap["opt"])
-        self.loader.load_state_dict(snap["loader"])
-        self._set_rng_states(snap["rng"])
+        self.opt_state = snap["state"].restore(self.model, self.opt_state, self.loader)
         self.step = snap["step"]
         self._loss_sum.copy_(snap["loss_sum"])
         self._correct.copy_(snap["correct"])
@@ -257,7 +230,7 @@ class Trainer:
         payload = {
             "model": self.model.state_dict(), "model_config": self.model.get_config(),
             "optimizer": optim.state_dict(self.opt_state), "optimizer_describe": _describe(self.optimizer),
-            "loader": self.loader.state_dict(), "rng": self._rng_states(), "epoch": self.loader.epoch,
+            "loader": self.loader.state_dict(), "rng": random_states(self.model), "epoch": self.loader.epoch,
             "epochs_done": len(self.history), "step": self.step, "total_steps": self.total_steps,
             "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "history": self.history.to_dict(),
             "accum": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen,
@@ -274,7 +247,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt_state = optim.load_state_dict(self.opt_state, ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
-        self._set_rng_states(ckpt["rng"])
+        set_random_states(self.model, ckpt["rng"])
         self.step = int(ckpt["step"])
         self.lr_scale = float(ckpt.get("lr_scale", 1.0))
         self.rollbacks = int(ckpt.get("rollbacks", 0))
