@@ -1,0 +1,218 @@
+"""Time `convdescent train` (the CLI's path) against idiomatic and tuned PyTorch, epochs alternating, in one run.
+
+Every side trains the tutorial's CNN (Conv2D 32 3x3 + ReLU -> MaxPool 2x2 -> Flatten -> Dense 128 + ReLU ->
+Dense 10) with Adam(1e-3) on all 60,000 Fashion-MNIST training images, from the same initial weights.
+
+- convdescent: ``train_from_config`` with the train command's defaults (progress bar drawn to a null terminal,
+  metrics.jsonl, gradient-health checks every 50 steps, non-finite checks, last/best checkpoints at every
+  epoch end), ``--val-split 0`` so that it trains on the same 60,000 images; subnormals are flushed inside its
+  step by default.
+- pytorch: idiomatic: nn.Sequential, a DataLoader over a TensorDataset, torch.optim.Adam, loss.backward().
+- pytorch-tuned: tuned for CPU: the network and inputs in channels_last, each epoch's batches sliced from one
+  shuffled in-memory tensor (no DataLoader), torch.optim.Adam(fused=True), zero_grad(set_to_none=True).
+- each PyTorch side once as is and once with subnormals flushed to zero ("+flush": every OpenMP thread, as
+  torch.set_flush_denormal(True) at program start would give).
+
+convdescent's epochs are timed from one epoch's start to the next (so its epoch-end checkpoints count); after
+each of its epochs every PyTorch side runs one epoch, so drifting load on a shared machine hits all alike.
+Test accuracy is measured after every epoch, outside the timed spans. Printed per batch size: each side's
+seconds per epoch (every epoch, and the median), the speed-up against the strongest PyTorch side (the one
+with the lowest median) as the ratio of medians and for every epoch, and the test accuracies.
+
+    python benchmarks/train_peers.py [--epochs 3] [--batch-sizes 32,128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_cpu import _NullTerminal, run_torch, torch_cnn  # noqa: E402
+
+from convdescent import native, seed_cnn  # noqa: E402
+from convdescent.data import Normalizer, load_dataset  # noqa: E402
+from convdescent.train import Callback  # noqa: E402
+from convdescent.train.run import train_from_config  # noqa: E402
+from convdescent.train.step import evaluate  # noqa: E402
+
+
+def _accuracy(net, x_test, y_test) -> float:
+    net.eval()
+    with torch.no_grad():
+        correct = sum(int((net(x_test[i:i + 1000]).argmax(1) == y_test[i:i + 1000]).sum())
+                      for i in range(0, len(x_test), 1000))
+    return correct / len(x_test)
+
+
+def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool):
+    """(one timed epoch -> seconds, test accuracy -> float) for idiomatic PyTorch."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    x_train = data.x_train.float().div_(255)
+    x_test = data.x_test.float().div_(255)
+    loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=batch_size, shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+    net, opt = torch_cnn(data)
+    with _flushing(flush):
+        run_torch(net, opt, criterion, loader, limit=warmup_steps)
+    net, opt = torch_cnn(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
+
+    def epoch() -> float:
+        with _flushing(flush):
+            return run_torch(net, opt, criterion, loader)
+
+    return epoch, lambda: _accuracy(net, x_test, data.y_test)
+
+
+def tuned_net(data, start_from=None):
+    """The tutorial's CNN as PyTorch tuned for CPU: channels_last, Adam(fused=True)."""
+    net, _ = torch_cnn(data, start_from)
+    net = net.to(memory_format=torch.channels_last)
+    return net, torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+
+
+def run_tuned(net, opt, x, y, batch_size: int, gen: torch.Generator, limit: int | None = None) -> float:
+    """Seconds for one epoch of tuned PyTorch: one shuffle of the in-memory tensors, then slices of it."""
+    t0 = time.perf_counter()
+    net.train()
+    perm = torch.randperm(len(x), generator=gen)
+    xs = x[perm].contiguous(memory_format=torch.channels_last)
+    ys = y[perm]
+    for i, start in enumerate(range(0, len(xs), batch_size)):
+        if limit is not None and i == limit:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(xs[start:start + batch_size]), ys[start:start + batch_size])
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def tuned_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool):
+    """(one timed epoch -> seconds, test accuracy -> float) for tuned PyTorch."""
+    torch.manual_seed(seed)
+    x_train = data.x_train.float().div_(255).contiguous(memory_format=torch.channels_last)
+    x_test = data.x_test.float().div_(255).contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    net, opt = tuned_net(data)
+    with _flushing(flush):
+        run_tuned(net, opt, x_train, data.y_train, batch_size, gen, limit=warmup_steps)
+    net, opt = tuned_net(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
+
+    def epoch() -> float:
+        with _flushing(flush):
+            return run_tuned(net, opt, x_train, data.y_train, batch_size, gen)
+
+    return epoch, lambda: _accuracy(net, x_test, data.y_test)
+
+
+class _NoFlush:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _flushing(flush: bool):
+    return native.flush_subnormals if flush else _NoFlush()
+
+
+class Alternate(Callback):
+    """Times convdescent's epochs from one start to the next and, between them, runs one epoch of every peer."""
+
+    def __init__(self, peers: dict, data):
+        self.peers = peers
+        self.data = data
+        self.norm = Normalizer.unit()
+        self.t0 = None
+        self.times = {"convdescent": [], **{name: [] for name in peers}}
+        self.accs = {name: [] for name in self.times}
+
+    def on_epoch_begin(self, trainer, epoch):
+        if self.t0 is not None:
+            self._between(trainer)
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer):
+        self._between(trainer)
+
+    def _between(self, trainer):
+        self.times["convdescent"].append(time.perf_counter() - self.t0)
+        self.accs["convdescent"].append(evaluate(trainer.model, trainer.loss_fn, self.data.x_test, self.data.y_test,
+                                                 normalizer=self.norm)[1])
+        for name, (epoch, accuracy) in self.peers.items():
+            self.times[name].append(epoch())
+            self.accs[name].append(accuracy())
+
+
+def compare(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+    """Run every side ``epochs`` epochs, alternating; returns (times, accuracies), each name -> per-epoch list."""
+    peers = {}
+    for flush in (False, True):
+        tag = "+flush" if flush else ""
+        peers["pytorch" + tag] = idiomatic_side(data, batch_size, seed, warmup_steps, flush)
+        peers["pytorch-tuned" + tag] = tuned_side(data, batch_size, seed, warmup_steps, flush)
+    alt = Alternate(peers, data)
+    config = {"model": "seed_cnn", "dataset": "fashion-mnist", "val_split": 0, "epochs": epochs,
+              "batch_size": batch_size, "lr": 1e-3, "optimizer": "adam", "seed": seed}
+    with tempfile.TemporaryDirectory() as out:
+        train_from_config(config, callbacks=[alt], out=out, display="bar", stream=_NullTerminal(), dataset=data,
+                          handle_signals=False, report=False)
+    return alt.times, alt.accs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per side and batch size")
+    ap.add_argument("--batch-sizes", default="32,128")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
+    ap.add_argument("--warmup-steps", type=int, default=50, help="untimed PyTorch steps before its timed epochs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--train-images", type=int, default=None, help="use only the first N training images (a quick check)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_dataset("fashion-mnist", data_dir=args.data_dir, val_split=0, seed=args.seed)
+    if args.train_images is not None:
+        data.x_train, data.y_train = data.x_train[:args.train_images], data.y_train[:args.train_images]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fashion-mnist {len(data.x_train)} train / "
+          f"{len(data.x_test)} test, {args.epochs} epochs per side; {native.status()}", flush=True)
+    summary = []
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        times, accs = compare(data, bs, args.epochs, args.seed, args.warmup_steps)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        strongest = min((name for name in med if name != "convdescent"), key=med.get)
+        print(f"\nbatch {bs}: seconds per epoch (test accuracy after it)")
+        for name, t in times.items():
+            epochs = ", ".join(f"{s:.2f} ({a:.4f})" for s, a in zip(t, accs[name]))
+            print(f"  {name:21s} median {med[name]:6.2f} | {epochs}")
+        per_epoch = [p / o for o, p in zip(times["convdescent"], times[strongest])]
+        gaps = [100 * (o - p) for o, p in zip(accs["convdescent"], accs[strongest])]
+        print(f"  strongest peer: {strongest}; speed-up {med[strongest] / med['convdescent']:.2f}x (ratio of medians), "
+              f"per epoch {', '.join(f'{r:.2f}x' for r in per_epoch)}; test accuracy convdescent minus peer, "
+              f"per epoch, in points: {', '.join(f'{g:+.2f}' for g in gaps)}", flush=True)
+        summary.append((bs, med, strongest, min(per_epoch), accs, gaps))
+    print("\n| batch | convdescent s/epoch | " + " | ".join(f"{n} s/epoch" for n in summary[0][1] if n != "convdescent")
+          + " | speed-up vs strongest (medians) | lowest epoch speed-up | test acc convdescent / strongest |")
+    print("|---:|" + "---:|" * (len(summary[0][1]) + 3))
+    for bs, med, strongest, low, accs, gaps in summary:
+        peers = " | ".join(f"{med[n]:.2f}" for n in med if n != "convdescent")
+        print(f"| {bs} | {med['convdescent']:.2f} | {peers} | {med[strongest] / med['convdescent']:.2f}x ({strongest}) "
+              f"| {low:.2f}x | {accs['convdescent'][-1]:.4f} / {accs[strongest][-1]:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
