@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 
 from . import init as initializers
-from .layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU,
-                     Residual)
+from .layers import (GELU, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, LayerNorm,
+                     MaxPool2D, MultiHeadSelfAttention, PatchEmbed, PositionEmbedding, ReLU, Residual, TokenPool)
 from .model import Sequential
 from .model_file import load_model_file
 
@@ -165,6 +165,31 @@ def mobilenet_tiny(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | N
     layers += [GlobalAvgPool2D(), Dense(num_classes)]
     return Sequential(layers, input_shape=input_shape, seed=seed, dtype=dtype, device=device,
                       name="mobilenet_tiny")
+
+
+def _encoder_block(width: int, heads: int, hidden: int) -> list:
+    """A pre-norm Transformer encoder block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x)) with a GELU
+    MLP (Vaswani et al. 2017; the norm placed before each branch, as ViT does)."""
+    return [Residual([LayerNorm(), MultiHeadSelfAttention(heads)]),
+            Residual([LayerNorm(), Dense(hidden), GELU(), Dense(width)])]
+
+
+@register_model("vit_tiny")
+def vit_tiny(input_shape=(1, 28, 28), num_classes: int = 10, seed: int | None = None,
+             dtype=torch.float32, device="cpu") -> Sequential:
+    """A small Vision Transformer: 4x4 patches, width 64, depth 4, 4 heads, pre-LayerNorm, GELU MLP, mean pooling.
+
+    PatchEmbed(64, 4x4) turns a 28x28 image into 49 tokens of width 64, PositionEmbedding adds a learned vector
+    per position, four pre-norm encoder blocks (4 heads of 16 dimensions, MLP 64 -> 128 -> 64) follow, then a
+    final LayerNorm, the mean over the tokens and Dense(K) (Dosovitskiy et al. 2021, "An Image is Worth 16x16
+    Words"; mean pooling in place of the class token, which small images train as well with). The MLP is twice
+    the width rather than ViT's four times, to keep a CPU epoch short.
+    """
+    layers = [PatchEmbed(64, patch_size=4), PositionEmbedding()]
+    for _ in range(4):
+        layers += _encoder_block(64, 4, 128)
+    layers += [LayerNorm(), TokenPool("mean"), Dense(num_classes)]
+    return Sequential(layers, input_shape=input_shape, seed=seed, dtype=dtype, device=device, name="vit_tiny")
 
 
 def make_model(name: str, input_shape, num_classes: int = 10, seed: int | None = None,

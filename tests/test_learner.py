@@ -87,3 +87,17 @@ def test_named_network_learns_on_a_small_set(data, name):
     learner.fit(3)
     assert learner.evaluate("train")["loss"] < 0.5 * first
     assert learner.evaluate()["acc"] > 0.6  # three classes: chance is 1/3
+
+
+def test_vit_tiny_learns_on_a_small_set(tmp_path):
+    from convdescent.data import load_dataset
+    from convdescent.data.synthetic import write_npz_dataset
+
+    path = tmp_path / "syn12.npz"
+    write_npz_dataset(path, n=120, num_classes=3, shape=(1, 12, 12), seed=8)
+    learner = Learner("vit_tiny", load_dataset(f"npz:{path}", val_split=20), lr=1e-3, batch_size=16,
+                      verbose="quiet")
+    first = learner.evaluate("train")["loss"]
+    learner.fit(10)
+    assert learner.evaluate("train")["loss"] < 0.3 * first
+    assert learner.evaluate()["acc"] > 0.6  # three classes: chance is 1/3

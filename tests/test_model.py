@@ -16,7 +16,7 @@ from convdescent.models import MODELS, deepobs_2c2d, deepobs_3c3d, make_model, s
 
 NAMED = [("seed_cnn", (1, 28, 28)), ("seed_cnn", (3, 32, 32)), ("seed_cnn_bn", (1, 28, 28)),
          ("2c2d", (1, 28, 28)), ("3c3d", (3, 32, 32)), ("resnet8", (1, 28, 28)), ("resnet8", (3, 32, 32)),
-         ("mobilenet_tiny", (1, 28, 28)), ("mobilenet_tiny", (3, 32, 32))]
+         ("mobilenet_tiny", (1, 28, 28)), ("mobilenet_tiny", (3, 32, 32)), ("vit_tiny", (1, 28, 28))]
 IDS = [f"{name}-{'x'.join(map(str, shape))}" for name, shape in NAMED]
 
 
@@ -75,7 +75,7 @@ def test_seed_cnn_bn_structure_and_train_mode_statistics():
 
 
 def test_named_model_sizes_and_initialization():
-    assert set(MODELS) >= {"2c2d", "3c3d", "seed_cnn", "seed_cnn_bn", "resnet8", "mobilenet_tiny"}
+    assert set(MODELS) >= {"2c2d", "3c3d", "seed_cnn", "seed_cnn_bn", "resnet8", "mobilenet_tiny", "vit_tiny"}
     small = deepobs_2c2d(seed=0)
     assert small.num_params() == 3_274_634
     assert small.output_shape == (10,) and small.layers[2].output_shape == (32, 14, 14)
@@ -96,6 +96,9 @@ def test_named_model_sizes_and_initialization():
     # stem 176; separable blocks 16->32, 32->64, 64->128, 128->128: depthwise C*9 + pointwise C*F + 2 norms
     mobile = make_model("mobilenet_tiny", (1, 28, 28))
     assert mobile.num_params() == 31_946 and mobile.layers[3].groups == 16
+    # patches 16*64 + 64, positions 49*64; per depth: attention 2*64 + 4*64*64 + 4*64, MLP 2*64 + 2*64*128 + 128 + 64
+    vit = make_model("vit_tiny", (1, 28, 28))
+    assert vit.num_params() == 138_890 and vit.layers[1].output_shape == (49, 64)
     cifar = make_model("3c3d", (3, 32, 32), num_classes=100)
     assert cifar.output_shape == (100,)
 
