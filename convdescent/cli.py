@@ -207,6 +207,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", metavar="TOML", help="read settings from a TOML file; flags override them")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--allow-change", metavar="KEY", action="append", default=[],
+                   help="with --resume: let setting KEY differ from what the checkpoint was trained with "
+                        "(repeatable; other differences are refused)")
     groups = {g: p.add_argument_group(title) for g, title in GROUP_TITLES.items()}
     for o in OPTIONS:
         if o.key in ("schedule_params", "init_checkpoint"):  # init_checkpoint: --checkpoint below
@@ -285,9 +288,10 @@ def cmd_train(args) -> int:
     config = train_config_from_args(args)
     try:
         if args.resume:
-            train_from_config(config, resume=args.resume, display=display, report=args.report)
+            train_from_config(config, resume=args.resume, display=display, report=args.report,
+                              allow_change=args.allow_change)
         else:
-            train_from_config(config, display=display, report=args.report)
+            train_from_config(config, display=display, report=args.report, allow_change=args.allow_change)
     except NonFiniteError as e:
         print(f"convdescent: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE

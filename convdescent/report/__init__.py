@@ -186,13 +186,15 @@ td,h1,h2,p,li,figcaption,code{overflow-wrap:anywhere}.missing{color:#777;font-st
 
 
 def _load_for_report(run_dir: Path):
-    from ..train.checkpoint import CheckpointError
+    from ..train.checkpoint import CheckpointError, UnsafeCheckpointError
     from ..train.run import Run, _read_json, load_run, read_metrics
     from ..train.config import load_toml, resolve_config
     from ..data import Normalizer
 
     try:
         return load_run(run_dir, checkpoint="last")
+    except UnsafeCheckpointError:
+        raise  # a planted file is news to the user, not a gap to report around
     except CheckpointError:
         pass
     if not (run_dir / "config.toml").is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ REQUIRED_KEYS = ("format", "version", "model", "model_config", "optimizer", "epo
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt, foreign or does not fit the model it is loaded into."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file holds pickled code (classes, functions), so it is refused unread: never fall back around it."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -95,6 +100,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def _unsafe_message(path: Path, detail: str) -> str:
+    """The error for a file that holds more than tensors and plain values (pickled classes or functions)."""
+    found = re.findall(r"GLOBAL ([\w.]+)", detail)
+    what = f" (it refers to {', '.join(sorted(set(found))[:4])})" if found else ""
+    return (f"{path} is not a safe convdescent checkpoint: it holds Python objects other than tensors and plain "
+            f"values{what}, and reading those could run code from the file, so convdescent does not read it. "
+            f"Use a checkpoint written by 'convdescent train' (a run directory or its checkpoints/*.pt); "
+            f"a file from elsewhere must be re-saved as a plain state dict of tensors first")
+
+
+def _corrupt_message(path: Path, size: int, e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    # torch's own advice here is to turn off the safe loader; never pass that on
+    lines = [ln for ln in lines if "weights_only" not in ln and "weights only" not in ln.lower()]
+    first = lines[0] if lines else type(e).__name__
+    return (f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be read ({first[:200]}). "
+            f"Use the other checkpoint of the run (best.pt / last.pt) or start again")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``.
 
@@ -114,12 +138,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"Use the other checkpoint of the run or start again")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if re.search(r"GLOBAL [\w.]+|[Uu]nsupported global", str(e)):
+            raise UnsafeCheckpointError(_unsafe_message(path, str(e))) from None
+        raise CheckpointError(_corrupt_message(path, size, e)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
             UnicodeDecodeError, AttributeError, TypeError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be read "
-                              f"({first[:200]}). Use the other checkpoint of the run (best.pt / last.pt) or "
-                              f"start again") from None
+        raise CheckpointError(_corrupt_message(path, size, e)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         what = f"a {type(data).__name__}" if not isinstance(data, dict) else \
             f"a dict with keys {sorted(map(str, data))[:8]}"

@@ -30,10 +30,11 @@ from ..argparsing import command_name
 from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
                         resolve_monitor, truncate_metrics)
 from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
-from .config import OPTION_BY_KEY, RESUMABLE_KEYS, ConfigError, dump_toml, load_toml, resolve_config
+from .config import ConfigError, dump_toml, load_toml, resolve_config
 from .evaluation import EVALUATION_FILE, confusion_png, evaluate_model, load_evaluation, save_evaluation
 from .history import History
 from .liveness import RunLock, run_state
+from .resume import describe_changes, resume_config
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callbacks
 
 CONFIG_FILE = "config.toml"
@@ -150,26 +151,6 @@ def _build(cfg: dict, dataset=None, normalizer_dict=None):
     return dataset, normalizer, model, loss, optimizer, loader, val
 
 
-def _resume_config(run_dir: Path, overrides: dict | None) -> dict:
-    saved = resolve_config(load_toml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
-    cfg = dict(saved)
-    for key, value in (overrides or {}).items():
-        if key not in OPTION_BY_KEY:
-            raise ConfigError(f"unknown configuration key {key!r}")
-        if value is None:
-            continue
-        checked = resolve_config({key: value})[key]
-        if checked == saved[key]:
-            continue
-        if key not in RESUMABLE_KEYS:
-            raise ConfigError(f"{key} cannot change when resuming (the run used {saved[key]!r}, got {checked!r}); "
-                              f"only {', '.join(RESUMABLE_KEYS)} may change. Start a new run instead")
-        cfg[key] = checked
-    if overrides and overrides.get("epochs") is not None and overrides.get("steps") is None:
-        cfg["steps"] = None  # asking for epochs on resume means epochs, even if the run was planned in steps
-    return cfg
-
-
 def _init_and_freeze(cfg: dict, model, fresh: bool) -> list[str]:
     """Load init_from's weights into a fresh run's model and check the freeze names; the lines to print."""
     from ..transfer import frozen_params, init_from_run
@@ -191,12 +172,14 @@ def _say(stream: TextIO | None, text: str) -> None:
 
 def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] = (), out=None, *,
                       resume=None, run_dir=None, display="auto", stream: TextIO | None = None, dataset=None,
-                      handle_signals: bool = True, report: bool = True) -> RunResult:
+                      handle_signals: bool = True, report: bool = True,
+                      allow_change: Iterable[str] = ()) -> RunResult:
     """Train a run described by a configuration dict and write its run directory.
 
     Args:
         config: configuration keys (see ``convdescent.train.config.OPTIONS``); missing keys take defaults.
-            With ``resume`` these are overrides, of which only ``RESUMABLE_KEYS`` may differ.
+            With ``resume`` these are overrides, of which only ``RESUMABLE_KEYS`` and ``allow_change`` may
+            differ from the settings the checkpoint recorded (see ``convdescent.train.resume``).
         callbacks: extra callbacks (e.g. a pruning callback reading ``logs["val_acc"]`` in ``on_epoch_end``).
         out: folder holding run directories (overrides ``config["out"]``).
         resume: a run directory to continue from its last checkpoint.
@@ -207,6 +190,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         dataset: an already loaded ``Dataset`` to use instead of loading ``config["dataset"]``.
         handle_signals: stop cleanly on SIGINT/SIGTERM after the current step, with a checkpoint.
         report: write report.html at the end (not after an interruption, which should exit promptly).
+        allow_change: with ``resume``, settings that may differ from those the checkpoint recorded.
 
     Returns:
         ``RunResult`` with the run directory, the summary, the History and the model.
@@ -225,10 +209,13 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         if not (run_path / CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_path} is not a run directory (no {CONFIG_FILE}); pass the folder that "
                                   f"'convdescent train' wrote")
-        cfg = _resume_config(run_path, config)
         ckpt = load_checkpoint(run_path / "checkpoints" / "last.pt")
+        cfg, resume_changes = resume_config(run_path, ckpt.get("config"), config, allow_change)
         cfg["device"] = resolve_device(cfg["device"])
     else:
+        if allow_change:
+            raise ConfigError("--allow-change applies to --resume only")
+        resume_changes = []
         cfg = resolve_config(config)
         if out is not None:
             cfg["out"] = str(out)
@@ -300,6 +287,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
     if ckpt is not None:
         _say(talk, f"Resuming {run_path} at step {trainer.step} (epoch {loader.epoch + 1}, batch "
                    f"{loader.position} of {len(loader)})")
+        if resume_changes:
+            _say(talk, describe_changes(resume_changes))
     else:
         _say(talk, f"Run {run_path}")
     _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}: "
