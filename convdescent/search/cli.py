@@ -205,7 +205,8 @@ def search_settings_from_args(args):
                           trials=trials, grid_points=args.grid_points, pruner=args.pruner,
                           prune_startup=args.prune_startup, prune_warmup=args.prune_warmup, study_name=args.study,
                           storage=args.storage, seed=args.search_seed if args.search_seed is not None
-                          else int(base.get("seed", 0) or 0), train_subset=args.train_subset, out=str(out))
+                          else int(base.get("seed", 0) or 0), train_subset=args.train_subset, out=str(out),
+                          heartbeat=args.heartbeat, grace=args.grace_period, max_retry=args.max_retry)
 
 
 def cmd_search(args) -> int:
@@ -215,7 +216,7 @@ def cmd_search(args) -> int:
     summary = run_search(settings, workers=args.workers, stream=sys.stderr if args.json else None)
     if args.json:
         print(json.dumps(summary, default=str))
-        return 0 if summary.get("best_trial") is not None else 1
+        return 0 if summary.get("best_trial") is not None and summary.get("complete", True) else 1
     files = summary["files"]
     if summary.get("best_trial") is not None:
         params = " ".join(f"--{k.replace('_', '-')} {v:.3g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
@@ -227,6 +228,10 @@ def cmd_search(args) -> int:
         print("No trial completed; see the table for the errors.")
     print(f"Table: {files['table_csv']}, {files['table_md']}; plot: {files['plot']}; summary: "
           f"{Path(settings.out) / 'search.json'}")
+    if not summary.get("complete", True):
+        print(f"Not complete: {summary['unfinished']} point(s) have no finished trial yet; run the same command "
+              f"again to train them")
+        return 1
     return 0 if summary.get("best_trial") is not None else 1
 
 
@@ -275,6 +280,13 @@ def _add_search(sub) -> None:
                    help="study name; workers that give the same name and storage share the trials")
     w.add_argument("--workers", type=positive_int, default=1,
                    help="local worker processes sharing the storage (default 1)")
+    w.add_argument("--heartbeat", type=positive_int, default=10, metavar="SECONDS",
+                   help="seconds between heartbeats of a running trial in a shared storage (default 10)")
+    w.add_argument("--grace-period", type=positive_int, default=60, metavar="SECONDS",
+                   help="a trial without a heartbeat for this long belongs to a dead worker and is trained "
+                        "again (default 60)")
+    w.add_argument("--max-retry", type=int, default=3, metavar="N",
+                   help="times a point whose worker died is trained again (default 3)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-search-<study>)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (progress on stderr)")
     p.set_defaults(func=cmd_search)

@@ -11,8 +11,16 @@ WAITING -> RUNNING transition (two workers cannot both win it), so no point is c
 processes queued the list at the same moment, a point may be queued twice; a worker that claims a copy
 whose point has a lower-numbered trial marks it as a duplicate (FAIL, ``duplicate_of``) without training,
 so the lowest-numbered copy is the only one that runs. TPE proposes points one by one from the finished
-trials, so it cannot be queued; its workers stop at ``trials`` trials (a trial numbered past the budget in
-a race is closed unrun as ``over_budget``).
+trials, so it cannot be queued; its workers stop at ``trials`` trials (a trial past the budget in a race is
+closed unrun as ``over_budget``).
+
+Nothing lost: in a shared storage every running trial has a heartbeat (Optuna's trial heartbeats on
+SQLite and PostgreSQL, the same protocol kept in trial attributes of a journal file). A worker that dies
+mid-trial (kill -9, out of memory, a pre-empted job) stops beating; any live or later worker then marks
+the trial failed and queues it again (Optuna's RetryHeartbeatStaleTrialCallback, ``max_retry`` times), so
+the point is trained once more. The failed attempt is "retired": tables and counts show each point once.
+A worker does not finish while another worker's trial is still running, and the results say
+``complete: false`` (and list the points) while any point has no finished trial.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import json
 import math
 import os
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -31,6 +41,10 @@ from .space import SearchSpace, point_key
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "halving", "none")
 STUDY_ATTR = "convdescent_search"  # the study's definition, so workers joining later can check they match
+HEARTBEAT_ATTR = "convdescent_heartbeat"  # journal files: the time.time() of a running trial's last beat
+HEARTBEAT_S = 10  # seconds between heartbeats of a running trial
+GRACE_S = 60  # a running trial whose last heartbeat is older than this belongs to a dead worker
+MAX_RETRY = 3  # times a point whose worker died is queued again
 
 
 class SearchError(ValueError):
@@ -75,12 +89,15 @@ def storage_url(spec: str | None) -> str | None:
     return s
 
 
-def open_storage(spec: str | None):
-    """Open an Optuna storage from a --storage value.
+def open_storage(spec: str | None, heartbeat: int = HEARTBEAT_S, grace: int = GRACE_S, max_retry: int = MAX_RETRY):
+    """Open an Optuna storage from a --storage value, with trial heartbeats when it is shared.
 
     Args:
         spec: None or "memory"; "study.db" / "sqlite:///path"; "study.journal" / "journal:PATH";
             "postgresql://user:password@host:port/db" (or any SQLAlchemy URL Optuna's RDB storage takes).
+        heartbeat: seconds between heartbeats of a running trial.
+        grace: seconds without a heartbeat after which a running trial's worker counts as dead.
+        max_retry: times the trial of a dead worker is queued again.
 
     Returns:
         An ``optuna.storages.BaseStorage``.
@@ -91,17 +108,20 @@ def open_storage(spec: str | None):
     kind = storage_kind(spec)
     if kind == "memory":
         return optuna.storages.InMemoryStorage()
+    retry = _retry_callback(max_retry)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         # the open-lock works on every file system, where the default symlink lock needs symlink support
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        return _journal_with_heartbeat(backend, heartbeat, grace, retry)
+    beats = {"heartbeat_interval": heartbeat, "grace_period": grace, _callback_keyword(): retry}
     if kind == "sqlite":
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # several processes write the file: wait for its lock instead of failing at once
-        return _open_rdb(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        return _open_rdb(url, engine_kwargs={"connect_args": {"timeout": 120}}, beats=beats)
     if url.startswith(("postgresql", "postgres")):
         import importlib.util
 
@@ -112,10 +132,62 @@ def open_storage(spec: str | None):
         scheme, rest = url.split("://", 1)
         if "+" not in scheme:  # name the installed driver; SQLAlchemy's default differs between versions
             url = ("postgresql+psycopg://" if has3 else "postgresql+psycopg2://") + rest
-    return _open_rdb(url)
+    return _open_rdb(url, beats=beats)
 
 
-def _open_rdb(url: str, engine_kwargs: dict | None = None, attempts: int = 6):
+def _retry_callback(max_retry: int):
+    """Optuna's callback that queues a dead worker's trial again (named RetryFailedTrialCallback before 4.9)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental / renamed-class notices, not the user's business
+        cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+            optuna.storages.RetryFailedTrialCallback
+        return cls(max_retry=max_retry)
+
+
+def _callback_keyword() -> str:
+    import inspect
+
+    import optuna
+
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+
+
+def _journal_with_heartbeat(backend, heartbeat: int, grace: int, callback):
+    """A JournalStorage that takes part in Optuna's heartbeat protocol (Optuna gives it only to RDB storages).
+
+    The last beat of a running trial is kept as a trial system attribute holding ``time.time()``; the
+    machines sharing a journal file are assumed to agree on the time within the grace period.
+    """
+    import optuna
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.trial import TrialState
+
+    class JournalHeartbeatStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                    if isinstance(t.system_attrs.get(HEARTBEAT_ATTR), (int, float))
+                    and now - t.system_attrs[HEARTBEAT_ATTR] > grace]
+
+        def get_heartbeat_interval(self) -> int:
+            return heartbeat
+
+        def get_heartbeat_stale_trial_callback(self):
+            return callback
+
+        def get_failed_trial_callback(self):  # the same, under its name before Optuna 4.9
+            return callback
+
+    return JournalHeartbeatStorage(backend)
+
+
+def _open_rdb(url: str, engine_kwargs: dict | None = None, attempts: int = 6, beats: dict | None = None):
     """RDBStorage(url), retried when another process is creating the same tables at this moment.
 
     Processes that start together on an empty database all try to create Optuna's schema; all but one
@@ -128,7 +200,9 @@ def _open_rdb(url: str, engine_kwargs: dict | None = None, attempts: int = 6):
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # heartbeats are an "experimental" argument in Optuna
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **(beats or {}))
         except SQLAlchemyError as e:
             if attempt == attempts - 1:
                 raise SearchError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: "
@@ -168,6 +242,9 @@ class SearchSettings:
         seed: seed of the random draws and of TPE.
         train_subset: train each trial on this many training images (a seeded random subset), or None.
         out: folder for the results.
+        heartbeat: seconds between heartbeats of a running trial (shared storages).
+        grace: seconds without a heartbeat after which a trial's worker counts as dead and the trial is retried.
+        max_retry: times one point is retried after its worker died.
     """
 
     space: SearchSpace
@@ -183,17 +260,24 @@ class SearchSettings:
     seed: int = 0
     train_subset: int | None = None
     out: str = "runs/search"
+    heartbeat: int = HEARTBEAT_S
+    grace: int = GRACE_S
+    max_retry: int = MAX_RETRY
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise SearchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.pruner not in PRUNERS:
             raise SearchError(f"pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
-        for name in ("grid_points", "prune_startup", "prune_warmup", "seed"):
+        for name in ("grid_points", "prune_startup", "prune_warmup", "seed", "heartbeat", "grace", "max_retry"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "grid_points" else 0):
-                raise SearchError(f"{name} must be a {'positive' if name == 'grid_points' else 'non-negative'} "
+            positive = name in ("grid_points", "heartbeat", "grace")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if positive else 0):
+                raise SearchError(f"{name} must be a {'positive' if positive else 'non-negative'} "
                                   f"integer, got {v!r}")
+        if self.grace <= self.heartbeat:
+            raise SearchError(f"the grace period ({self.grace} s) must be longer than the heartbeat interval "
+                              f"({self.heartbeat} s), or live workers would count as dead")
         if self.trials is not None and (isinstance(self.trials, bool) or not isinstance(self.trials, int)
                                         or self.trials < 1):
             raise SearchError(f"trials must be a positive integer, got {self.trials!r}")
@@ -233,7 +317,8 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.identity()
-        d.update({"study_name": self.study_name, "storage": storage_url(self.storage), "out": str(self.out)})
+        d.update({"study_name": self.study_name, "storage": storage_url(self.storage), "out": str(self.out),
+                  "heartbeat": self.heartbeat, "grace": self.grace, "max_retry": self.max_retry})
         return d
 
     @classmethod
@@ -242,7 +327,9 @@ class SearchSettings:
         return cls(space=SearchSpace.from_dict(d["space"]), base=dict(d["base"]), sampler=d["sampler"],
                    trials=d["trials"], grid_points=d["grid_points"], pruner=d["pruner"],
                    prune_startup=d["prune_startup"], prune_warmup=d["prune_warmup"], study_name=d["study_name"],
-                   storage=storage, seed=d["seed"], train_subset=d["train_subset"], out=d["out"])
+                   storage=storage, seed=d["seed"], train_subset=d["train_subset"], out=d["out"],
+                   heartbeat=d.get("heartbeat", HEARTBEAT_S), grace=d.get("grace", GRACE_S),
+                   max_retry=d.get("max_retry", MAX_RETRY))
 
 
 def _jsonable(value):
@@ -293,7 +380,8 @@ def prepare_study(settings: SearchSettings, storage=None, worker: int = 0):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage if storage is not None else open_storage(settings.storage)
+    storage = storage if storage is not None else open_storage(settings.storage, settings.heartbeat, settings.grace,
+                                                               settings.max_retry)
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction="maximize",
                                 sampler=make_sampler(settings, worker), pruner=make_pruner(settings),
                                 load_if_exists=True)
@@ -327,6 +415,10 @@ def _claim_waiting(study, storage) -> int | None:
     for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
+            # beat before the claim: a worker killed right after claiming leaves a trial that goes stale
+            # (a trial that never beat would count as alive forever)
+            if _beats(storage):
+                storage.record_heartbeat(trial_id)
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                 return trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -334,14 +426,94 @@ def _claim_waiting(study, storage) -> int | None:
     return None
 
 
+def _dedup_key(t) -> str | None:
+    """What makes two trials copies of one another: the point of a queued trial, else the trial a retry
+    replaces (two workers may both queue a retry of one dead trial in a journal file)."""
+    key = t.user_attrs.get("point_key")
+    if key is not None:
+        return key
+    history = t.system_attrs.get("retry_history")
+    return f"retry-of-{history[0]}" if history else None
+
+
+def retired_numbers(trials) -> set[int]:
+    """Numbers of trials whose worker died and that were queued again (a retry carries their numbers)."""
+    out: set[int] = set()
+    for t in trials:
+        out.update(int(n) for n in t.system_attrs.get("retry_history") or ())
+    return out
+
+
 def _is_duplicate(study, trial) -> int | None:
-    """The number of a lower-numbered trial queued for the same point, or None if this one is the first."""
-    key = trial.user_attrs.get("point_key")
+    """The number of a lower-numbered live trial for the same point, or None if this one is the first."""
+    trials = study.get_trials(deepcopy=False)
+    mine = next(t for t in trials if t.number == trial.number)
+    key = _dedup_key(mine)
     if key is None:
         return None
-    same = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("point_key") == key]
-    first = min(same)
+    retired = retired_numbers(trials)
+    same = [t.number for t in trials if _dedup_key(t) == key and t.number not in retired
+            and "duplicate_of" not in t.user_attrs]
+    first = min(same, default=trial.number)
     return first if first < trial.number else None
+
+
+def _beats(storage) -> bool:
+    """Whether a storage keeps trial heartbeats (shared storages do; the in-memory one has one process)."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+def retry_dead_trials(study) -> None:
+    """Fail the running trials of dead workers and queue them again (Optuna's heartbeat machinery)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" notice
+        optuna.storages.fail_stale_trials(study)
+
+
+class _Heartbeat:
+    """Records a trial's heartbeat every ``interval`` seconds in a thread while the trial trains."""
+
+    def __init__(self, storage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if _beats(self.storage):
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._run, name="convdescent-heartbeat", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self):
+        interval = self.storage.get_heartbeat_interval()
+        while not self.stop.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a storage hiccup: the next beat tries again; the grace period covers a few
+                pass
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        return False
+
+
+def _live_trials(trials):
+    """Trials that stand for a point or a budget slot: not retired, not duplicates, not over budget."""
+    retired = retired_numbers(trials)
+    return [t for t in trials if t.number not in retired and "duplicate_of" not in t.user_attrs
+            and not t.user_attrs.get("over_budget")]
+
+
+def _requeue(study, frozen) -> None:
+    """Queue an interrupted trial's point again, in the form Optuna's retry callback gives a dead worker's."""
+    _retry_callback(None)(study, frozen)
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -390,7 +562,7 @@ def run_worker(settings: SearchSettings, worker: int = 0, runner: Callable | Non
     Returns:
         Trials trained by this worker.
     """
-    from optuna.trial import Trial, TrialState
+    from optuna.trial import TrialState
 
     out = stream if stream is not None else sys.stdout
     if study is None:
@@ -400,62 +572,118 @@ def run_worker(settings: SearchSettings, worker: int = 0, runner: Callable | Non
 
         runner = TrialRunner(settings.base, train_subset=settings.train_subset)
     done = 0
+    waiting_said = False
     while True:
-        if settings.sampler == "tpe":
-            if len(study.get_trials(deepcopy=False)) >= settings.trials:
+        if _beats(storage):
+            retry_dead_trials(study)
+        trial = _next_trial(settings, study, storage)
+        if trial is None:
+            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            if not running or not _beats(storage):
                 break
+            # another worker trains these: stay until they finish, to queue them again if that worker dies
+            if not waiting_said:
+                print(f"[worker {worker}] waiting for trial(s) {', '.join(str(t.number) for t in running)} of "
+                      f"other workers (a trial without a heartbeat for {settings.grace} s is trained again)",
+                      file=out, flush=True)
+                waiting_said = True
+            time.sleep(min(settings.heartbeat, settings.grace / 4))
+            continue
+        waiting_said = False
+        if trial == "duplicate":
+            continue
+        with _Heartbeat(storage, trial._trial_id):
+            done += _train_trial(settings, study, trial, worker, runner, out)
+    return done
+
+
+def _next_trial(settings: SearchSettings, study, storage):
+    """The next trial this worker trains (its point suggested), "duplicate" for a copy closed unrun, or None."""
+    from optuna.trial import Trial, TrialState
+
+    if settings.sampler == "tpe":
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and len(_live_trials(trials)) >= settings.trials:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's note that heartbeats are meant for optimize(): kept here
             trial = study.ask()
-            if trial.number >= settings.trials:
+        if _beats(storage):
+            storage.record_heartbeat(trial._trial_id)
+        if not _frozen(study, trial.number).system_attrs.get("retry_history"):
+            live = _live_trials(study.get_trials(deepcopy=False))
+            if sum(1 for t in live if t.number < trial.number and not t.system_attrs.get("retry_history")) \
+                    >= settings.trials:
                 trial.set_user_attr("over_budget", True)
                 study.tell(trial, state=TrialState.FAIL)
-                break
-            point = settings.space.suggest(trial)
-        else:
-            trial_id = _claim_waiting(study, storage)
-            if trial_id is None:
-                break
-            trial = Trial(study, trial_id)
-            first = _is_duplicate(study, trial)
-            if first is not None:
-                trial.set_user_attr("duplicate_of", first)
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            point = settings.space.suggest(trial)
-        trial.set_user_attr("params", point)
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("pid", os.getpid())
-        config = trial_config(settings, point, trial.number)
-        t0 = time.time()
-        try:
-            outcome = runner(config, trial)
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
+                return None
+        first = _is_duplicate(study, trial)
+        if first is not None:
+            trial.set_user_attr("duplicate_of", first)
             study.tell(trial, state=TrialState.FAIL)
-            raise
-        except Exception as e:  # a failed trial is recorded and the search goes on
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            trial.set_user_attr("seconds", time.time() - t0)
-            study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} [worker {worker}] {_fmt_point(point)}: failed: {type(e).__name__}: {e}",
-                  file=out, flush=True)
-            done += 1
-            continue
-        for k, v in outcome.attrs.items():
-            trial.set_user_attr(k, _jsonable(v))
+            return "duplicate"
+        return trial
+    trial_id = _claim_waiting(study, storage)
+    if trial_id is None:
+        return None
+    trial = Trial(study, trial_id)
+    first = _is_duplicate(study, trial)
+    if first is not None:
+        trial.set_user_attr("duplicate_of", first)
+        study.tell(trial, state=TrialState.FAIL)
+        return "duplicate"
+    return trial
+
+
+def _frozen(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _train_trial(settings: SearchSettings, study, trial, worker: int, runner: Callable, out: TextIO) -> int:
+    """Train one claimed trial and record its result; returns 1."""
+    from optuna.trial import TrialState
+
+    point = settings.space.suggest(trial)
+    trial.set_user_attr("params", point)
+    trial.set_user_attr("worker", worker)
+    trial.set_user_attr("pid", os.getpid())
+    retry = _frozen(study, trial.number).system_attrs.get("retry_history")
+    if retry:
+        print(f"trial {trial.number} [worker {worker}] {_fmt_point(point)}: trains the point again (trial "
+              f"{retry[-1]} stopped without finishing)", file=out, flush=True)
+    config = trial_config(settings, point, trial.number)
+    t0 = time.time()
+    try:
+        outcome = runner(config, trial)
+    except KeyboardInterrupt:
+        frozen = _frozen(study, trial.number)
+        trial.set_user_attr("error", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        _requeue(study, frozen)  # the next run of the search trains this point
+        raise
+    except Exception as e:  # a failed trial is recorded and the search goes on
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         trial.set_user_attr("seconds", time.time() - t0)
-        if outcome.pruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            what = f"pruned after epoch {outcome.attrs.get('epochs_run')} (val_acc {_fmt_acc(outcome.value)})"
-        elif outcome.value is None or not math.isfinite(outcome.value):
-            study.tell(trial, state=TrialState.FAIL)
-            what = f"failed: {outcome.attrs.get('error', 'no finite validation accuracy')}"
-        else:
-            study.tell(trial, outcome.value)
-            what = f"val_acc {outcome.value:.4f}"
-        print(f"trial {trial.number} [worker {worker}] {_fmt_point(point)}: {what} "
-              f"({time.time() - t0:.1f} s)", file=out, flush=True)
-        done += 1
-    return done
+        study.tell(trial, state=TrialState.FAIL)
+        print(f"trial {trial.number} [worker {worker}] {_fmt_point(point)}: failed: {type(e).__name__}: {e}",
+              file=out, flush=True)
+        return 1
+    for k, v in outcome.attrs.items():
+        trial.set_user_attr(k, _jsonable(v))
+    trial.set_user_attr("seconds", time.time() - t0)
+    if outcome.pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        what = f"pruned after epoch {outcome.attrs.get('epochs_run')} (val_acc {_fmt_acc(outcome.value)})"
+    elif outcome.value is None or not math.isfinite(outcome.value):
+        study.tell(trial, state=TrialState.FAIL)
+        what = f"failed: {outcome.attrs.get('error', 'no finite validation accuracy')}"
+    else:
+        study.tell(trial, outcome.value)
+        what = f"val_acc {outcome.value:.4f}"
+    print(f"trial {trial.number} [worker {worker}] {_fmt_point(point)}: {what} "
+          f"({time.time() - t0:.1f} s)", file=out, flush=True)
+    return 1
 
 
 def _fmt_point(point: dict[str, Any]) -> str:
@@ -479,16 +707,16 @@ def trial_rows(study) -> list[dict[str, Any]]:
     """
     rows = []
     trials = study.get_trials(deepcopy=False)
+    live = _live_trials(trials)
     first_of: dict[str, int] = {}
-    for t in trials:
-        key = t.user_attrs.get("point_key")
+    for t in live:
+        key = _dedup_key(t)
         if key is not None:
             first_of[key] = min(first_of.get(key, t.number), t.number)
-    for t in trials:
+    for t in live:
         ua = t.user_attrs
-        if "duplicate_of" in ua or ua.get("over_budget"):
-            continue
-        if ua.get("point_key") is not None and first_of[ua["point_key"]] != t.number:
+        key = _dedup_key(t)
+        if key is not None and first_of[key] != t.number:
             continue  # a copy another process claimed a moment ago and is about to mark as a duplicate
         params = ua.get("params") or dict(t.params)
         if t.state.name == "WAITING":
@@ -501,9 +729,31 @@ def trial_rows(study) -> list[dict[str, Any]]:
             "epochs_run": ua.get("epochs_run"), "seconds": ua.get("seconds"), "test_acc": ua.get("test_acc"),
             "run_dir": ua.get("run_dir"), "worker": ua.get("worker"), "error": ua.get("error"),
             "val_acc_curve": curve, "diverged": ua.get("diverged"),
+            "attempts": len(t.system_attrs.get("retry_history") or ()) + 1,
         })
+        if t.state.name == "FAIL" and row["error"] is None and ua.get("seconds") is None:
+            row["error"] = (f"its worker stopped without finishing it (no heartbeat) {row['attempts']} time(s); "
+                            f"not retried again")
         rows.append(row)
     return rows
+
+
+def unfinished(settings: SearchSettings, study) -> tuple[int, list[dict[str, Any]]]:
+    """How many points (or TPE trials) have no finished trial yet, and those points (grid, random).
+
+    Returns:
+        (count, points): points is empty for TPE, whose points are not known in advance.
+    """
+    from optuna.trial import TrialState
+
+    live = _live_trials(study.get_trials(deepcopy=False))
+    finished = [t for t in live if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    points = settings.points()
+    if points is None:
+        return max(0, settings.trials - len(finished)), []
+    keys = {_dedup_key(t) for t in finished}
+    missing = [p for p in points if point_key(p) not in keys]
+    return len(missing), missing
 
 
 def format_table(rows: list[dict[str, Any]], keys: list[str], markdown: bool = False) -> str:
@@ -575,6 +825,8 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
                                "sampler": settings.sampler, "pruner": settings.pruner,
                                "space": settings.space.describe(), "trials": len(rows), "by_state": counts,
                                "train_subset": settings.train_subset}
+    left, missing = unfinished(settings, study)
+    summary.update({"complete": left == 0, "unfinished": left, "missing_points": missing})
     # csv
     fields = ["number", "state", *keys, "best_val_acc", "last_val_acc", "epochs_run", "seconds", "test_acc",
               "worker", "run_dir", "error", "diverged"]
@@ -612,18 +864,25 @@ def write_results(settings: SearchSettings, study, stream: TextIO | None = None)
         if summary["diverged"]:
             print(f"{len(summary['diverged'])} trial(s) diverged (trial {', '.join(map(str, summary['diverged']))}): "
                   f"their settings are too aggressive; the range searched may be too wide", file=stream)
+        if left:
+            print(f"warning: the search is not complete: {left} of its {'points' if missing or settings.sampler != 'tpe' else 'trials'} "
+                  f"have no finished trial yet"
+                  + (f" ({'; '.join(_fmt_point(p) for p in missing[:5])}{' ...' if len(missing) > 5 else ''})"
+                     if missing else "")
+                  + ". Run the same command again to train them (a trial whose worker died is trained again "
+                    f"once it has had no heartbeat for {settings.grace} s)", file=stream, flush=True)
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def _worker_main(settings_dict: dict[str, Any], worker: int, threads: int) -> None:
+def _worker_main(settings_dict: dict[str, Any], worker: int, threads: int, to_stderr: bool = False) -> None:
     """Entry point of a worker process (spawned): join the study and run trials."""
     import torch
 
     torch.set_num_threads(max(1, threads))
     settings = SearchSettings.from_dict(settings_dict)
-    run_worker(settings, worker=worker)
+    run_worker(settings, worker=worker, stream=sys.stderr if to_stderr else sys.stdout)
 
 
 def run_search(settings: SearchSettings, workers: int = 1, stream: TextIO | None = None,
@@ -664,7 +923,8 @@ def run_search(settings: SearchSettings, workers: int = 1, stream: TextIO | None
     else:
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        procs = [ctx.Process(target=_worker_main, args=(settings.to_dict(), i, threads), daemon=False)
+        procs = [ctx.Process(target=_worker_main, args=(settings.to_dict(), i, threads, out is sys.stderr),
+                             daemon=False)
                  for i in range(workers)]
         for p in procs:
             p.start()
@@ -676,7 +936,11 @@ def run_search(settings: SearchSettings, workers: int = 1, stream: TextIO | None
                 p.terminate()
             raise
         bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            print(f"warning: worker processes ended with errors: {bad}", file=out, flush=True)
         study, storage = prepare_study(settings)
+        if bad:
+            print(f"warning: worker processes ended with errors (worker, exit code): {bad}", file=out, flush=True)
+            if unfinished(settings, study)[0]:
+                # no worker is left to notice the dead one's trial: this process trains what is missing
+                print("finishing the remaining points in this process", file=out, flush=True)
+                run_worker(settings, worker=workers, stream=out, study=study, storage=storage)
     return write_results(settings, study, stream=out)
