@@ -9,7 +9,8 @@ import torch
 
 from .errors import DataError, DatasetNotFound, DownloadError
 from .folder import load_image_folder, load_npz
-from .registry import find, get_spec, missing_message
+from .idx import load_idx_folder
+from .registry import find, get_spec, missing_in_data_dir, missing_message
 from .sources import load_found, summarize_checks
 
 
@@ -23,6 +24,8 @@ class Dataset:
         x_train, x_val, x_test: uint8 images `(N, C, H, W)`.
         y_train, y_val, y_test: int64 labels `(N,)`.
         source: where the files were found and which verification they passed.
+        origin: the folder the files were read from when the user named no place for them (found in a
+            cache or a system folder), else "".
     """
 
     name: str
@@ -34,6 +37,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str
+    origin: str = ""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -97,9 +101,9 @@ def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _generic_source(name: str) -> tuple[str, Path] | None:
-    """('folder'|'npz', path) for names that denote user data rather than a registered dataset."""
+    """('folder'|'npz'|'idx', path) for names that denote user data rather than a registered dataset."""
     s = str(name)
-    for prefix in ("folder:", "npz:"):
+    for prefix in ("folder:", "npz:", "idx:"):
         if s.startswith(prefix):
             return prefix[:-1], Path(s[len(prefix):]).expanduser()
     p = Path(s).expanduser()
@@ -117,8 +121,10 @@ def load_dataset(name: str, data_dir=None, download: bool = True, val_split=5000
 
     Args:
         name: "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100"; "folder:PATH" for an image folder
-            (one subfolder per class, or train/ and test/ folders of such); "npz:PATH" for arrays in an .npz.
-        data_dir: folder searched first (see `registry` for the whole search order).
+            (one subfolder per class, or train/ and test/ folders of such); "npz:PATH" for arrays in an .npz;
+            "idx:PATH" for a folder of the four IDX files of any MNIST-style data set.
+        data_dir: the folder the files are read from; given, no other place is searched and a missing file
+            is an error naming it (without it, see `registry` for the search order).
         download: fetch the dataset from its official mirrors into the user cache when it is not on disk.
         val_split: images held out of the training set for validation (int count or float fraction);
             0 gives empty validation tensors. The held-out set depends only on `seed`.
@@ -137,12 +143,16 @@ def load_dataset(name: str, data_dir=None, download: bool = True, val_split=5000
             which files to put where.
         DataError: a file is corrupt (`CorruptFile` names the file and the problem).
     """
+    origin = ""  # where the files came from when the user did not name the place
     generic = _generic_source(name)
     if generic is not None:
         kind, path = generic
         if kind == "folder":
             parts = load_image_folder(path, image_size=image_size, color_mode=color_mode)
             source = f"image folder {path} (read {len(parts['x_train']) + len(parts['x_test'])} images)"
+        elif kind == "idx":
+            parts = load_idx_folder(path)
+            source = f"IDX files in {path}"
         else:
             parts = load_npz(path)
             source = f"arrays in {path}"
@@ -161,6 +171,8 @@ def load_dataset(name: str, data_dir=None, download: bool = True, val_split=5000
     else:
         spec = get_spec(name)
         found = find(spec.name, data_dir)
+        if found is None and data_dir is not None:
+            raise DatasetNotFound(missing_in_data_dir(spec.name, data_dir))
         if found is None:
             if not download:
                 raise DatasetNotFound(missing_message(spec.name, data_dir) + "\n(download=False: not downloading)")
@@ -176,5 +188,8 @@ def load_dataset(name: str, data_dir=None, download: bool = True, val_split=5000
         parts, checks, found = load_found(found, use_cache=use_cache)
         source = f"{found.path} ({found.place.label}); {summarize_checks(checks)}"
         ds_name = spec.name
+        if found.place.label != "--data-dir":
+            origin = f"{found.path} ({found.place.label})"
     x_tr, y_tr, x_va, y_va = split_train_val(parts["x_train"], parts["y_train"], val_split, seed)
-    return Dataset(ds_name, list(parts["classes"]), x_tr, y_tr, x_va, y_va, parts["x_test"], parts["y_test"], source)
+    return Dataset(ds_name, list(parts["classes"]), x_tr, y_tr, x_va, y_va, parts["x_test"], parts["y_test"], source,
+                   origin)

@@ -83,25 +83,39 @@ def _read_raw(path: Path) -> tuple[bytes, np.ndarray]:
     return header, arr
 
 
+def read_bounded(f, expected: int, chunk: int = 1 << 22) -> bytearray:
+    """Read up to ``expected`` bytes from a stream in chunks, growing the buffer only as data arrives.
+
+    A header may announce far more data than a (compressed) file really holds; allocating the announced
+    size first would let a tiny file claim gigabytes. Here memory follows what is really read.
+
+    Returns:
+        The bytes read (fewer than ``expected`` when the stream ends first).
+    """
+    buf = bytearray()
+    while len(buf) < expected:
+        part = f.read(min(chunk, expected - len(buf)))
+        if not part:
+            break
+        buf += part
+    return buf
+
+
 def _read_gzip(path: Path) -> tuple[bytes, np.ndarray]:
     try:
         with gzip.open(path, "rb") as f:
             header, dims, dtype = _parse_header(path, f.read(4), f.read)
             expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-            arr = np.empty(dims, dtype=dtype)
-            view = memoryview(arr.reshape(-1).view(np.uint8))
-            got = 0
-            while got < expected:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
+            buf = read_bounded(f, expected)
+            got = len(buf)
             if got < expected:
                 raise CorruptFile(
                     path,
                     f"counts disagree with the file size: the header announces dimensions {dims} "
-                    f"({expected} data bytes) but the decompressed file holds only {got} (the file is truncated)",
+                    f"({expected} data bytes) but the decompressed file holds only {got} (the file is truncated "
+                    f"or its header is wrong)",
                 )
+            arr = np.frombuffer(buf, dtype=dtype).reshape(dims)
             extra = 0
             while True:
                 chunk = f.read(1 << 20)
@@ -207,3 +221,91 @@ def write_idx(path: str | Path, data: torch.Tensor | np.ndarray, compress: bool 
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
     atomic_write(path, payload)
     return path
+
+
+# The four files of an IDX data set in a folder, by role: the stems MNIST publishes (others, such as
+# EMNIST's "emnist-letters-train-images-idx3-ubyte", end with the same words).
+IDX_ROLES = {
+    "train_images": ("train-images-idx3-ubyte",),
+    "train_labels": ("train-labels-idx1-ubyte",),
+    "test_images": ("t10k-images-idx3-ubyte", "test-images-idx3-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "test-labels-idx1-ubyte"),
+}
+
+
+def find_idx_files(folder: str | Path) -> dict[str, Path]:
+    """The four IDX files of a folder, by role (raw or .gz; a name may carry a prefix such as "emnist-").
+
+    Raises:
+        DataError: the folder does not exist, lacks one of the files (named), or holds two candidates for one.
+    """
+    from .errors import DataError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"IDX folder {folder} does not exist or is not a folder")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    out: dict[str, Path] = {}
+    for role, stems in IDX_ROLES.items():
+        hits = [n for n in names if any(n == s or n == s + ".gz" or n.endswith("-" + s) or n.endswith("-" + s + ".gz")
+                                        for s in stems)]
+        by_stem: dict[str, list[str]] = {}
+        for n in hits:
+            by_stem.setdefault(n[:-3] if n.endswith(".gz") else n, []).append(n)
+        if not by_stem:
+            raise DataError(f"IDX folder {folder} has no {stems[0]} (or {stems[0]}.gz) file for the "
+                            f"{role.replace('_', ' ')}; an IDX data set is the four files "
+                            f"{', '.join(s[0] for s in IDX_ROLES.values())} (each raw or .gz)")
+        if len(by_stem) > 1:
+            raise DataError(f"IDX folder {folder} holds several {role.replace('_', ' ')} files "
+                            f"({', '.join(hits)}); keep one data set per folder")
+        (stem, found), = by_stem.items()
+        out[role] = folder / (stem if stem in found else found[0])  # the raw copy reads faster
+    return out
+
+
+def load_idx_folder(folder: str | Path) -> dict:
+    """Read any IDX data set: a folder with training and test images and labels, gzip or raw.
+
+    Images may be `(N, H, W)` (one channel) or `(N, H, W, C)`; any counts and image size; the classes are
+    the label values, 0 to the largest label.
+
+    Args:
+        folder: the folder holding the four files (see ``find_idx_files``).
+
+    Returns:
+        {"x_train", "y_train", "x_test", "y_test", "classes"}: uint8 `(N, C, H, W)`, int64 `(N,)`, and
+        class names "0", "1", ...
+
+    Raises:
+        CorruptFile / DataError: a file is missing, malformed, or the files disagree; the message names it.
+    """
+    paths = find_idx_files(folder)
+    out = {}
+    for split in ("train", "test"):
+        xp, yp = paths[f"{split}_images"], paths[f"{split}_labels"]
+        x = read_idx(xp)
+        y = read_idx(yp)
+        if x.dtype != torch.uint8:
+            raise CorruptFile(xp, f"IDX data type is {x.dtype}, expected unsigned bytes (type 0x08) for images")
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        elif x.ndim == 4 and x.shape[-1] in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2).contiguous()
+        else:
+            raise CorruptFile(xp, f"images must have dimensions (N, H, W) or (N, H, W, C), the header gives "
+                                  f"{tuple(x.shape)}")
+        if y.ndim != 1 or y.dtype.is_floating_point:
+            raise CorruptFile(yp, f"labels must be one-dimensional integers, got {y.dtype} {tuple(y.shape)}")
+        if len(x) != len(y):
+            raise CorruptFile(xp, f"different numbers of images and labels: {len(x)} images here but {len(y)} "
+                                  f"labels in {yp.name}")
+        if len(y) and int(y.min()) < 0:
+            raise CorruptFile(yp, f"labels out of range: found label {int(y.min())}; labels start at 0")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y.to(torch.int64)
+    if out["x_test"].shape[1:] != out["x_train"].shape[1:]:
+        raise CorruptFile(paths["test_images"], f"test images of shape {tuple(out['x_test'].shape[1:])} differ "
+                                                f"from the training images' {tuple(out['x_train'].shape[1:])}")
+    y = torch.cat([out["y_train"], out["y_test"]])
+    out["classes"] = [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+    return out

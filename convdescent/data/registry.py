@@ -1,7 +1,8 @@
 """What each named dataset is, where its files may be, and which checksums identify them.
 
-Search order for a dataset's files (first hit wins): the `data_dir` argument (--data-dir); the
-`CONVDESCENT_DATA` environment variable; the user cache (`$XDG_CACHE_HOME/convdescent`, by default
+A `data_dir` argument (--data-dir) is the one place searched: the user chose it, so the files are read
+from there or not at all (a missing file is an error naming it and the folder). Without it, the search
+order (first hit wins) is: the `CONVDESCENT_DATA` environment variable; the user cache (`$XDG_CACHE_HOME/convdescent`, by default
 `~/.cache/convdescent`); well-known system locations (`/usr/share/datasets/<name>`, where Debian's
 dataset packages install); the Keras cache (`$KERAS_HOME/datasets` or `~/.keras/datasets`). When none has
 it, `download.fetch` tries the dataset's official mirrors in order.
@@ -367,6 +368,7 @@ def search_places(name: str, data_dir: str | Path | None = None) -> list[Place]:
 
     if data_dir is not None:
         under(Path(data_dir).expanduser(), "--data-dir", True)
+        return _unique(places)  # the user named the place: never a copy from elsewhere
     env = os.environ.get("CONVDESCENT_DATA")
     if env:
         under(Path(env).expanduser(), "$CONVDESCENT_DATA", False)
@@ -376,6 +378,10 @@ def search_places(name: str, data_dir: str | Path | None = None) -> list[Place]:
             places.append(Place("system location", root / sub))
     for kname in spec.keras_names:
         places.append(Place("Keras cache", keras_root() / kname))
+    return _unique(places)
+
+
+def _unique(places: list[Place]) -> list[Place]:
     # Drop repeats while keeping the first (highest-priority) label for each folder.
     seen: set[Path] = set()
     out = []
@@ -466,6 +472,38 @@ def locate(name: str, data_dir: str | Path | None = None) -> Path | None:
     """
     found = find(name, data_dir)
     return None if found is None else found.path
+
+
+def missing_in_data_dir(name: str, data_dir: str | Path) -> str:
+    """The message for a --data-dir that does not hold the dataset: which files are missing from which folder.
+
+    Args:
+        name: dataset name.
+        data_dir: the folder the user named.
+
+    Returns:
+        The message (names each missing file and the folder looked in; no other place was searched).
+    """
+    spec = get_spec(name)
+    root = Path(data_dir).expanduser()
+    best, best_have = root, -1
+    for place in search_places(spec.name, root):
+        if place.path.is_dir():
+            have = sum(_first_existing(place.path, fs.names) is not None for fs in spec.files)
+            if have > best_have:
+                best, best_have = place.path, have
+    if not root.is_dir():
+        return (f"--data-dir {root} does not exist (or is not a folder); it must hold the {spec.name} files "
+                f"{', '.join(f.name for f in spec.files)}. Drop --data-dir to use a copy found elsewhere")
+    missing = [fs for fs in spec.files if _first_existing(best, fs.names) is None]
+    names = ", ".join(fs.name + (f" (or {fs.alt_names[0]})" if fs.alt_names else "") for fs in missing)
+    where = ", ".join(str(p.path) for p in search_places(spec.name, root))
+    text = (f"{best} (from --data-dir) lacks {names} of {spec.name}; --data-dir is the only place read when "
+            f"it is given (folders looked in: {where}). Put the missing files there, or drop --data-dir to use "
+            f"a copy found elsewhere")
+    if spec.archive is not None and len(missing) == len(spec.files):
+        text += f" (the archive {spec.archive.name} is accepted there too)"
+    return text
 
 
 def missing_message(name: str, data_dir: str | Path | None = None) -> str:

@@ -189,7 +189,9 @@ def _check_images_labels(spec: DatasetSpec, split: str, ximg: torch.Tensor, ylab
                          xpath: Path, ypath: Path) -> None:
     c, h, w = spec.input_shape
     if tuple(ximg.shape[1:]) != (c, h, w):
-        raise CorruptFile(xpath, f"images have shape {tuple(ximg.shape[1:])}, expected {(c, h, w)} for {spec.name}")
+        hint = f"; for another IDX data set use --dataset idx:{xpath.parent}" if spec.kind == "idx" else ""
+        raise CorruptFile(xpath, f"images have shape {tuple(ximg.shape[1:])}, expected {(c, h, w)} for "
+                                 f"{spec.name}{hint}")
     if ylab.ndim != 1:
         raise CorruptFile(ypath, f"labels must be one-dimensional, got shape {tuple(ylab.shape)}")
     if len(ximg) != len(ylab):
@@ -197,7 +199,9 @@ def _check_images_labels(spec: DatasetSpec, split: str, ximg: torch.Tensor, ylab
                                  f"{len(ylab)} labels in {ypath.name}")
     expected = spec.train_count if split == "train" else spec.test_count
     if expected is not None and len(ximg) != expected:
-        raise CorruptFile(xpath, f"holds {len(ximg)} images; the {split} set of {spec.name} has {expected}")
+        hint = (f"; for an IDX data set with other counts (a subset, another data set) use --dataset "
+                f"idx:{xpath.parent}" if spec.kind == "idx" else "")
+        raise CorruptFile(xpath, f"holds {len(ximg)} images; the {split} set of {spec.name} has {expected}{hint}")
     if len(ylab):
         lo, hi = int(ylab.min()), int(ylab.max())
         if lo < 0 or hi >= spec.num_classes:

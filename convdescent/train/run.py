@@ -291,7 +291,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             _say(talk, describe_changes(resume_changes))
     else:
         _say(talk, f"Run {run_path}")
-    _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}: "
+    origin = f" (from {dataset.origin})" if getattr(dataset, "origin", "") else ""
+    _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}{origin}: "
                f"{len(dataset.x_train)} train / {len(dataset.x_val)} val / {len(dataset.x_test)} test images, "
                f"device {cfg['device']}{_cuda_settings(cfg)}, {cfg['precision']}")
     _say(talk, f"Optimizer {optim.describe(optimizer)}")
