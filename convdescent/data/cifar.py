@@ -44,10 +44,18 @@ def _safe_dtype(*args):
     return d
 
 
+class _NdarrayName:
+    """Stands for numpy.ndarray in a batch: only ``_reconstruct`` may receive it. Calling numpy.ndarray
+    itself would allocate whatever shape the file names before any data is read."""
+
+
 def _safe_reconstruct(cls, shape, dtype_code):
-    if cls is not np.ndarray:
+    if cls is not _NdarrayName:
         raise pickle.UnpicklingError("only plain numpy arrays are allowed in a CIFAR batch")
-    return _reconstruct(cls, shape, dtype_code)
+    if tuple(shape) != (0,):
+        # pickled arrays start empty and get their shape with their data (BUILD), which numpy checks
+        raise pickle.UnpicklingError(f"an array is rebuilt with shape {shape!r}; a CIFAR batch uses (0,)")
+    return _reconstruct(np.ndarray, shape, dtype_code)
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -62,7 +70,7 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayName,
     ("numpy", "dtype"): _safe_dtype,
     ("_codecs", "encode"): _latin1_encode,
 }

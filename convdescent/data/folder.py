@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zlib
+
 import numpy as np
 import torch
 
 from .errors import CorruptFile, DataError
+from .images import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COLOR_MODES = ("grayscale", "rgb")
@@ -46,14 +49,7 @@ def _images_of(folder: Path) -> list[Path]:
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CorruptFile(path, f"unreadable image ({e})") from None
+    return open_image(path)
 
 
 def _is_gray(im) -> bool:
@@ -182,6 +178,60 @@ def _labels_from_array(a: np.ndarray, key: str, path: Path) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
+def read_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read with memory that follows the data really there.
+
+    An array's header announces its shape; numpy allocates that much before reading, so a small file
+    announcing a huge shape would allocate gigabytes. Here each member is read in chunks into a buffer that
+    grows with what is really decompressed, and a member shorter than its header announces is an error.
+    Object arrays (pickles) are refused.
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        {name: array} (names without the ".npy" suffix).
+
+    Raises:
+        CorruptFile: a member is not an .npy array, holds objects, or is shorter than its header says.
+    """
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    from .idx import read_bounded
+
+    path = Path(path)
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            with zf.open(info) as f:
+                version = npy.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = npy.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = npy.read_array_header_2_0(f)
+                else:
+                    raise CorruptFile(path, f"array {key!r} uses .npy format version {version}, which is not read")
+                if dtype.hasobject:
+                    raise CorruptFile(path, f"array {key!r} holds Python objects (a pickle), which are never loaded; "
+                                            f"store plain numeric arrays")
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                expected = count * dtype.itemsize
+                buf = read_bounded(f, expected)
+                if len(buf) < expected:
+                    raise CorruptFile(path, f"array {key!r} announces shape {tuple(shape)} ({expected} bytes) but "
+                                            f"the file holds only {len(buf)} bytes of it (truncated or damaged)")
+            a = np.frombuffer(buf, dtype=dtype, count=count)
+            arrays[key] = a.reshape(shape[::-1]).transpose() if fortran else a.reshape(shape)
+    return arrays
+
+
 def load_npz(path: str | Path) -> dict:
     """Read a dataset stored as arrays in an .npz file.
 
@@ -201,9 +251,10 @@ def load_npz(path: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"npz file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        arrays = read_npz_arrays(path)
+    except CorruptFile:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
         raise CorruptFile(path, f"not a readable .npz file ({e})") from None
     xk = "x" if "x" in arrays else "x_train"
     yk = "y" if "y" in arrays else "y_train"

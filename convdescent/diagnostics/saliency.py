@@ -309,7 +309,10 @@ def load_image(path: str | Path, input_shape) -> torch.Tensor:
 
     Converted to grayscale for one channel and to RGB for three, and resized to (H, W) when needed.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..data.errors import CorruptFile
+    from ..data.images import open_image
 
     p = Path(path)
     if not p.is_file():
@@ -318,11 +321,10 @@ def load_image(path: str | Path, input_shape) -> torch.Tensor:
     if c not in (1, 3):
         raise ValueError(f"only models with 1 or 3 input channels can read image files, this one takes {c}")
     try:
-        with Image.open(p) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except UnidentifiedImageError:
-        raise ValueError(f"{str(p)!r} is not an image file PIL can read; pass a PNG or JPEG") from None
+        im = open_image(p).convert("L" if c == 1 else "RGB")
+    except CorruptFile as e:
+        raise ValueError(f"cannot read image {e}; pass a PNG or JPEG") from None
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.view(h, w, c).permute(2, 0, 1)[None].contiguous()

@@ -161,20 +161,21 @@ def load_image(path: str | Path, input_shape: tuple[int, int, int], strict: bool
     Raises:
         ValueError: unreadable file, unsupported channel count, or a mismatch with ``strict``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..data.errors import CorruptFile
+    from ..data.images import open_image
 
     path = Path(path)
     c, h, w = input_shape
     if c not in (1, 3):
         raise ValueError(f"the model takes {c}-channel images; predict reads image files with 1 or 3 channels only")
+    if not path.exists():
+        raise ValueError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.copy()
-    except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        img = open_image(path)
+    except CorruptFile as e:
+        raise ValueError(f"cannot read image {e}") from None
     notes = []
     have = {"L": 1, "1": 1, "I;16": 1, "I": 1, "F": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}.get(img.mode, 3)
     target = "L" if c == 1 else "RGB"
