@@ -372,7 +372,7 @@ def test_npz_labels_out_of_range_and_not_a_zip(tmp_path):
     _raises(CorruptFile, q, "not a readable .npz", call=lambda: load_dataset(f"npz:{q}"))
     r = tmp_path / "obj.npz"
     np.savez(r, x=np.array([object()], dtype=object), y=np.zeros(1))
-    _raises(CorruptFile, r, "not a readable .npz", call=lambda: load_dataset(f"npz:{r}"))
+    _raises(CorruptFile, r, "holds Python objects", call=lambda: load_dataset(f"npz:{r}"))
 
 
 # ---------------------------------------------------------------------------------------------- split, names

@@ -323,7 +323,8 @@ def load_image(path: str | Path, input_shape) -> torch.Tensor:
     try:
         im = open_image(p).convert("L" if c == 1 else "RGB")
     except CorruptFile as e:
-        raise ValueError(f"cannot read image {e}; pass a PNG or JPEG") from None
+        raise ValueError(f"{str(p)!r} is not an image file convdescent can read: {e.problem}; pass a PNG or "
+                         f"JPEG") from None
     if im.size != (w, h):
         im = im.resize((w, h), Image.BILINEAR)
     data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
