@@ -127,10 +127,14 @@ def test_a_live_worker_waits_and_takes_over_the_trial_of_a_killed_one(tmp_path, 
     doomed, started = start_worker(tmp_path, settings, "hang", 0)
     wait_for(started, doomed)
     live, _ = start_worker(tmp_path, settings, "fast", 1)
-    time.sleep(2)  # the live worker trains the other two points and then waits for the doomed one's trial
-    assert live.poll() is None
+    seen = []
+    for line in live.stdout:  # the live worker trains the other two points, then waits for the doomed one's
+        seen.append(line)
+        if "waiting for trial(s)" in line:
+            break
+    assert live.poll() is None, "".join(seen)
     kill9(doomed)
-    out = live.communicate(timeout=120)[0]
+    out = "".join(seen) + live.communicate(timeout=120)[0]
     assert live.returncode == 0, out
     assert "waiting for trial(s)" in out and "trains the point again" in out
     study = optuna.load_study(study_name="beats", storage=open_storage(settings.storage))

@@ -22,6 +22,7 @@ writer every ``every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import torch
 
 from ..optim import optimizer_stats
 from .checkpoint import atomic_write_bytes, atomic_write_text, encode_checkpoint
+from .output import OutputWriteError, write_failure
 
 class Callback:
     """Base class: override the hooks you need (see the module docstring for when each runs).
@@ -308,8 +310,15 @@ class MetricsWriter(Callback):
     def write(self, record: dict) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps(_finite_json(record)) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_finite_json(record)) + "\n")
+            self._f.flush()
+        except OSError as e:
+            f, self._f = self._f, None
+            with contextlib.suppress(OSError):
+                f.close()  # what is still buffered cannot be written either
+            run_dir = self.path.parent
+            raise write_failure(self.path, e, run_dir, None, run_dir / "checkpoints" / "last.pt", None) from None
 
     def on_step_end(self, trainer, step, logs):
         if not (self.every > 0 and step % self.every == 0):
@@ -353,14 +362,24 @@ class MetricsWriter(Callback):
         rec = {"type": "epoch", **{k: v for k, v in logs.items() if isinstance(v, (int, float, str, bool))}}
         rec["elapsed"] = time.perf_counter() - self._t0
         self.write(rec)
+        if self._f is not None:
+            try:  # at least once an epoch the records are on the disk itself, not only handed to the system
+                os.fsync(self._f.fileno())
+            except OSError as e:
+                raise write_failure(self.path, e, self.path.parent, None,
+                                    self.path.parent / "checkpoints" / "last.pt", None) from None
 
     def on_event(self, trainer, event):
         self.write({"type": "event", **event})
 
     def on_train_end(self, trainer):
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError as e:
+                raise write_failure(self.path, e, self.path.parent, None,
+                                    self.path.parent / "checkpoints" / "last.pt", None) from None
 
 
 def truncate_metrics(path: str | Path, step: int, epochs_done: int) -> None:
@@ -490,6 +509,8 @@ class Checkpointer(Callback):
         self.best: float | None = None
         self.best_epoch = 0
         self.saved_step: int | None = None
+        self.checkpoint_bytes: int | None = None
+        self._best_written = False
 
     @property
     def last_path(self) -> Path:
@@ -501,10 +522,20 @@ class Checkpointer(Callback):
 
     def _save(self, trainer, best: bool) -> None:
         blob = encode_checkpoint(trainer.checkpoint_payload())
-        atomic_write_bytes(self.last_path, blob)
-        self.saved_step = trainer.step
-        if best:
-            atomic_write_bytes(self.best_path, blob)
+        self.checkpoint_bytes = len(blob)
+        # best.pt first: if last.pt then fails, best.pt is a complete checkpoint of this very state
+        self._best_written = False
+        for path in (self.best_path, self.last_path) if best else (self.last_path,):
+            try:
+                atomic_write_bytes(path, blob)
+            except OSError as e:
+                # the file at path is still the previous complete one (atomic write): name what is kept
+                good = self.last_path if self.saved_step is not None or self.last_path.exists() else None
+                raise write_failure(path, e, self.folder.parent, len(blob), good, self.saved_step) from None
+            if path == self.last_path:
+                self.saved_step = trainer.step
+            else:
+                self._best_written = True
 
     def on_step_end(self, trainer, step, logs):
         if self.every_steps and step % self.every_steps == 0 and logs["batch"] != logs["batches"]:
@@ -514,9 +545,15 @@ class Checkpointer(Callback):
     def on_epoch_end(self, trainer, epoch, logs):
         value = float(logs.get(self.monitor, math.nan))
         best = _improved(value, self.best, self.mode, 0.0)
+        previous = (self.best, self.best_epoch)
         if best:
-            self.best, self.best_epoch = value, epoch
-        self._save(trainer, best=best)
+            self.best, self.best_epoch = value, epoch  # before saving: the checkpoint records its own best
+        try:
+            self._save(trainer, best=best)
+        except OutputWriteError:
+            if best and self.saved_step != trainer.step and not self._best_written:
+                self.best, self.best_epoch = previous  # best.pt was not written: claim nothing about it
+            raise
 
     def on_event(self, trainer, event):
         if event.get("event") == "interrupted":

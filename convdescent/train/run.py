@@ -13,11 +13,13 @@ A run directory ``runs/<date>-<time>-<name>/`` holds:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,12 @@ from .. import optim
 from ..argparsing import command_name
 from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
                         resolve_monitor, truncate_metrics)
-from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, encode_checkpoint, load_checkpoint
 from .config import ConfigError, dump_toml, load_toml, resolve_config
 from .evaluation import EVALUATION_FILE, confusion_png, evaluate_model, load_evaluation, save_evaluation
 from .history import History
 from .liveness import RunLock, run_state
+from .output import OutputWriteError, check_space, probe_folder, write_failure
 from .resume import describe_changes, resume_config
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callbacks
 
@@ -244,6 +247,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             raise CheckpointError(f"the checkpoint in {run_path} was trained on classes {ckpt['classes'][:5]}..., "
                                   f"the dataset now has {dataset.classes[:5]}...; resume with the same data")
     else:
+        probe_folder(Path(run_dir).parent if run_dir is not None else Path(cfg["out"]))
+        made_dir = run_dir is None or not Path(run_dir).exists()
         run_path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(cfg["out"]), cfg["name"])
         run_path.mkdir(parents=True, exist_ok=True)
 
@@ -279,10 +284,22 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         if trainer.step >= trainer.total_steps:
             raise ConfigError(f"the run in {run_path} already finished its {trainer.total_steps} steps "
                               f"({trainer.epochs} epochs); pass a larger --epochs or --steps to train further")
-        truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
-
-    header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
-    atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+    try:
+        # the disk must hold the checkpoints before the first step is spent on the run
+        probe_folder(run_path)
+        check_space(run_path, len(encode_checkpoint(trainer.checkpoint_payload())))
+        if ckpt is not None:
+            truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
+        header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
+        atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+    except (OutputWriteError, OSError) as e:
+        if ckpt is None and made_dir:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(run_path)  # nothing of the run was written: leave no half-written run directory
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(f"cannot write the run directory {run_path}: {e.strerror or e}; free space "
+                               f"or choose a writable folder with --out") from None
     started = _dt.datetime.now().isoformat(timespec="seconds")
     if ckpt is not None:
         _say(talk, f"Resuming {run_path} at step {trainer.step} (epoch {loader.epoch + 1}, batch "
@@ -309,9 +326,18 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         status, error = "interrupted", e
     except BaseException as e:
         status, error = ("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"), e
-    summary = _write_summary(run_path, cfg, trainer, dataset, model, loss, normalizer, status, started, error,
-                             checkpointer)
-    if report and status != "interrupted":  # an interrupted run exits promptly; 'convdescent report' rebuilds
+    disk_failed = isinstance(error, OutputWriteError)
+    try:
+        summary = _write_summary(run_path, cfg, trainer, dataset, model, loss, normalizer, status, started, error,
+                                 checkpointer)
+    except OSError as e:
+        if not disk_failed:
+            last = checkpointer.last_path if checkpointer.saved_step is not None else None
+            error = write_failure(run_path / SUMMARY_FILE, e, run_path, checkpointer.checkpoint_bytes, last,
+                                  checkpointer.saved_step)
+            status, disk_failed = "failed", True
+        summary = {}
+    if report and status != "interrupted" and not disk_failed:  # an interrupted run exits promptly
         try:
             from ..report import build_report
 
