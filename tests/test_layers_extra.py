@@ -6,6 +6,7 @@ fused paths staying out of cases they do not handle, and error messages."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -124,15 +125,17 @@ def test_config_keeps_every_option():
 
 def test_plain_paths_are_left_for_grouped_and_dilated_layers():
     """The native im2col, the native max-pool and the fused conv + pool pass handle neither groups nor
-    dilation: such layers must take the torch-op path (and still give torch's numbers)."""
-    assert native.library() is not None, native.status()
+    dilation: such layers must take the torch-op path (and still give torch's numbers). With the kernels
+    switched off (the CI's fallback run) every layer takes that path."""
+    kernels = os.environ.get("CONVDESCENT_NATIVE", "1") != "0"
+    assert (native.library() is not None) == kernels, native.status()
     x = torch.randn(4, 2, 12, 12)  # patches of 2*3*3 entries: small enough for the fused pass
     for conv in (Conv2D(4, 3, groups=2), Conv2D(4, 3, dilation=2), Conv2D(4, 3)):
         pool = MaxPool2D(2)
         model = Sequential([conv, pool], input_shape=(2, 12, 12), seed=0)
         model.set_fusion(True)
-        assert conv.fuses_with(pool) == conv.plain()
-        assert (model.plan().nodes[0].label == "conv1+pool1") == (conv.plain() and native.enabled())
+        assert conv.fuses_with(pool) == (conv.plain() and kernels)
+        assert (model.plan().nodes[0].label == "conv1+pool1") == (conv.plain() and kernels)
         y = model.forward(x, train=True)
         torch.testing.assert_close(y, model.to_torch()(x), rtol=1e-5, atol=1e-5)
     dilated = MaxPool2D(2, dilation=2)

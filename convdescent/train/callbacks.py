@@ -229,6 +229,9 @@ class ProgressBar(Callback):
                 figures = f"loss {loss:.3f} acc {acc:.3f}" if self._compact else f"loss {loss:.4f} acc {acc:.3f}"
                 bar.set_postfix_str(figures, refresh=False)
         bar.update(logs["batch"] - bar.n)
+        if logs["batch"] >= bar.total:
+            # the epoch's final state is always drawn once, with its figures, however fast the epoch was
+            bar.refresh()
 
     def _close(self) -> None:
         if self._bar is not None:
