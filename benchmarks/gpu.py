@@ -53,6 +53,16 @@ def _torch_net(data, start_from):
     return net
 
 
+def _torch_accuracy(net, x_test, y_test):
+    """``() -> test accuracy`` of a torch network on test tensors already on the GPU."""
+    def accuracy():
+        net.eval()
+        with torch.no_grad():
+            return float((net(x_test).argmax(1) == y_test).float().mean())
+
+    return accuracy
+
+
 def convdescent_side(data, batch_size, seed, graph: bool):
     """(one timed epoch -> seconds, test accuracy -> float) for convdescent on the GPU."""
     dev = torch.device("cuda")
@@ -110,12 +120,7 @@ def idiomatic_side(data, batch_size, seed):
         _sync()
         return time.perf_counter() - t0
 
-    def accuracy():
-        net.eval()
-        with torch.no_grad():
-            return float((net(x_test).argmax(1) == y_test).float().mean())
-
-    return epoch, accuracy
+    return epoch, _torch_accuracy(net, x_test, y_test)
 
 
 def tuned_side(data, batch_size, seed):
@@ -149,12 +154,7 @@ def tuned_side(data, batch_size, seed):
         _sync()
         return time.perf_counter() - t0
 
-    def accuracy():
-        net.eval()
-        with torch.no_grad():
-            return float((net(x_test).argmax(1) == y_test).float().mean())
-
-    return epoch, accuracy
+    return epoch, _torch_accuracy(net, x_test, y_test)
 
 
 def make_side(name, data, batch_size, seed):
