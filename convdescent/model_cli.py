@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import models as named_models
 from .argparsing import hidden_alias
-from .cli import add_checkpoint_argument, add_run_dir_argument
+from .cli import add_checkpoint_argument, add_run_dir_argument, positive_int
 from .model_file import model_to_toml
 
 
@@ -28,16 +28,6 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"must be three positive sizes C,H,W such as 1,28,28, got {text!r}")
     return shape
-
-
-def _classes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _first_sentence(text: str, width: int = 72) -> str:
@@ -119,7 +109,7 @@ def register(sub) -> None:
     p.add_argument("--toml", action="store_true", help="with --show: print the model as a TOML model file")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                    help="with --show: build for this input shape (default: the model's own)")
-    p.add_argument("--classes", type=_classes, default=10, help="with --show: number of classes (default: 10)")
+    p.add_argument("--classes", type=positive_int, default=10, help="with --show: number of classes (default: 10)")
     p.add_argument("--json", action="store_true", help="JSON: one object per model, or the shown model's config")
     p.set_defaults(func=cmd_models)
 
