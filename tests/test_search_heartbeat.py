@@ -226,3 +226,60 @@ def test_convdescent_search_finishes_the_grid_when_one_of_its_workers_is_killed(
     assert sorted(r["lr"] for r in summary["rows"]) == [1e-3, 3e-3, 1e-2]
     study = optuna.load_study(study_name="killed", storage=open_storage(str(storage)))
     assert any(t.state.name == "FAIL" and t.user_attrs.get("pid") == victim for t in study.get_trials())
+
+
+# a worker that dies the instant its trial turns RUNNING, before the search code runs another line: the
+# narrowest window a kill can hit (a test-only wrapper around the storage's two ways into RUNNING)
+DIE_ON_CLAIM = """
+import json, os, signal, sys
+from pathlib import Path
+from optuna.trial import TrialState
+from convdescent.search.study import SearchSettings, prepare_study, run_worker
+
+settings = SearchSettings.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+study, storage = prepare_study(settings)
+study_id = storage.get_study_id_from_name(study.study_name)
+
+def dying(real):
+    def call(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        if running:
+            Path(sys.argv[2]).write_text(str(running[0].number))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return call
+
+for cls in {type(storage), type(study._storage)}:
+    for name in ("create_new_trial", "set_trial_state_values"):
+        setattr(cls, name, dying(getattr(cls, name)))
+run_worker(settings, study=study, storage=storage, runner=lambda config, trial: None)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_a_worker_killed_the_moment_its_trial_starts_loses_no_trial(tmp_path, kind, sampler):
+    settings = settings_for(tmp_path, storage_path(tmp_path, kind), sampler=sampler,
+                            trials=3 if sampler == "tpe" else None)
+    prepare_study(settings)
+    (tmp_path / "settings.json").write_text(json.dumps(settings.to_dict()))
+    (tmp_path / "dying.py").write_text(DIE_ON_CLAIM)
+    started = tmp_path / "claimed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    dying = subprocess.run([sys.executable, str(tmp_path / "dying.py"), str(tmp_path / "settings.json"),
+                            str(started)], env=env, capture_output=True, text=True, timeout=120)
+    assert dying.returncode == -signal.SIGKILL, dying.stdout + dying.stderr
+    lost = int(started.read_text())
+    live, _ = start_worker(tmp_path, settings, "fast", 1)
+    try:
+        out = live.communicate(timeout=60)[0]  # a RUNNING trial that never beat would make it wait forever
+    finally:
+        live.kill()
+    assert live.returncode == 0, out
+    study = optuna.load_study(study_name="beats", storage=open_storage(settings.storage))
+    assert next(t for t in study.get_trials() if t.number == lost).state.name == "FAIL"
+    summary = write_results(settings, study, stream=open(os.devnull, "w"))
+    assert summary["complete"] is True and summary["by_state"] == {"COMPLETE": 3}, summary
+    if sampler == "grid":
+        check_each_point_once(settings, study)

@@ -606,11 +606,9 @@ def _next_trial(settings: SearchSettings, study, storage):
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if not waiting and len(_live_trials(trials)) >= settings.trials:
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna's note that heartbeats are meant for optimize(): kept here
-            trial = study.ask()
-        if _beats(storage):
-            storage.record_heartbeat(trial._trial_id)
+        trial = _ask_with_beat(study, storage)
+        if trial is None:
+            return "duplicate"  # another worker claimed the slot this one opened: look again
         if not _frozen(study, trial.number).system_attrs.get("retry_history"):
             live = _live_trials(study.get_trials(deepcopy=False))
             if sum(1 for t in live if t.number < trial.number and not t.system_attrs.get("retry_history")) \
@@ -633,6 +631,29 @@ def _next_trial(settings: SearchSettings, study, storage):
         trial.set_user_attr("duplicate_of", first)
         study.tell(trial, state=TrialState.FAIL)
         return "duplicate"
+    return trial
+
+
+def _ask_with_beat(study, storage):
+    """``study.ask()`` for TPE with the heartbeat recorded before the trial becomes RUNNING.
+
+    ``study.ask()`` creates its trial RUNNING and only then could a beat be recorded: a worker killed in
+    between would leave a RUNNING trial that never beat, which Optuna's stale-trial check never sees, so the
+    budget slot would be lost for good. Here the slot is opened as a WAITING trial without fixed values
+    (``enqueue_trial({})``: the sampler still suggests every value) and claimed the way grid points are
+    (``_claim_waiting``: beat, then WAITING -> RUNNING). A retried trial queued by the retry callback is
+    WAITING too and is claimed first. Returns None when another worker claimed every waiting trial first.
+    """
+    from optuna.trial import Trial
+
+    trial_id = _claim_waiting(study, storage)
+    if trial_id is None:
+        study.enqueue_trial({}, skip_if_exists=False)
+        trial_id = _claim_waiting(study, storage)
+        if trial_id is None:
+            return None
+    trial = Trial(study, trial_id)
+    study.sampler.before_trial(study, _frozen(study, trial.number))
     return trial
 
 
