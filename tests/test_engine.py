@@ -106,3 +106,21 @@ def test_the_nan_replay_runs_the_fast_plan_and_names_the_first_bad_tensor(monkey
     bad[0, 0, 0, 0] = float("nan")
     *_, problem = checked_gradients(model, SoftmaxCrossEntropy(), bad, yb)
     assert problem == {"where": "forward", "layer": "input", "tensor": "input batch"}
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_the_nan_replay_names_the_layer_inside_a_fused_node(fusion):
+    """A NaN made by conv1 inside the fused conv1+relu1+pool1 pass is named at conv1 (the node's members
+    run one by one on the node's input), as the unfused plan names it."""
+    model, _, _, loader = setup(seed_cnn)
+    model.set_fusion(fusion)
+    xb, yb = next(iter(loader))
+    with torch.no_grad():
+        model.params()["conv1.weight"][0, 0, 0, 0] = float("nan")
+    *_, problem = checked_gradients(model, SoftmaxCrossEntropy(), xb, yb)
+    assert problem["where"] == "forward" and problem["layer"] == "conv1", problem
+    if fusion and "conv1+relu1+pool1" in str(model.plan()):
+        assert "inside the fused pass conv1+relu1+pool1" in problem["tensor"]
+    else:
+        assert problem["tensor"] == "output of conv1 (Conv2D)"
+    assert len(model.hooks) == 0

@@ -13,6 +13,8 @@ tensors, so a step never waits for the device (no ``.item()``); the caller reads
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..native import flush_subnormals
@@ -80,8 +82,9 @@ def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precis
     """``compute_gradients`` through the same plan, noting the first non-finite tensor (slow; for diagnosis).
 
     Hooks check every value the plan writes: each node's output (``split=False``: fused nodes stay fused, so
-    the replay recomputes exactly what the fast step computed; a problem inside a fused node is named at the
-    node's output) and each layer's gradients as they become final.
+    the replay recomputes exactly what the fast step computed) and each layer's gradients as they become
+    final. When the first non-finite output is a fused node's, the node's members are then run one by one on
+    the node's own input (a copy kept when the problem was seen) to name the member that produced it.
 
     Returns:
         (loss, correct, grads, problem) where problem is None or a dict with ``where`` ("forward", "loss",
@@ -92,9 +95,19 @@ def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precis
     if not _finite(xb):
         found.append({"where": "forward", "layer": "input", "tensor": "input batch"})
 
+    fused = _fused_nodes(model.plan())
+    inputs: dict[str, torch.Tensor] = {}
+    node_input: list[tuple] = []
+
+    def before_forward(name, layer, x):
+        inputs[name] = x
+
     def after_forward(name, layer, out):
         if not found and not _finite(out):
             found.append({"where": "forward", "layer": name, "tensor": f"output of {name} ({type(layer).__name__})"})
+            node = fused.get(name)
+            if node is not None and node.input_of in inputs:
+                node_input.append((node, inputs[node.input_of].clone()))
 
     def after_backward(name, layer, grads):
         if any(p["where"] == "backward" for p in found):
@@ -104,7 +117,8 @@ def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precis
                 found.append({"where": "backward", "layer": name, "tensor": f"gradient of {key}"})
                 return
 
-    handles = [model.register_hook("after_forward", after_forward, split=False),
+    handles = [model.register_hook("before_forward", before_forward, split=False),
+               model.register_hook("after_forward", after_forward, split=False),
                model.register_hook("after_backward", after_backward)]
     try:
         loss, correct, grads = compute_gradients(model, loss_fn, xb, yb, precision, denominator)
@@ -114,11 +128,45 @@ def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precis
     forward = [p for p in found if p["where"] == "forward"]
     if forward:
         problem = forward[0]
+        if node_input:
+            problem = _inside_node(*node_input[0], precision) or problem
     elif not _finite(loss):
         problem = {"where": "loss", "layer": model.layers[-1].name, "tensor": "loss"}
     else:
         problem = found[0] if found else None
     return loss, correct, grads, problem
+
+
+def _fused_nodes(plan) -> dict:
+    """Every node of ``plan`` (and of the plans inside residual blocks) that runs several layers, by the
+    name of the member whose output is the node's output."""
+    out = {}
+    for node in plan.nodes:
+        if len(node.members) > 1:
+            out[node.output_of] = node
+        for inner in (getattr(node, "body", None), getattr(node, "skip", None)):
+            if inner is not None:
+                out.update(_fused_nodes(inner))
+    return out
+
+
+def _inside_node(node, x: torch.Tensor, precision) -> dict | None:
+    """Run a fused node's members one at a time on its input; the first member whose output is not finite.
+
+    The members run their own forward in training mode on a copy of the input the fused pass was given (the
+    layers fused today keep no state between steps); their caches are cleared afterwards.
+    """
+    try:
+        with precision.compute() if precision is not None and precision.mixed else contextlib.nullcontext():
+            for name, layer in node.members:
+                x = layer.forward(x, True)
+                if not _finite(x):
+                    return {"where": "forward", "layer": name,
+                            "tensor": f"output of {name} ({type(layer).__name__}), inside the fused pass "
+                                      f"{node.label}"}
+    finally:
+        node.clear_cache()
+    return None
 
 
 @torch.no_grad()
