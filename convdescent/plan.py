@@ -258,7 +258,8 @@ class ConvPool(Node):
 class ResidualNode(Node):
     """A ``Residual`` block whose branch (and projection) run as plans: fused nodes and hooks inside too.
 
-    The sum rule of ``Residual.backward``: the same delta flows into both paths and their input gradients add.
+    The block's own ``forward_through`` / ``backward_through`` (the sum rule) run the plans of the branch and
+    the projection, so the rule is written once, in ``Residual``.
     """
 
     how = "residual block"
@@ -277,21 +278,12 @@ class ResidualNode(Node):
             return block.forward(x, train)  # raises the block's own message
         for layer in block.sublayers():
             layer.training = train
-        h = self.body.forward(x, train)
-        return h + (self.skip.forward(x, train) if self.skip is not None else x)
+        skip = self.skip.forward if self.skip is not None else None
+        return block.forward_through(x, self.body.forward, skip, train)
 
     def backward(self, dy):
-        block = self.block
-        block.layers[0].needs_input_grad = block.needs_input_grad
-        dh = self.body.backward(dy)
-        if self.skip is not None:
-            block.projection.needs_input_grad = block.needs_input_grad
-            dskip = self.skip.backward(dy)
-        else:
-            dskip = dy
-        if not block.needs_input_grad:
-            return None
-        return dh + dskip
+        skip = self.skip.backward if self.skip is not None else None
+        return self.block.backward_through(dy, self.body.backward, skip)
 
     def take_cache(self):
         raise RuntimeError("a Residual block never runs in chunks (it is not sample-wise)")

@@ -10,7 +10,7 @@ Backward follows the sum rule: the same delta flows into both paths and their in
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -133,29 +133,50 @@ class Residual(Layer):
             check_rank(x, len(self.input_shape) + 1, self)
             raise ValueError(f"Residual '{self.name}' expects inputs of shape (N, "
                              f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
-        h = x
-        for layer in self.layers:
+        for layer in self.sublayers():
             layer.training = train
-            h = layer.forward(h, train)
-        if self.projection is not None:
-            self.projection.training = train
-            return h + self.projection.forward(x, train)
-        return h + x
+        return self.forward_through(x, self._body_forward, self._skip_forward, train)
+
+    def forward_through(self, x, body: Callable, skip: Callable | None, train: bool):
+        """y = body(x) + skip(x), or body(x) + x without a projection: the block's forward, whoever runs the
+        branch (these layers one by one, or the execution plan's nodes)."""
+        h = body(x, train)
+        return h + (skip(x, train) if self.projection is not None else x)
 
     def backward(self, dy):
+        return self.backward_through(dy, self._body_backward, self._skip_backward)
+
+    def backward_through(self, dy, body: Callable, skip: Callable | None):
+        """The sum rule: the same dL/dy flows into the branch and the skip, and their input gradients add,
+        dL/dx = dL/dx_branch + dL/dx_skip (dL/dy itself for an identity skip). Shared by ``backward`` and the
+        execution plan's residual node, which pass the branch's and the projection's backward."""
         # The first branch layer and the projection produce dL/dx only when someone upstream needs it.
         self.layers[0].needs_input_grad = self.needs_input_grad
-        dh = dy
-        for layer in reversed(self.layers):
-            dh = layer.backward(dh)
+        dh = body(dy)
         if self.projection is not None:
             self.projection.needs_input_grad = self.needs_input_grad
-            dskip = self.projection.backward(dy)
+            dskip = skip(dy)
         else:
             dskip = dy
         if not self.needs_input_grad:
             return None
         return dh + dskip
+
+    def _body_forward(self, x, train):
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def _skip_forward(self, x, train):
+        return self.projection.forward(x, train)
+
+    def _body_backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def _skip_backward(self, dy):
+        return self.projection.backward(dy)
 
     # -- description -------------------------------------------------------------------------
     def get_config(self):
