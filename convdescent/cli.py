@@ -288,19 +288,32 @@ def cmd_train(args) -> int:
     config = train_config_from_args(args)
     try:
         if args.resume:
-            train_from_config(config, resume=args.resume, display=display, report=args.report,
-                              allow_change=args.allow_change)
+            result = train_from_config(config, resume=args.resume, display=display, allow_change=args.allow_change)
         else:
-            train_from_config(config, display=display, report=args.report, allow_change=args.allow_change)
+            result = train_from_config(config, display=display, allow_change=args.allow_change)
     except NonFiniteError as e:
+        if args.report and getattr(e, "run_dir", None) is not None:
+            _write_report(e.run_dir)  # the curves up to the blow-up are what the user needs to see
         print(f"convdescent: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainingInterrupted as e:
         run_dir = getattr(e, "run_dir", None) or args.resume or "RUN_DIR"
         print(f"convdescent: {e.signal_name} received: stopped after step {e.step} (epoch {e.epoch}); a "
               f"checkpoint was written. Continue with: {command_name()} train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
-        return 128 + e.signum
+        return 128 + e.signum  # an interrupted run exits promptly, without a report
+    if args.report:
+        _write_report(result.run_dir)
     return 0
+
+
+def _write_report(run_dir) -> None:
+    """report.html of a run that has stopped; a failure is a warning, never the loss of a finished run."""
+    from .report import build_report
+
+    try:
+        build_report(Path(run_dir))
+    except Exception as e:  # a broken figure must not turn a finished run into a failed command
+        print(f"convdescent: warning: report.html could not be written: {e}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / predict

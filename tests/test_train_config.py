@@ -98,9 +98,9 @@ def test_saved_config_rebuilds_the_run(tmp_path):
     first = train_from_config({"dataset": f"npz:{npz}", "val_split": 20, "epochs": 2, "batch_size": 10,
                                "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "cosine",
                                "schedule_params": {"warmup_steps": 3}, "augment": "flip", "seed": 5,
-                               "out": str(tmp_path / "a")}, display="quiet", report=False)
+                               "out": str(tmp_path / "a")}, display="quiet")
     saved = load_toml(first.run_dir / "config.toml")
-    again = train_from_config(dict(saved, out=str(tmp_path / "b")), display="quiet", report=False)
+    again = train_from_config(dict(saved, out=str(tmp_path / "b")), display="quiet")
     for k, p in first.model.params().items():
         assert torch.equal(p, again.model.params()[k]), k
     assert again.history.loss == first.history.loss

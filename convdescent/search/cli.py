@@ -88,7 +88,7 @@ def _default_out(kind: str) -> Path:
 def cmd_lr_find(args) -> int:
     from ..train.checkpoint import atomic_write_text
     from ..train.config import resolve_config
-    from ..train.run import _build, resolve_device
+    from ..train.run import build_run, resolve_device
     from .lr_find import lr_find
     from .trials import subset_dataset
 
@@ -101,7 +101,7 @@ def cmd_lr_find(args) -> int:
     dataset = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], val_split=cfg["val_split"],
                            seed=cfg["split_seed"], progress=False)
     dataset = subset_dataset(dataset, args.train_subset, seed=cfg["split_seed"])
-    _, _, model, loss, _, loader, _ = _build(cfg, dataset)
+    _, _, model, loss, _, loader, _ = build_run(cfg, dataset)
     name = cfg["optimizer"]
     hp = {k: cfg[k] for k in ("momentum", "nesterov", "weight_decay", "eps", "clip_norm", "clip_value", "agc")
           if cfg.get(k) is not None}

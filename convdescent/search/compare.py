@@ -262,7 +262,7 @@ def run_compare(settings: CompareSettings, runner: Callable | None = None,
 
 
 def _safe_run(runner, config):
-    from .study import TrialOutcome
+    from .trials import TrialOutcome
 
     try:
         return runner(config, None)
