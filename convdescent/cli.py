@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 from .argparsing import CommandParser, command_name, hidden_alias
+from .options import COUNT as _COUNT
+from .options import POSITIVE as _POSITIVE
+from .options import POSITIVE_COUNT as _POSITIVE_COUNT
 
 # Modules that add their own command groups; each exposes register(subparsers) (the data module's is
 # add_data_parser) and sets func(args) -> exit status on its parsers.
@@ -67,6 +70,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
+
+def _mark(fn, rng):
+    fn.range = rng  # read by the tests that walk every numeric flag
+    return fn
+
+
+positive_int = _mark(positive_int, _POSITIVE_COUNT)
+non_negative_int = _mark(non_negative_int, _COUNT)
+positive_float = _mark(positive_float, _POSITIVE)
 
 CHECKPOINTS = ("best", "last")
 DEFAULT_CHECKPOINT = "best"
@@ -165,31 +177,95 @@ def _key_value(text: str):
     return key, _scalar(value.strip())
 
 
-# flag -> (schedule parameter, type)
-SCHEDULE_FLAGS = {
-    "warmup_steps": ("warmup_steps", int), "warmup_epochs": ("warmup_epochs", float),
-    "decay_steps": ("decay_steps", int), "step_size": ("step_size", int), "gamma": ("gamma", float),
-    "milestones": ("milestones", _ints),
-}
+# Schedule parameters with flags of their own on ``convdescent train`` (each typed and range-checked as the
+# schedule declares it, see ``convdescent.optim.schedules.SCHEDULE_SPECS``); ``--schedule-param`` sets any other.
+SCHEDULE_FLAGS = ("warmup_steps", "warmup_epochs", "decay_steps", "step_size", "gamma", "milestones")
+
+
+def _schedule_flag_type(name: str):
+    """The argparse type of a schedule-parameter flag: its declared type and range."""
+    from .optim.schedules import schedule_param
+    from .options import NON_NEGATIVE, number_type
+
+    if name.endswith("_epochs"):
+        return number_type(name, NON_NEGATIVE, integer=False)
+    p = schedule_param(name)
+    if p.kind == "ints":
+        def ints(text: str):
+            values = _ints(text)
+            for v in values:
+                if not p.range.contains(v):
+                    raise argparse.ArgumentTypeError(f"{text} is out of range: each of {name} must be "
+                                                     f"{p.range.text()}")
+            return values
+
+        ints.range, ints.option, ints.items = p.range, name, True
+        return ints
+    return number_type(name, p.range, integer=p.kind == "int")
+
+
+def _ranged_floats(o):
+    """The argparse type of a list option such as --betas: comma-separated numbers, each in its range."""
+
+    def parse(text: str):
+        values = _floats(text)
+        if o.length and len(values) != o.length:
+            raise argparse.ArgumentTypeError(f"must be {o.length} comma-separated numbers such as 0.9,0.999, "
+                                             f"got {text!r}")
+        for v in values:
+            if not o.range.contains(v):
+                raise argparse.ArgumentTypeError(f"{text} is out of range: each of {o.key} must be {o.range.text()}")
+        return values
+
+    parse.range, parse.option, parse.items = o.range, o.key, True
+    return parse
+
+
+def _ranged_batch(o):
+    def parse(text: str):
+        value = _batch(text)
+        if value != "full" and not o.range.contains(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} must be {o.range.text()} or 'full'")
+        return value
+
+    parse.range, parse.option = o.range, o.key
+    return parse
+
+
+def _ranged_count(o):
+    def parse(text: str):
+        value = _count(text)
+        if isinstance(value, float):
+            if not 0.0 <= value < 1.0:
+                raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} as a fraction must be in [0, 1)")
+        elif not o.range.contains(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} must be {o.range.text()} or a "
+                                             f"fraction in [0, 1)")
+        return value
+
+    parse.range, parse.option = o.range, o.key
+    return parse
 
 
 def add_option_argument(group, o) -> None:
-    """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset)."""
+    """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset); a
+    number is checked against the option's range as the flag is read."""
+    from .options import number_type
+
     kw: dict = {"dest": o.key, "default": None}
     shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
     if o.kind == "bool":
         kw["action"] = argparse.BooleanOptionalAction
-    elif o.kind == "int":
-        kw["type"] = int
-    elif o.kind == "float":
-        kw["type"] = float
+    elif o.kind in ("int", "float"):
+        kw["type"] = number_type(o.key, o.range, integer=o.kind == "int") if o.range is not None else \
+            (int if o.kind == "int" else float)
     elif o.kind == "batch":
-        kw["type"] = _batch
+        kw["type"] = _ranged_batch(o)
         kw["metavar"] = "N|full"
     elif o.kind == "count":
-        kw["type"] = _count
+        kw["type"] = _ranged_count(o)
     elif o.kind == "floats":
-        kw["type"] = _floats
+        kw["type"] = _ranged_floats(o)
         kw["metavar"] = "B1,B2"
     else:
         kw["type"] = str
@@ -198,6 +274,14 @@ def add_option_argument(group, o) -> None:
     if o.key == "early_stopping":
         kw["metavar"] = "PATIENCE"
     group.add_argument("--" + o.key.replace("_", "-"), help=o.help + shown, **kw)
+
+
+def _plateau_type(name: str):
+    from .optim.schedules import schedule_param
+    from .options import number_type
+
+    p = schedule_param(name, "reduce_on_plateau")
+    return number_type(name, p.range, integer=p.kind == "int")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -220,13 +304,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     groups["model"].add_argument("--checkpoint", dest="init_checkpoint", choices=CHECKPOINTS,
                                  default=DEFAULT_CHECKPOINT, help="with --init-from: which checkpoint's weights")
     g = groups["optimizer"]
-    for flag, (param, conv) in SCHEDULE_FLAGS.items():
-        g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=conv, default=None,
-                       help=f"schedule parameter {param}")
-    g.add_argument("--reduce-on-plateau", dest="sched_plateau", type=int, metavar="PATIENCE", default=None,
-                   help="use the reduce_on_plateau schedule: cut the rate after PATIENCE epochs without "
-                        "improvement of the validation loss")
-    g.add_argument("--plateau-factor", dest="sched_plateau_factor", type=float, default=None,
+    for flag in SCHEDULE_FLAGS:
+        g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=_schedule_flag_type(flag),
+                       default=None, help=f"schedule parameter {flag}")
+    g.add_argument("--reduce-on-plateau", dest="sched_plateau", type=_plateau_type("patience"), metavar="PATIENCE",
+                   default=None, help="use the reduce_on_plateau schedule: cut the rate after PATIENCE epochs "
+                                      "without improvement of the validation loss")
+    g.add_argument("--plateau-factor", dest="sched_plateau_factor", type=_plateau_type("factor"), default=None,
                    help="factor of the reduce_on_plateau cut (default 0.1)")
     g.add_argument("--schedule-param", dest="schedule_param", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="any schedule parameter, e.g. --schedule-param alpha=0.01 (repeatable)")
@@ -257,10 +341,10 @@ def train_config_from_args(args) -> dict:
                            f"{args.model_file})")
         cfg["model"] = "file:" + str(Path(args.model_file).resolve())
     params = dict(cfg.get("schedule_params") or {})
-    for flag, (param, _) in SCHEDULE_FLAGS.items():
+    for flag in SCHEDULE_FLAGS:
         value = getattr(args, f"sched_{flag}", None)
         if value is not None:
-            params[param] = value
+            params[flag] = value
     if args.sched_plateau is not None:
         if cfg.get("schedule", "constant") not in ("constant", "reduce_on_plateau"):
             raise CliError(f"--reduce-on-plateau conflicts with --schedule {cfg['schedule']}; give one of them")
@@ -269,6 +353,7 @@ def train_config_from_args(args) -> dict:
     if args.sched_plateau_factor is not None:
         params["factor"] = args.sched_plateau_factor
     for key, value in args.schedule_param:
+        _check_schedule_param(key, value, cfg.get("schedule"))
         params[key] = value
     if params:
         cfg["schedule_params"] = params
@@ -278,6 +363,22 @@ def train_config_from_args(args) -> dict:
         cfg.pop("steps", None)
         cfg["epochs"] = args.epochs
     return cfg
+
+
+def _check_schedule_param(key: str, value, schedule: str | None) -> None:
+    """A ``--schedule-param KEY=VALUE`` of a declared parameter, checked as the flag's own would be."""
+    from .optim.schedules import schedule_param
+    from .options import OptionRangeError
+
+    p = schedule_param(key, schedule)
+    if p is None:
+        return  # an unknown name is reported with the schedule's parameters when the optimizer is built
+    try:
+        p.check(value)
+    except OptionRangeError:
+        raise CliError(f"--schedule-param {key}={value!r} is out of range: {key} must be {p.range.text()}") from None
+    except ValueError as e:
+        raise CliError(f"--schedule-param {key}: {e}") from None
 
 
 def cmd_train(args) -> int:

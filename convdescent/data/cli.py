@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..argparsing import CommandParser, command_name, hidden_alias
+from ..options import POSITIVE_COUNT, SEED, number_type
 from .errors import DataError
 
 
@@ -57,12 +58,12 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     sh.add_argument("--split", choices=("train", "test"), default="train", help="which split to sample")
     sh.add_argument("--augment", default=None, metavar="SPEC",
                     help="augmentation to apply, e.g. 'crop:4,flip,cutout:8' or 'default'")
-    sh.add_argument("--count", type=int, default=36, help="number of images (default 36)")
-    sh.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation (default 0)")
+    sh.add_argument("--count", type=number_type("count", POSITIVE_COUNT), default=36, help="number of images (default 36)")
+    sh.add_argument("--seed", type=number_type("seed", SEED), default=0, help="seed of the sample choice and augmentation (default 0)")
     sh.add_argument("--out", metavar="PATH", help="PNG file to write, or a folder to write <name>-samples.png into "
                     "(default: ./<name>-samples.png)")
     sh.add_argument("--json", action="store_true", help="print the written file as a JSON object")
-    sh.add_argument("--image-size", type=int, help="image folders: resize to this size")
+    sh.add_argument("--image-size", type=number_type("image_size", POSITIVE_COUNT), help="image folders: resize to this size")
     sh.add_argument("--color-mode", choices=("grayscale", "rgb"), help="image folders: channel layout")
     sh.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.set_defaults(func=run_data_command)

@@ -29,6 +29,7 @@ from typing import Any, Iterable, TextIO
 import torch
 
 from .. import optim
+from ..options import HYPERPARAMETERS
 from ..argparsing import command_name
 from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
                         resolve_monitor, truncate_metrics)
@@ -150,10 +151,9 @@ def build_run(cfg: dict, dataset=None, normalizer_dict=None):
     total = cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * spe
     schedule = cfg["schedule"] if cfg["schedule"] != "constant" else None
     optimizer = optim.optimizer_from_args(
-        cfg["optimizer"], cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-        weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"], clip_norm=cfg["clip_norm"],
-        clip_value=cfg["clip_value"], agc=cfg["agc"], schedule=schedule, schedule_params=cfg["schedule_params"],
-        total_steps=total, steps_per_epoch=spe, record=cfg["record_norms"])
+        cfg["optimizer"], cfg["lr"], schedule=schedule, schedule_params=cfg["schedule_params"], total_steps=total,
+        steps_per_epoch=spe, record=cfg["record_norms"],
+        **{h.name: cfg[h.name] for h in HYPERPARAMETERS if h.name != "lr"})
     val = None
     if len(dataset.x_val):
         val = (dataset.x_val.to(device), dataset.y_val.to(device))
