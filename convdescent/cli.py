@@ -223,8 +223,13 @@ def _ranged_floats(o):
 
 def _ranged_batch(o):
     def parse(text: str):
-        value = _batch(text)
-        if value != "full" and not o.range.contains(value):
+        if text == "full":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
+        if not o.range.contains(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} must be {o.range.text()} or 'full'")
         return value
 
