@@ -16,6 +16,8 @@ from ..options import COUNT, HYPERPARAMETERS, SEED, UNIT_OPEN, Range, number_typ
 # Configuration keys every command takes as flags (what is trained, on what data, how).
 RUN_KEYS = ("model", "loss", "label_smoothing", "dataset", "data_dir", "val_split", "split_seed", "normalize",
             "augment", "epochs", "seed", "device", "precision", "eval_batch_size")
+# What lr-find's sweep uses of them: not the length of a run, its precision or its evaluation batches.
+LR_FIND_RUN_KEYS = tuple(k for k in RUN_KEYS if k not in ("epochs", "precision", "eval_batch_size"))
 # Keys lr-find takes as plain settings of the optimizer being swept: every hyperparameter of the schema
 # but the learning rate, which the sweep sets.
 OPTIMIZER_SETTINGS = tuple(h.name for h in HYPERPARAMETERS if h.name != "lr")
@@ -98,7 +100,7 @@ def cmd_lr_find(args) -> int:
     from .lr_find import lr_find
     from .trials import subset_dataset
 
-    cfg = resolve_config(_base_config(args, RUN_KEYS + LR_FIND_OPT_KEYS), source="arguments")
+    cfg = resolve_config(_base_config(args, LR_FIND_RUN_KEYS + LR_FIND_OPT_KEYS), source="arguments")
     if cfg["batch_size"] == "full":
         raise ValueError("batch_size must be a number for the range test (it needs many steps), got 'full'")
     cfg["device"] = resolve_device(cfg["device"])
@@ -131,7 +133,7 @@ def cmd_lr_find(args) -> int:
         print(result.report())
         print(f"Plot: {plot}\nData: {out / 'lr_find.json'}")
         if result.recommended_lr is not None:
-            print(f"Train with it: {train_command(args, RUN_KEYS + LR_FIND_OPT_KEYS, lr=result.recommended_lr)}")
+            print(f"Train with it: {train_command(args, LR_FIND_RUN_KEYS + LR_FIND_OPT_KEYS, lr=result.recommended_lr)}")
     return 0 if result.recommended is not None else 1
 
 
@@ -145,7 +147,7 @@ def _add_lr_find(sub) -> None:
                                    "Exit status 1 when no rule found a usable learning rate.")
     p.add_argument("--config", metavar="TOML", help="take model, data and optimizer settings from a run "
                    "configuration (flags override)")
-    _add_config_flags(p, RUN_KEYS, "What is trained")
+    _add_config_flags(p, LR_FIND_RUN_KEYS, "What is trained")
     _add_config_flags(p, LR_FIND_OPT_KEYS, "Optimizer swept")
     g = p.add_argument_group("Sweep")
     g.add_argument("--start", type=positive_float, default=1e-7, help="first learning rate (default 1e-7)")
