@@ -443,7 +443,7 @@ def optimizer_from_args(name: str, lr, *, schedule=None, schedule_params=None, t
         ValueError: an unknown optimizer, schedule or setting, a setting the optimizer lacks, or a value out
             of its range (``OptionRangeError``, naming the setting and the value).
     """
-    unknown = sorted(set(hyperparams) - set(HYPERPARAMETER_BY_NAME) - {"lr"})
+    unknown = sorted(set(hyperparams) - set(HYPERPARAMETER_BY_NAME))
     if unknown:
         raise ValueError(f"optimizer_from_args does not take {', '.join(unknown)}; its settings are "
                          f"{', '.join(HYPERPARAMETER_BY_NAME)}")
@@ -456,9 +456,10 @@ def optimizer_from_args(name: str, lr, *, schedule=None, schedule_params=None, t
         steps_per_epoch = chk.integer("steps_per_epoch", steps_per_epoch, low=1)
     hp: dict[str, Any] = {}
     clipping: dict[str, Any] = {}
+    lr_value = HYPERPARAMETER_BY_NAME["lr"].check(lr, source)
     for h in HYPERPARAMETERS:
-        value = lr if h.name == "lr" else hyperparams.get(h.name)
-        if value is None:
+        value = hyperparams.get(h.name)
+        if h.name == "lr" or value is None:
             continue
         value = h.check(value, source)
         if not h.applies:
@@ -468,7 +469,6 @@ def optimizer_from_args(name: str, lr, *, schedule=None, schedule_params=None, t
                              f"{', '.join(takers(h.name, OPTIMIZERS))}")
         else:
             hp[h.name] = tuple(value) if isinstance(value, list) else value
-    lr_value = clipping.pop("lr")
     if schedule is None or schedule == "constant":
         if schedule_params and any(k not in ("warmup_steps", "warmup_epochs", "warmup_kind", "warmup_start_factor")
                                    for k in schedule_params):

@@ -246,10 +246,10 @@ def cmd_search(args) -> int:
 
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="grid, random or TPE search over lr and other settings (Optuna)",
-                       description="Search training settings with Optuna. Each of --lr, --optimizer, --momentum, "
-                                   "--weight-decay, --batch-size, --schedule (and --param KEY=SPEC for any other "
-                                   "configuration key) takes a range LOW:HIGH (lr, weight decay and batch size "
-                                   "log-uniform; add :lin or :log to choose), a list A,B,C, or a single value. "
+                       description="Search training settings with Optuna. Each flag of the search space (and "
+                                   "--param KEY=SPEC for any other configuration key) takes a range LOW:HIGH (lr, "
+                                   "weight decay, eps, clipping and batch size log-uniform; add :lin or :log to "
+                                   "choose), a list A,B,C, or a single value. "
                                    "Trials are judged by their best validation accuracy; hopeless ones are pruned "
                                    "from their per-epoch validation accuracy. Writes trials.csv/md, best.toml "
                                    "(for convdescent train --config), trials.png and search.json.")
