@@ -521,6 +521,10 @@ def list_optimizers_text() -> str:
     lines = ["Optimizers (make_optimizer(name, **hyperparams); clipping: clip_norm, clip_value, agc)", ""]
     rows = [(n, _fmt_defaults(e.defaults), e.description) for n, e in OPTIMIZERS.items()]
     lines += _table(("name", "defaults", "description"), rows)
+    lines += ["", "Settings (flags of convdescent train, TOML keys; checked against these ranges)", ""]
+    rows = [(h.name, f"{h.range.text() if h.range else 'true or false'}; "
+                     f"{', '.join(h.applies) if h.applies else 'every optimizer'}", h.help) for h in HYPERPARAMETERS]
+    lines += _table(("name", "range; applies to", "meaning"), rows)
     lines += ["", "Schedules (make_schedule(name, base_lr, **params); any schedule takes warmup_steps)", ""]
     rows = [(n, _fmt_defaults(e.defaults), e.description) for n, e in SCHEDULES.items()]
     lines += _table(("name", "parameters", "description"), rows)
