@@ -133,6 +133,18 @@ def test_schedule_parameters_outside_their_declared_range_are_refused(spec, para
         make_schedule(spec.name, 0.1, **params)
 
 
+OWN_CASES = [(s, p, v) for s, p, v in SCHEDULE_CASES if p in s.params]
+
+
+@pytest.mark.parametrize("spec,param,value", OWN_CASES, ids=[f"{s.name}-{p.name}={v!r}" for s, p, v in OWN_CASES])
+def test_the_schedule_functions_refuse_what_their_declaration_refuses(spec, param, value):
+    """Called directly (the Python API), each builder keeps the range its declaration states."""
+    params = _required(spec)
+    params[param.name] = [int(value)] if param.kind == "ints" else (int(value) if param.kind == "int" else value)
+    with pytest.raises(ValueError, match=param.name):
+        spec.build(0.1, **params)
+
+
 @pytest.mark.parametrize("spec", SCHEDULE_SPECS, ids=[s.name for s in SCHEDULE_SPECS])
 def test_schedule_parameters_inside_their_range_build(spec):
     params = _required(spec)
@@ -155,6 +167,8 @@ def test_schedule_flags_and_schedule_params_are_checked(tmp_path, capsys):
     code = main(["train", "--schedule", "cosine", "--schedule-param", "alpha=1.5"])
     err = capsys.readouterr().err
     assert code == 2 and "--schedule-param alpha=1.5 is out of range: alpha must be in [0, 1]" in err, err
+    with pytest.raises(ConfigError, match=r"warmup_steps=-1 is out of range: warmup_steps must be an integer >= 0"):
+        resolve_config({"schedule": "cosine", "schedule_params": {"warmup_steps": -1}})
     path = tmp_path / "run.toml"
     path.write_text('schedule = "step"\nschedule_params = {step_size = 0}\n')
     with pytest.raises(ConfigError, match=f"{path}: step_size = 0 is out of range: step_size must be an integer"):

@@ -243,6 +243,10 @@ def resolve_config(config: dict[str, Any] | None = None, source: str = "argument
         raise ConfigError(f"name must be a plain folder name without '/', got {out['name']!r}")
     if out["device"] != "auto" and not (out["device"] == "cpu" or out["device"].startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {out['device']!r}")
+    try:
+        check_schedule_params(out["schedule"], out["schedule_params"], source)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return out
 
 
