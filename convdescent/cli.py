@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 
 from .argparsing import CommandParser, command_name, hidden_alias
-from .options import COUNT as _COUNT
-from .options import POSITIVE as _POSITIVE
-from .options import POSITIVE_COUNT as _POSITIVE_COUNT
+from .options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_COUNT, number_type
 
 # Modules that add their own command groups; each exposes register(subparsers) (the data module's is
 # add_data_parser) and sets func(args) -> exit status on its parsers.
@@ -76,9 +74,9 @@ def _mark(fn, rng):
     return fn
 
 
-positive_int = _mark(positive_int, _POSITIVE_COUNT)
-non_negative_int = _mark(non_negative_int, _COUNT)
-positive_float = _mark(positive_float, _POSITIVE)
+positive_int = _mark(positive_int, POSITIVE_COUNT)
+non_negative_int = _mark(non_negative_int, COUNT)
+positive_float = _mark(positive_float, POSITIVE)
 
 CHECKPOINTS = ("best", "last")
 DEFAULT_CHECKPOINT = "best"
@@ -115,18 +113,6 @@ def add_run_dir_argument(p, nargs=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train flags
-
-def _batch(text: str):
-    if text == "full":
-        return "full"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}")
-    return value
-
 
 def _count(text: str):
     try:
@@ -185,7 +171,6 @@ SCHEDULE_FLAGS = ("warmup_steps", "warmup_epochs", "decay_steps", "step_size", "
 def _schedule_flag_type(name: str):
     """The argparse type of a schedule-parameter flag: its declared type and range."""
     from .optim.schedules import schedule_param
-    from .options import NON_NEGATIVE, number_type
 
     if name.endswith("_epochs"):
         return number_type(name, NON_NEGATIVE, integer=False)
@@ -255,8 +240,6 @@ def _ranged_count(o):
 def add_option_argument(group, o) -> None:
     """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset); a
     number is checked against the option's range as the flag is read."""
-    from .options import number_type
-
     kw: dict = {"dest": o.key, "default": None}
     shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
     if o.kind == "bool":
@@ -282,8 +265,8 @@ def add_option_argument(group, o) -> None:
 
 
 def _plateau_type(name: str):
+    """The argparse type of --reduce-on-plateau / --plateau-factor: the reduce_on_plateau parameter's range."""
     from .optim.schedules import schedule_param
-    from .options import number_type
 
     p = schedule_param(name, "reduce_on_plateau")
     return number_type(name, p.range, integer=p.kind == "int")
