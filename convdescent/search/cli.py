@@ -26,6 +26,8 @@ LR_FIND_OPT_KEYS = ("batch_size", "optimizer", *OPTIMIZER_SETTINGS)
 # that are numbers or switches, the optimizer, the batch size and the schedule.
 SEARCH_DIMENSIONS = ("lr", "optimizer", *(h.name for h in HYPERPARAMETERS if h.name != "lr" and h.kind != "floats"),
                      "batch_size", "schedule")
+SEARCH_HELP = {**{h.name: h.help for h in HYPERPARAMETERS}, "optimizer": "optimizer names",
+               "batch_size": "images per step", "schedule": "learning-rate schedule names"}
 SEARCH_EXAMPLES = {**{h.name: h.example for h in HYPERPARAMETERS}, "optimizer": "sgd,adam",
                    "batch_size": "32,64,128", "schedule": "constant,cosine"}
 
@@ -260,7 +262,7 @@ def _add_search(sub) -> None:
         example = SEARCH_EXAMPLES[key]
         default = " (default 1e-5:1)" if key == "lr" else ""
         d.add_argument("--" + key.replace("_", "-"), dest=f"dim_{key}", metavar="SPEC", default=None,
-                       help=f"e.g. {example}{default}")
+                       help=f"{SEARCH_HELP[key]}, e.g. {example}{default}")
     d.add_argument("--param", type=_key_spec, action="append", default=[], metavar="KEY=SPEC",
                    help="another configuration key to vary or fix, e.g. label_smoothing=0:0.2 (repeatable)")
     s = p.add_argument_group("Search")
