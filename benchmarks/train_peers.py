@@ -169,7 +169,7 @@ def compare(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
               "batch_size": batch_size, "lr": 1e-3, "optimizer": "adam", "seed": seed}
     with tempfile.TemporaryDirectory() as out:
         train_from_config(config, callbacks=[alt], out=out, display="bar", stream=_NullTerminal(), dataset=data,
-                          handle_signals=False, report=False)
+                          handle_signals=False)
     return alt.times, alt.accs
 
 

@@ -77,6 +77,9 @@ class CommandParser(argparse.ArgumentParser):
             close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.6)
             message = f"{message.split(':')[0]}: invalid choice {choice.group(1)!r}; " + (
                 f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(options)}")
+        ranged = re.fullmatch(r"argument ([^:]+): (\S+ is out of range: .*)", message)
+        if ranged:  # "--momentum 1.5 is out of range: momentum must be in [0, 1)"
+            message = f"{ranged.group(1).split('/')[-1]} {ranged.group(2)}"
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         where = f"{command}: " if command else ""
         tail = "" if "--help" in message else f" (see '{self.prog} --help')"

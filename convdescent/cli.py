@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .argparsing import CommandParser, command_name, hidden_alias
+from .options import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_COUNT, number_type
 
 # Modules that add their own command groups; each exposes register(subparsers) (the data module's is
 # add_data_parser) and sets func(args) -> exit status on its parsers.
@@ -68,6 +69,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _mark(fn, rng):
+    fn.range = rng  # read by the tests that walk every numeric flag
+    return fn
+
+
+positive_int = _mark(positive_int, POSITIVE_COUNT)
+non_negative_int = _mark(non_negative_int, COUNT)
+positive_float = _mark(positive_float, POSITIVE)
+
 CHECKPOINTS = ("best", "last")
 DEFAULT_CHECKPOINT = "best"
 
@@ -103,18 +113,6 @@ def add_run_dir_argument(p, nargs=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train flags
-
-def _batch(text: str):
-    if text == "full":
-        return "full"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}")
-    return value
-
 
 def _count(text: str):
     try:
@@ -165,31 +163,97 @@ def _key_value(text: str):
     return key, _scalar(value.strip())
 
 
-# flag -> (schedule parameter, type)
-SCHEDULE_FLAGS = {
-    "warmup_steps": ("warmup_steps", int), "warmup_epochs": ("warmup_epochs", float),
-    "decay_steps": ("decay_steps", int), "step_size": ("step_size", int), "gamma": ("gamma", float),
-    "milestones": ("milestones", _ints),
-}
+# Schedule parameters with flags of their own on ``convdescent train`` (each typed and range-checked as the
+# schedule declares it, see ``convdescent.optim.schedules.SCHEDULE_SPECS``); ``--schedule-param`` sets any other.
+SCHEDULE_FLAGS = ("warmup_steps", "warmup_epochs", "decay_steps", "step_size", "gamma", "milestones")
+
+
+def _schedule_flag_type(name: str):
+    """The argparse type of a schedule-parameter flag: its declared type and range."""
+    from .optim.schedules import schedule_param
+
+    if name.endswith("_epochs"):
+        return number_type(name, NON_NEGATIVE, integer=False)
+    p = schedule_param(name)
+    if p.kind == "ints":
+        def ints(text: str):
+            values = _ints(text)
+            for v in values:
+                if not p.range.contains(v):
+                    raise argparse.ArgumentTypeError(f"{text} is out of range: each of {name} must be "
+                                                     f"{p.range.text()}")
+            return values
+
+        ints.range, ints.option, ints.items = p.range, name, True
+        return ints
+    return number_type(name, p.range, integer=p.kind == "int")
+
+
+def _ranged_floats(o):
+    """The argparse type of a list option such as --betas: comma-separated numbers, each in its range."""
+
+    def parse(text: str):
+        values = _floats(text)
+        if o.length and len(values) != o.length:
+            raise argparse.ArgumentTypeError(f"must be {o.length} comma-separated numbers such as 0.9,0.999, "
+                                             f"got {text!r}")
+        for v in values:
+            if not o.range.contains(v):
+                raise argparse.ArgumentTypeError(f"{text} is out of range: each of {o.key} must be {o.range.text()}")
+        return values
+
+    parse.range, parse.option, parse.items = o.range, o.key, True
+    return parse
+
+
+def _ranged_batch(o):
+    def parse(text: str):
+        if text == "full":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}") from None
+        if not o.range.contains(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} must be {o.range.text()} or 'full'")
+        return value
+
+    parse.range, parse.option = o.range, o.key
+    return parse
+
+
+def _ranged_count(o):
+    def parse(text: str):
+        value = _count(text)
+        if isinstance(value, float):
+            if not 0.0 <= value < 1.0:
+                raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} as a fraction must be in [0, 1)")
+        elif not o.range.contains(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {o.key} must be {o.range.text()} or a "
+                                             f"fraction in [0, 1)")
+        return value
+
+    parse.range, parse.option = o.range, o.key
+    return parse
 
 
 def add_option_argument(group, o) -> None:
-    """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset)."""
+    """Add the flag ``--<key>`` of a configuration option to an argparse group (default None: unset); a
+    number is checked against the option's range as the flag is read."""
     kw: dict = {"dest": o.key, "default": None}
     shown = f" (default: {o.default})" if o.default not in (None, "", {}) else ""
     if o.kind == "bool":
         kw["action"] = argparse.BooleanOptionalAction
-    elif o.kind == "int":
-        kw["type"] = int
-    elif o.kind == "float":
-        kw["type"] = float
+    elif o.kind in ("int", "float"):
+        kw["type"] = number_type(o.key, o.range, integer=o.kind == "int") if o.range is not None else \
+            (int if o.kind == "int" else float)
     elif o.kind == "batch":
-        kw["type"] = _batch
+        kw["type"] = _ranged_batch(o)
         kw["metavar"] = "N|full"
     elif o.kind == "count":
-        kw["type"] = _count
+        kw["type"] = _ranged_count(o)
     elif o.kind == "floats":
-        kw["type"] = _floats
+        kw["type"] = _ranged_floats(o)
         kw["metavar"] = "B1,B2"
     else:
         kw["type"] = str
@@ -198,6 +262,14 @@ def add_option_argument(group, o) -> None:
     if o.key == "early_stopping":
         kw["metavar"] = "PATIENCE"
     group.add_argument("--" + o.key.replace("_", "-"), help=o.help + shown, **kw)
+
+
+def _plateau_type(name: str):
+    """The argparse type of --reduce-on-plateau / --plateau-factor: the reduce_on_plateau parameter's range."""
+    from .optim.schedules import schedule_param
+
+    p = schedule_param(name, "reduce_on_plateau")
+    return number_type(name, p.range, integer=p.kind == "int")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -220,13 +292,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     groups["model"].add_argument("--checkpoint", dest="init_checkpoint", choices=CHECKPOINTS,
                                  default=DEFAULT_CHECKPOINT, help="with --init-from: which checkpoint's weights")
     g = groups["optimizer"]
-    for flag, (param, conv) in SCHEDULE_FLAGS.items():
-        g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=conv, default=None,
-                       help=f"schedule parameter {param}")
-    g.add_argument("--reduce-on-plateau", dest="sched_plateau", type=int, metavar="PATIENCE", default=None,
-                   help="use the reduce_on_plateau schedule: cut the rate after PATIENCE epochs without "
-                        "improvement of the validation loss")
-    g.add_argument("--plateau-factor", dest="sched_plateau_factor", type=float, default=None,
+    for flag in SCHEDULE_FLAGS:
+        g.add_argument("--" + flag.replace("_", "-"), dest=f"sched_{flag}", type=_schedule_flag_type(flag),
+                       default=None, help=f"schedule parameter {flag}")
+    g.add_argument("--reduce-on-plateau", dest="sched_plateau", type=_plateau_type("patience"), metavar="PATIENCE",
+                   default=None, help="use the reduce_on_plateau schedule: cut the rate after PATIENCE epochs "
+                                      "without improvement of the validation loss")
+    g.add_argument("--plateau-factor", dest="sched_plateau_factor", type=_plateau_type("factor"), default=None,
                    help="factor of the reduce_on_plateau cut (default 0.1)")
     g.add_argument("--schedule-param", dest="schedule_param", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="any schedule parameter, e.g. --schedule-param alpha=0.01 (repeatable)")
@@ -257,10 +329,10 @@ def train_config_from_args(args) -> dict:
                            f"{args.model_file})")
         cfg["model"] = "file:" + str(Path(args.model_file).resolve())
     params = dict(cfg.get("schedule_params") or {})
-    for flag, (param, _) in SCHEDULE_FLAGS.items():
+    for flag in SCHEDULE_FLAGS:
         value = getattr(args, f"sched_{flag}", None)
         if value is not None:
-            params[param] = value
+            params[flag] = value
     if args.sched_plateau is not None:
         if cfg.get("schedule", "constant") not in ("constant", "reduce_on_plateau"):
             raise CliError(f"--reduce-on-plateau conflicts with --schedule {cfg['schedule']}; give one of them")
@@ -269,6 +341,7 @@ def train_config_from_args(args) -> dict:
     if args.sched_plateau_factor is not None:
         params["factor"] = args.sched_plateau_factor
     for key, value in args.schedule_param:
+        _check_schedule_param(key, value, cfg.get("schedule"))
         params[key] = value
     if params:
         cfg["schedule_params"] = params
@@ -280,6 +353,22 @@ def train_config_from_args(args) -> dict:
     return cfg
 
 
+def _check_schedule_param(key: str, value, schedule: str | None) -> None:
+    """A ``--schedule-param KEY=VALUE`` of a declared parameter, checked as the flag's own would be."""
+    from .optim.schedules import schedule_param
+    from .options import OptionRangeError
+
+    p = schedule_param(key, schedule)
+    if p is None:
+        return  # an unknown name is reported with the schedule's parameters when the optimizer is built
+    try:
+        p.check(value)
+    except OptionRangeError:
+        raise CliError(f"--schedule-param {key}={value!r} is out of range: {key} must be {p.range.text()}") from None
+    except ValueError as e:
+        raise CliError(f"--schedule-param {key}: {e}") from None
+
+
 def cmd_train(args) -> int:
     from .train.run import train_from_config
     from .train.trainer import NonFiniteError, TrainingInterrupted
@@ -288,19 +377,32 @@ def cmd_train(args) -> int:
     config = train_config_from_args(args)
     try:
         if args.resume:
-            train_from_config(config, resume=args.resume, display=display, report=args.report,
-                              allow_change=args.allow_change)
+            result = train_from_config(config, resume=args.resume, display=display, allow_change=args.allow_change)
         else:
-            train_from_config(config, display=display, report=args.report, allow_change=args.allow_change)
+            result = train_from_config(config, display=display, allow_change=args.allow_change)
     except NonFiniteError as e:
+        if args.report and getattr(e, "run_dir", None) is not None:
+            _write_report(e.run_dir)  # the curves up to the blow-up are what the user needs to see
         print(f"convdescent: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainingInterrupted as e:
         run_dir = getattr(e, "run_dir", None) or args.resume or "RUN_DIR"
         print(f"convdescent: {e.signal_name} received: stopped after step {e.step} (epoch {e.epoch}); a "
               f"checkpoint was written. Continue with: {command_name()} train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
-        return 128 + e.signum
+        return 128 + e.signum  # an interrupted run exits promptly, without a report
+    if args.report:
+        _write_report(result.run_dir)
     return 0
+
+
+def _write_report(run_dir) -> None:
+    """report.html of a run that has stopped; a failure is a warning, never the loss of a finished run."""
+    from .report import build_report
+
+    try:
+        build_report(Path(run_dir))
+    except Exception as e:  # a broken figure must not turn a finished run into a failed command
+        print(f"convdescent: warning: report.html could not be written: {e}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / predict

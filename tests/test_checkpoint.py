@@ -113,9 +113,9 @@ def params_of(run_dir):
 
 
 def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
-    ref = train_from_config(config(npz, tmp_path / "ref"), display="none", report=False)
+    ref = train_from_config(config(npz, tmp_path / "ref"), display="none")
     with pytest.raises(TrainingInterrupted) as info:
-        train_from_config(config(npz, tmp_path / "cut"), callbacks=[KillAt(17)], display="none", report=False)
+        train_from_config(config(npz, tmp_path / "cut"), callbacks=[KillAt(17)], display="none")
     assert info.value.signal_name == "SIGTERM" and info.value.step == 17
     run_dir = info.value.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -123,7 +123,7 @@ def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # readable without pickle code
     assert ck["step"] == 17 and ck["loader"]["epoch"] == 1 and ck["loader"]["position"] == 4  # 13 batches per epoch
     assert set(ck["rng"]["layers"]) == {"dropout1"}
-    res = train_from_config({}, resume=run_dir, display="none", report=False)
+    res = train_from_config({}, resume=run_dir, display="none")
     a, b = params_of(ref.run_dir), params_of(run_dir)
     assert a["step"] == b["step"] == 39
     for k in a["model"]:
@@ -138,12 +138,12 @@ def test_interrupted_and_resumed_run_ends_bit_exact(npz, tmp_path):
 def test_resume_refusals(npz, tmp_path):
     with pytest.raises(CheckpointError, match="not a run directory"):
         train_from_config({}, resume=tmp_path, display="none")
-    done = train_from_config(config(npz, tmp_path, epochs=1), display="none", report=False)
+    done = train_from_config(config(npz, tmp_path, epochs=1), display="none")
     with pytest.raises(ConfigError, match="already finished"):
         train_from_config({}, resume=done.run_dir, display="none")
     with pytest.raises(ConfigError, match="lr: 0.003 in the checkpoint, 0.5 from the command line"):
         train_from_config({"lr": 0.5, "epochs": 2}, resume=done.run_dir, display="none")
-    more = train_from_config({"epochs": 2}, resume=done.run_dir, display="none", report=False)
+    more = train_from_config({"epochs": 2}, resume=done.run_dir, display="none")
     assert more.history.epoch == [1, 2]
     (done.run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -187,7 +187,7 @@ def test_sigterm_to_the_cli_then_resume(npz, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     ref = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 40, "batch_size": 8,
                              "steps": target, "log_every": 1, "out": str(tmp_path / "ref"), "optimizer": "sgd",
-                             "lr": 0.05, "momentum": 0.9}, display="none", report=False)
+                             "lr": 0.05, "momentum": 0.9}, display="none")
     a, b = params_of(run_dir), params_of(ref.run_dir)
     assert a["step"] == b["step"] == target
     for k in a["model"]:

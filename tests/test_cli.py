@@ -59,7 +59,10 @@ def capsys_module(request):
 
 
 def run(capsys, *argv):
-    code = main(list(map(str, argv)))
+    try:
+        code = main(list(map(str, argv)))
+    except SystemExit as e:  # argparse refused a flag (as the console script exits)
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -163,7 +166,8 @@ def test_command_groups_are_registered():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "nope", "--epochs", "1"], "unknown model 'nope'"),
-    (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["train", "--epochs", "0"], "--epochs 0 is out of range: epochs must be an integer >= 1"),
+    (["train", "--momentum", "1.5", "--optimizer", "sgd"], "--momentum 1.5 is out of range: momentum must be in [0, 1)"),
     (["train", "--optimizer", "adam", "--momentum", "0.9", "--epochs", "1"], "momentum=0.9 does not apply to adam"),
     (["train", "--schedule", "warp", "--epochs", "1"], "unknown schedule 'warp'"),
     (["train", "--epochs", "2", "--steps", "5"], "give --epochs or --steps, not both"),

@@ -115,13 +115,15 @@ def test_spec_parsing_roundtrip_and_defaults():
 
 @pytest.mark.parametrize("spec, message", [
     ("crop:4,blur", "unknown augmentation 'blur'"),
-    ("crop:-1", "must be a non-negative number, got -1"),
+    ("crop:-1", "augment: crop = -1 is out of range: crop must be an integer >= 0"),
     ("crop:1.5", "whole number of pixels, got 1.5"),
-    ("flip:2", "probability in [0, 1], got 2"),
-    ("scale:1.5", "must be below 1"),
+    ("flip:2", "augment: flip = 2.0 is out of range: flip must be in [0, 1]"),
+    ("scale:1.5", "augment: scale = 1.5 is out of range: scale must be in [0, 1)"),
     ("rotate:abc", "needs a number, got 'abc'"),
+    ("rotate:200", "augment: rotate = 200.0 is out of range: rotate must be in [0, 180]"),
+    ("translate:nan", "augment translate needs a finite number, got nan"),
     ("crop:2,crop:3", "appears twice"),
-    ("cutout:0", "cutout size must be positive"),
+    ("cutout:0", "augment: cutout = 0 is out of range: cutout must be an integer >= 1"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError) as e:

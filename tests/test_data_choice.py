@@ -78,11 +78,11 @@ def test_the_header_says_where_data_came_from_when_no_place_was_named(small_mnis
     out = io.StringIO()
     cfg = {"model": "seed_cnn", "dataset": "mnist-small", "val_split": 10, "epochs": 1, "out": str(tmp_path / "r"),
            "log_every": 0, "health_every": 0}
-    train_from_config(cfg, display="lines", stream=out, report=False)
+    train_from_config(cfg, display="lines", stream=out)
     header = next(line for line in out.getvalue().splitlines() if line.startswith("Model "))
     assert f"on mnist-small (from {cache} (user cache)):" in header, header
     out = io.StringIO()
-    train_from_config(dict(cfg, data_dir=str(cache)), display="lines", stream=out, report=False)
+    train_from_config(dict(cfg, data_dir=str(cache)), display="lines", stream=out)
     header = next(line for line in out.getvalue().splitlines() if line.startswith("Model "))
     assert "(from" not in header, header  # the user named the place
 
@@ -109,8 +109,7 @@ def test_any_idx_data_set_loads_with_idx_path(tmp_path, compress):
     assert len(ds.x_train) + len(ds.x_val) == 37 and torch.equal(ds.x_test, out["x_test"])
     assert torch.equal(ds.y_test, out["y_test"])
     res = train_from_config({"model": "seed_cnn", "dataset": f"idx:{folder}", "val_split": 7, "epochs": 1,
-                             "out": str(tmp_path / "r"), "log_every": 0, "health_every": 0}, display="none",
-                            report=False)
+                             "out": str(tmp_path / "r"), "log_every": 0, "health_every": 0}, display="none")
     assert res.summary["status"] == "completed"
 
 

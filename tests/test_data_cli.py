@@ -1,6 +1,5 @@
 """`convdescent data list|fetch|verify|show` through add_data_parser."""
 
-import argparse
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -8,16 +7,19 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from convdescent.argparsing import command_name
+from convdescent.argparsing import CommandParser, command_name
 from convdescent.data import registry
 from convdescent.data.cli import add_data_parser
 from convdescent.data.synthetic import idx_spec_for, write_idx_dataset
 
 
 def run(argv):
-    parser = argparse.ArgumentParser(prog="convdescent")
+    parser = CommandParser(prog="convdescent")
     add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a flag refused while parsing, as the command line exits
+        return e.code
     return args.func(args)
 
 
@@ -94,7 +96,7 @@ def test_show_writes_a_labelled_png(tiny, tmp_path, capsys):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
     assert run(["data", "show", "tiny", "--data-dir", str(tmp_path / "pub"), "--count", "0"]) == 2
-    assert "--count must be positive, got 0" in capsys.readouterr().err
+    assert "--count 0 is out of range: count must be an integer >= 1" in capsys.readouterr().err
     assert run(["data", "show", "tiny", "--augment", "wobble", "--data-dir", str(tmp_path / "pub")]) == 2
     assert "unknown augmentation 'wobble'" in capsys.readouterr().err
 

@@ -114,7 +114,7 @@ def test_a_bomb_in_an_image_folder_is_an_error_naming_the_file(tmp_path, capsys)
 
 def test_a_bomb_given_to_predict_and_explain_is_an_error_naming_the_file(bands_npz, tmp_path, capsys):
     res = train_from_config({"model": "seed_cnn", "dataset": bands_npz, "val_split": 40, "epochs": 1,
-                             "out": str(tmp_path), "log_every": 0, "health_every": 0}, display="none", report=False)
+                             "out": str(tmp_path), "log_every": 0, "health_every": 0}, display="none")
     bomb = png_announcing(tmp_path / "bomb.png", 20000, 20000)
     for argv in (["predict", str(res.run_dir), str(bomb)], ["explain", str(res.run_dir), "--image", str(bomb)]):
         status = main(argv)

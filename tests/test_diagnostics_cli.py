@@ -132,7 +132,7 @@ def tiny_run(tmp_path_factory):
     write_npz_dataset(npz, n=60, num_classes=3, shape=(1, 10, 10), seed=6)
     res = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 10, "epochs": 1,
                              "batch_size": 10, "log_every": 0}, out=tmp / "runs", display="quiet",
-                            handle_signals=False, report=False)
+                            handle_signals=False)
     return res.run_dir
 
 

@@ -287,7 +287,9 @@ def test_monitor_is_on_in_train_runs_and_reaches_metrics_jsonl_and_the_report(tm
     checks, warns = health_records(read_metrics(res.run_dir / "metrics.jsonl"))
     assert len(checks) == res.summary["steps"] and checks[0]["step"] == 1
     assert {w["rule"] for w in warns} >= {"exploding_gradients"}
-    html = (res.run_dir / "report.html").read_text()
+    from convdescent.report import build_report
+
+    html = build_report(res.run_dir).read_text()
     assert 'id="section-gradient-health"' in html and 'id="gradient-health"' in html
     assert "exploding_gradients" in html and "lower the learning rate" in html
     from convdescent.train.config import default_config

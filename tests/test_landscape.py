@@ -103,9 +103,9 @@ def runs(tmp_path_factory):
     base = {"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 10, "epochs": 1, "batch_size": 10,
             "log_every": 0, "seed": 7}
     frozen = train_from_config({**base, "optimizer": "sgd", "lr": 0.0, "name": "frozen"}, out=tmp / "runs",
-                               display="quiet", handle_signals=False, report=False)
+                               display="quiet", handle_signals=False)
     moved = train_from_config({**base, "lr": 1e-2, "name": "moved"}, out=tmp / "runs", display="quiet",
-                              handle_signals=False, report=False)
+                              handle_signals=False)
     return frozen.run_dir, moved.run_dir
 
 

@@ -8,6 +8,7 @@ import torch
 from convdescent import optim
 from convdescent.optim import fused as fused_mod
 from convdescent.optim import make_optimizer, update_and_apply
+from convdescent.optim.fused import fused_step
 
 SHAPES = [(7, 5), (5,), (3, 2, 3, 3), (11, 4), (1,)]
 
@@ -53,7 +54,7 @@ CONFIGS = [
 def test_fused_step_equals_torch_fused_and_the_chain(name, kwargs, torch_name, torch_kwargs, layout, dtype):
     lr = 3e-3
     opt = make_optimizer(name, lr=lr, **kwargs)
-    assert opt.info.fused is not None
+    assert fused_step(opt) is not None
     params = _params(dtype, transposed=layout == "transposed")
     chain_params = {k: p.clone() for k, p in params.items()}
     leaves = [torch.nn.Parameter(p.clone()) for p in params.values()]
@@ -89,7 +90,7 @@ def test_fused_step_follows_schedules():
     lr = optim.cosine_decay(1e-2, 10)
     b1 = lambda t: 0.95 - 0.01 * t  # noqa: E731
     opt = optim.chain(optim.scale_by_adam(b1, 0.999, 1e-8), optim.scale_by_learning_rate(lr))
-    assert opt.info.fused is not None
+    assert fused_step(opt) is not None
     params = _params(torch.float64, transposed=True)
     chain_params = {k: p.clone() for k, p in params.items()}
     state, chain_state = opt.init(params), opt.init(chain_params)
@@ -112,7 +113,7 @@ def test_fused_step_follows_schedules():
 ], ids=["clipped", "nadam", "momentum", "maximize", "recorded"])
 def test_other_optimizers_step_through_update_and_apply(make):
     opt = make()
-    assert getattr(opt.info, "fused", None) is None
+    assert fused_step(opt) is None
     params = _params(torch.float32, transposed=True)
     other = {k: p.clone() for k, p in params.items()}
     state, other_state = opt.init(params), opt.init(other)
@@ -127,11 +128,11 @@ def test_other_optimizers_step_through_update_and_apply(make):
 def test_fused_step_falls_back_where_the_kernel_does_not_go(monkeypatch):
     opt = make_optimizer("adam", lr=1e-3)
     half = {k: p.to(torch.bfloat16) for k, p in _params(torch.float32, False).items()}
-    assert opt.info.fused(half, _grads(half, 0, False), opt.init(half)) is None  # a dtype it does not take
+    assert fused_step(opt)(half, _grads(half, 0, False), opt.init(half)) is None  # a dtype it does not take
     params = _params(torch.float32, False)
     state = opt.init(params)
     monkeypatch.setattr(fused_mod, "_ENABLED", False)
-    assert opt.info.fused(params, _grads(params, 0, False), state) is None
+    assert fused_step(opt)(params, _grads(params, 0, False), state) is None
     before = {k: p.clone() for k, p in params.items()}
     state = update_and_apply(opt, params, _grads(params, 0, False), state)  # the chain did the step
     assert not any(torch.equal(params[k], before[k]) for k in params)

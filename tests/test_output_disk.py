@@ -97,11 +97,11 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(band
 
 
 def test_a_disk_that_fills_mid_run_keeps_the_last_good_checkpoint_and_resumes(bands_npz, tmp_path):
-    ref = train_from_config(config(bands_npz, tmp_path / "ref"), display="none", report=False)
+    ref = train_from_config(config(bands_npz, tmp_path / "ref"), display="none")
     with tmpfs(tmp_path / "disk", "24m") as disk:
         filler = FillDiskAt(disk, epoch=2)
         with pytest.raises(OutputWriteError) as info:
-            train_from_config(config(bands_npz, disk), callbacks=[filler], display="none", report=False)
+            train_from_config(config(bands_npz, disk), callbacks=[filler], display="none")
         run_dir = info.value.run_dir
         msg = str(info.value)
         assert f"writing {run_dir / 'checkpoints'}" in msg and "the disk is full" in msg, msg
@@ -119,7 +119,7 @@ def test_a_disk_that_fills_mid_run_keeps_the_last_good_checkpoint_and_resumes(ba
             s = json.loads(summary.read_text())
             assert s["status"] == "failed" and s.get("best_checkpoint", {}).get("epoch", 1) == 1
         filler.filler.unlink()
-        res = train_from_config({}, resume=run_dir, display="none", report=False)
+        res = train_from_config({}, resume=run_dir, display="none")
         assert res.summary["status"] == "completed" and res.history.epoch == [1, 2, 3]
         a = torch.load(ref.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
         b = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -131,7 +131,7 @@ def test_a_disk_that_fills_while_writing_metrics_stops_with_one_message(bands_np
         filler = FillDiskAt(disk, step=27)  # early in the second epoch (25 steps an epoch)
         p_cfg = config(bands_npz, disk, log_every=1, batch_size=8)
         with pytest.raises(OutputWriteError) as info:
-            train_from_config(p_cfg, callbacks=[filler], display="none", report=False)
+            train_from_config(p_cfg, callbacks=[filler], display="none")
         msg = str(info.value)
         assert "metrics.jsonl failed: the disk is full" in msg, msg
         assert "the last good checkpoint is kept" in msg and "--resume" in msg, msg

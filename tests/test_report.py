@@ -46,6 +46,8 @@ def run_dir(tmp_path_factory, builtin_sections_only):
                              "log_every": 2, "out": str(base / "runs"), "schedule": "cosine",
                              "schedule_params": {"warmup_steps": 4}, "tensorboard": True, "lr": 2e-3},
                             display="none")
+    assert not (res.run_dir / "report.html").exists()  # training writes no report; whoever wants one asks
+    report.build_report(res.run_dir)
     return res.run_dir
 
 

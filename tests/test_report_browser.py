@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from convdescent.data.synthetic import write_npz_dataset
+from convdescent.report import build_report
 from convdescent.train.run import train_from_config
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
@@ -54,7 +55,7 @@ def report(tmp_path_factory):
     res = train_from_config({"dataset": f"npz:{base / 'd.npz'}", "val_split": 32, "epochs": 2, "batch_size": 16,
                              "log_every": 2, "out": str(base / "runs"), "lr": 2e-3,
                              "name": "a-long-run-name-" + "x" * 60}, display="none")
-    return res.run_dir / "report.html"
+    return build_report(res.run_dir)
 
 
 def _probe(report: Path, width: int, tmp_path: Path) -> dict:

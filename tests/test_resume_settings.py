@@ -25,7 +25,7 @@ def run_dir(bands_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = {"model": "seed_cnn", "dataset": bands_npz, "val_split": 40, "batch_size": 32, "epochs": 1,
            "out": str(out), "name": "r", "optimizer": "adam", "lr": 1e-3, "log_every": 0, "health_every": 0}
-    return train_from_config(cfg, display="none", report=False).run_dir
+    return train_from_config(cfg, display="none").run_dir
 
 
 def other_value(opt, current):
@@ -111,7 +111,7 @@ def test_the_checkpoint_not_the_edited_file_holds_the_settings(run_dir):
 def test_cli_refuses_an_edited_learning_rate_and_trains_with_it_when_allowed(bands_npz, tmp_path):
     res = train_from_config({"model": "seed_cnn", "dataset": bands_npz, "val_split": 40, "epochs": 1,
                              "out": str(tmp_path), "name": "r", "log_every": 0, "health_every": 0},
-                            display="none", report=False)
+                            display="none")
     run = res.run_dir
     edit_config(run, "lr", 0.02)
     base = [sys.executable, "-m", "convdescent.cli", "train", "--resume", str(run), "--epochs", "2", "--no-report"]

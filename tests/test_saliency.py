@@ -15,6 +15,7 @@ from convdescent.diagnostics.cli import main as diag_main
 from convdescent.diagnostics.filters import conv_activations, first_conv, write_filter_pictures
 from convdescent.diagnostics.saliency import (grad_cam, last_conv_block, load_image, saliency, score_gradient,
                                               smoothgrad)
+from convdescent.report import build_report
 
 
 # one torch thread: on the shared 2-core machine two threads ran these small problems many times slower
@@ -130,6 +131,7 @@ def tiny_run(tmp_path_factory):
     res = train_from_config({"model": "seed_cnn", "dataset": f"npz:{npz}", "val_split": 15, "epochs": 1,
                              "batch_size": 15, "log_every": 0}, out=tmp / "runs", display="quiet",
                             handle_signals=False)
+    build_report(res.run_dir)
     return res.run_dir
 
 

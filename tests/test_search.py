@@ -168,8 +168,7 @@ def test_results_best_config_trains_and_plot_marks_pruned(npz, tmp_path):
     assert cfg["lr"] == 0.1 and cfg["optimizer"] == summary["best_params"]["optimizer"] and cfg["epochs"] == 2
     from convdescent.train.run import train_from_config
 
-    result = train_from_config(dict(load_toml(out / "best.toml"), out=str(tmp_path / "again")), display="quiet",
-                               report=False)
+    result = train_from_config(dict(load_toml(out / "best.toml"), out=str(tmp_path / "again")), display="quiet")
     assert result.summary["best_val_acc"] > 0.9
     # every trial directory is a real run directory
     for r in summary["rows"]:

@@ -54,7 +54,7 @@ def test_search_command_random_with_subset_writes_a_trainable_best_config(npz, t
     cfg = resolve_config(load_toml(out / "best.toml"))
     assert cfg["optimizer"] == "sgd" and cfg["lr"] == summary["best_params"]["lr"]
     result = train_from_config(dict(load_toml(out / "best.toml"), out=str(tmp_path / "full")), display="quiet",
-                               report=False, stream=open("/dev/null", "w"))
+                               stream=open("/dev/null", "w"))
     assert result.status == "completed"
 
 

@@ -101,7 +101,7 @@ def test_trained_run_with_custom_initializer_loads(tmp_path):
         write_npz_dataset(npz, n=40, num_classes=3, shape=(1, 8, 8), seed=2)
         res = train_from_config({"model": "test_custom_init", "dataset": f"npz:{npz}", "epochs": 1,
                                  "val_split": 8, "batch_size": 8, "log_every": 0}, out=tmp_path / "runs",
-                                display="none", handle_signals=False, report=False)
+                                display="none", handle_signals=False)
         run = load_run(res.run_dir, checkpoint="last")
         torch.testing.assert_close(run.model.params()["dense1.weight"], res.model.params()["dense1.weight"])
     finally:

@@ -43,10 +43,10 @@ def test_toml_round_trip(tmp_path):
     ({"learning_rate": 0.1}, "unknown configuration key 'learning_rate' in arguments; did you mean 'lr'?"),
     ({"epoch": 3}, "unknown configuration key 'epoch' in arguments; did you mean 'epochs'?"),
     ({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
-    ({"lr": -1.0}, "lr must be >= 0, got -1.0"),
-    ({"epochs": 0}, "epochs must be >= 1, got 0"),
+    ({"lr": -1.0}, "lr=-1.0 is out of range: lr must be >= 0"),
+    ({"epochs": 0}, "epochs=0 is out of range: epochs must be an integer >= 1"),
     ({"batch_size": "half"}, "batch_size must be a positive integer or 'full', got 'half'"),
-    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size=0 is out of range: batch_size must be an integer >= 1"),
     ({"precision": "fp16"}, "precision must be one of 'fp32', 'bf16', got 'fp16'"),
     ({"val_split": 1.5}, "val_split as a fraction must be in [0, 1), got 1.5"),
     ({"nesterov": "yes"}, "nesterov must be true or false, got 'yes'"),
@@ -98,9 +98,9 @@ def test_saved_config_rebuilds_the_run(tmp_path):
     first = train_from_config({"dataset": f"npz:{npz}", "val_split": 20, "epochs": 2, "batch_size": 10,
                                "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "cosine",
                                "schedule_params": {"warmup_steps": 3}, "augment": "flip", "seed": 5,
-                               "out": str(tmp_path / "a")}, display="quiet", report=False)
+                               "out": str(tmp_path / "a")}, display="quiet")
     saved = load_toml(first.run_dir / "config.toml")
-    again = train_from_config(dict(saved, out=str(tmp_path / "b")), display="quiet", report=False)
+    again = train_from_config(dict(saved, out=str(tmp_path / "b")), display="quiet")
     for k, p in first.model.params().items():
         assert torch.equal(p, again.model.params()[k]), k
     assert again.history.loss == first.history.loss

@@ -32,7 +32,7 @@ def hostile_run(bands_npz, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     res = train_from_config({"model": "seed_cnn", "dataset": bands_npz, "val_split": 40, "epochs": 1,
                              "out": str(root), "name": "r", "log_every": 0, "health_every": 0},
-                            display="none", report=False)
+                            display="none")
     run = root / "copy"
     shutil.copytree(res.run_dir, run)
     marker = root / "code-ran"

@@ -18,14 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-# op name -> (parameter meaning, type, default value when written without a parameter)
+from ..options import COUNT, NON_NEGATIVE, POSITIVE_COUNT, UNIT, UNIT_OPEN, OptionRangeError, Range, check
+
+# op name -> (parameter meaning, type, default value when written without a parameter, range of the parameter)
 OPS = {
-    "crop": ("padding in pixels; random crop of the padded image", int, 4),
-    "flip": ("probability of a horizontal flip", float, 0.5),
-    "translate": ("largest shift in pixels (sub-pixel, bilinear)", float, 2.0),
-    "rotate": ("largest rotation in degrees", float, 10.0),
-    "scale": ("largest relative change of size (0.1 = 90% to 110%)", float, 0.1),
-    "cutout": ("side of the square set to black, in pixels", int, 8),
+    "crop": ("padding in pixels; random crop of the padded image", int, 4, COUNT),
+    "flip": ("probability of a horizontal flip", float, 0.5, UNIT),
+    "translate": ("largest shift in pixels (sub-pixel, bilinear)", float, 2.0, NON_NEGATIVE),
+    "rotate": ("largest rotation in degrees", float, 10.0, Range(0.0, 180.0)),
+    "scale": ("largest relative change of size (0.1 = 90% to 110%)", float, 0.1, UNIT_OPEN),
+    "cutout": ("side of the square set to black, in pixels", int, 8, POSITIVE_COUNT),
 }
 ORDER = ("crop", "flip", "translate", "rotate", "scale", "cutout")
 
@@ -48,22 +50,20 @@ def default_augment_spec(dataset: str | None) -> str:
 
 
 def _check_value(op: str, value):
-    kind = OPS[op][1]
+    """An op's parameter checked against its type and its range in ``OPS`` (the message names the op)."""
+    kind, rng = OPS[op][1], OPS[op][3]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"augment {op} needs a finite number, got {value!r}")
     if kind is int:
-        if isinstance(value, bool) or not float(value).is_integer():
+        if not float(value).is_integer():
             raise ValueError(f"augment {op} takes a whole number of pixels, got {value!r}")
         value = int(value)
     else:
         value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"augment {op} must be a non-negative number, got {value!r}")
-    if op == "flip" and value > 1:
-        raise ValueError(f"augment flip is a probability in [0, 1], got {value}")
-    if op == "scale" and value >= 1:
-        raise ValueError(f"augment scale must be below 1 (sizes from 1-s to 1+s), got {value}")
-    if op == "cutout" and value == 0:
-        raise ValueError("augment cutout size must be positive, got 0")
-    return value
+    try:
+        return check(op, value, rng, "augment")
+    except OptionRangeError as e:
+        raise ValueError(str(e)) from None
 
 
 class Augment:

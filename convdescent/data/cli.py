@@ -1,12 +1,13 @@
 """The `convdescent data` command group: list, fetch, verify and show datasets.
 
 `add_data_parser(subparsers)` registers the group on an argparse subparsers object; the parsed
-arguments carry `func=run_data_command`, which returns the process exit status.
+arguments carry `func`, the subcommand's handler, which returns the process exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import re
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..argparsing import CommandParser, command_name, hidden_alias
+from ..options import POSITIVE_COUNT, SEED, number_type
 from .errors import DataError
 
 
@@ -24,7 +26,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
         subparsers: the object returned by `ArgumentParser.add_subparsers()`.
 
     Returns:
-        The `data` parser; parsed arguments have `func` set to `run_data_command`.
+        The `data` parser; parsed arguments have `func` set to the subcommand's handler.
     """
     p = subparsers.add_parser("data", help="list, download, verify and look at datasets",
                               description="Datasets: where they are, downloading, verification and sample grids.")
@@ -57,16 +59,33 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     sh.add_argument("--split", choices=("train", "test"), default="train", help="which split to sample")
     sh.add_argument("--augment", default=None, metavar="SPEC",
                     help="augmentation to apply, e.g. 'crop:4,flip,cutout:8' or 'default'")
-    sh.add_argument("--count", type=int, default=36, help="number of images (default 36)")
-    sh.add_argument("--seed", type=int, default=0, help="seed of the sample choice and augmentation (default 0)")
+    sh.add_argument("--count", type=number_type("count", POSITIVE_COUNT), default=36,
+                    help="number of images (default 36)")
+    sh.add_argument("--seed", type=number_type("seed", SEED), default=0, help="seed of the sample choice and augmentation (default 0)")
     sh.add_argument("--out", metavar="PATH", help="PNG file to write, or a folder to write <name>-samples.png into "
                     "(default: ./<name>-samples.png)")
     sh.add_argument("--json", action="store_true", help="print the written file as a JSON object")
-    sh.add_argument("--image-size", type=int, help="image folders: resize to this size")
+    sh.add_argument("--image-size", type=number_type("image_size", POSITIVE_COUNT), help="image folders: resize to this size")
     sh.add_argument("--color-mode", choices=("grayscale", "rgb"), help="image folders: channel layout")
     sh.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.set_defaults(func=run_data_command)
+    for parser, handler in ((ls, _cmd_list), (fe, _cmd_fetch), (ve, _cmd_verify), (sh, _cmd_show)):
+        parser.set_defaults(func=_handled(handler))  # each subcommand runs its own handler
     return p
+
+
+def _handled(handler):
+    """``handler(args)`` with bad input reported as one ``convdescent: error:`` line and exit status 2."""
+
+    @functools.wraps(handler)
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except (DataError, ValueError) as e:
+            print(f"convdescent: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _cmd_list(args) -> int:
@@ -182,8 +201,6 @@ def _cmd_show(args) -> int:
     from .fileio import atomic_write
     from .normalize import Normalizer
 
-    if args.count <= 0:
-        raise ValueError(f"--count must be positive, got {args.count}")
     ds = load_dataset(args.name, data_dir=args.data_dir, download=not args.no_download, val_split=0,
                       image_size=args.image_size, color_mode=args.color_mode)
     x, y = ds.split(args.split)
@@ -211,13 +228,10 @@ def _cmd_show(args) -> int:
 
 
 def run_data_command(args) -> int:
-    """Run a parsed `data` command; print errors as one clear message and return the exit status."""
+    """Run a parsed `data` command by its name (``args.data_command``); print errors as one clear message and
+    return the exit status. Parsers built by `add_data_parser` give each subcommand its own ``func``."""
     handlers = {"list": _cmd_list, "fetch": _cmd_fetch, "verify": _cmd_verify, "show": _cmd_show}
-    try:
-        return handlers[args.data_command](args)
-    except (DataError, ValueError) as e:
-        print(f"convdescent: error: {e}", file=sys.stderr)
-        return 2
+    return _handled(handlers[args.data_command])(args)
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ import torch
 from ..argparsing import CommandParser, hidden_alias
 from ..cli import (CliError, add_checkpoint_argument, add_run_dir_argument, non_negative_int,
                    positive_float, positive_int)
+from ..options import ANY, COUNT, NON_NEGATIVE, SEED, number_type
 
 
 # -- shared helpers ------------------------------------------------------------------------------------------
@@ -409,7 +410,8 @@ def register(subparsers) -> None:
                    help="elements checked per tensor, always including the largest gradient (0: all; default 64)")
     p.add_argument("--eps", type=positive_float, default=1e-5,
                    help="finite-difference step for the whole model (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and sampled elements")
+    p.add_argument("--seed", type=number_type("seed", SEED), default=0, help="seed of the random inputs and sampled "
+                   "elements")
     p.add_argument("--no-layer-types", action="store_true", help="skip the per-layer-type checks")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_gradcheck)
@@ -424,7 +426,8 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", help="folder searched first for the dataset")
     p.add_argument("--examples", type=positive_int, default=512,
                    help="test images averaged for |dL/dx| (default 512)")
-    p.add_argument("--seed", type=int, default=None, help="initialization seed of the padding variants")
+    p.add_argument("--seed", type=number_type("seed", SEED), default=None, help="initialization seed of the padding "
+                   "variants")
     p.add_argument("--out", help="output folder (default RUN_DIR/diagnostics or diagnostics/border-MODEL)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_border)
@@ -437,12 +440,12 @@ def register(subparsers) -> None:
     add_run_dir_argument(p)
     add_checkpoint_argument(p)
     _image_args(p, required=True)
-    p.add_argument("--class", dest="target", type=int, default=None, metavar="K",
+    p.add_argument("--class", dest="target", type=number_type("class", COUNT), default=None, metavar="K",
                    help="class to explain (default: the predicted one)")
     p.add_argument("--samples", type=positive_int, default=25, help="SmoothGrad samples (default 25)")
-    p.add_argument("--noise", type=float, default=0.15,
+    p.add_argument("--noise", type=number_type("noise", NON_NEGATIVE), default=0.15,
                    help="SmoothGrad noise, fraction of the image's value range (default 0.15)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the SmoothGrad noise")
+    p.add_argument("--seed", type=number_type("seed", SEED), default=0, help="seed of the SmoothGrad noise")
     p.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_explain)
@@ -469,16 +472,16 @@ def register(subparsers) -> None:
                    help="images per split each loss averages over (default 1000)")
     p.add_argument("--line-points", type=positive_int, default=13,
                    help="points on the line (default 13)")
-    p.add_argument("--line-range", type=float, nargs=2, default=(-0.25, 1.25), metavar=("LOW", "HIGH"),
+    p.add_argument("--line-range", type=number_type("line_range", ANY), nargs=2, default=(-0.25, 1.25), metavar=("LOW", "HIGH"),
                    help="interpolation range, 0 initial and 1 final (default -0.25 1.25)")
     p.add_argument("--plane-points", type=non_negative_int, default=9,
                    help="points per axis of the plane, 0 for none (default 9)")
     p.add_argument("--plane-range", type=positive_float, default=1.0,
                    help="plane coordinates span [-R, R] (default 1)")
-    p.add_argument("--init-seed", type=int, default=None,
+    p.add_argument("--init-seed", type=number_type("init_seed", SEED), default=None,
                    help="rebuild the initial weights from this seed (default: checkpoints/init.pt, else the "
                         "run's seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random plane directions")
+    p.add_argument("--seed", type=number_type("seed", SEED), default=0, help="seed of the random plane directions")
     p.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_landscape)

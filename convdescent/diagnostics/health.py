@@ -88,11 +88,11 @@ def clip_specs(optimizer) -> list[ClipSpec]:
     if optimizer is None:
         return []
     try:
-        from ..optim.base import _walk_infos
+        from ..optim.base import walk_infos
     except ImportError:  # optimizers from elsewhere: no clipping to report
         return []
     specs = []
-    for info in _walk_infos(optimizer):
+    for info in walk_infos(optimizer):
         kw = info.kwargs or {}
         if info.name == "clip_by_value":
             specs.append(ClipSpec("value", float(kw["clip_value"])))

@@ -17,7 +17,9 @@ from . import _checks as chk
 from .base import GradientTransformation, chain
 from .clipping import adaptive_grad_clip, clip_by_global_norm, clip_by_value
 from .record import record_norms
-from .schedules import SCHEDULES, as_schedule, inverse_time_decay, make_schedule, one_cycle_momentum
+from ..options import HYPERPARAMETER_BY_NAME, HYPERPARAMETERS, takers
+from .schedules import (SCHEDULES, WARMUP_PARAMS, as_schedule, check_schedule_params, inverse_time_decay,
+                        make_schedule, one_cycle_momentum)
 from .transforms import (
     coupled_weight_decay,
     decoupled_weight_decay,
@@ -64,7 +66,9 @@ def _betas(betas: Any, hint: str) -> tuple[Any, float]:
 def _momentum(momentum: Any) -> Any:
     if callable(momentum):
         return as_schedule(momentum, "momentum")
-    return chk.non_negative("momentum", momentum, hint="use e.g. momentum=0.9")
+    r = HYPERPARAMETER_BY_NAME["momentum"].range  # [0, 1), as the schema declares it
+    return chk.number("momentum", momentum, low=r.low, high=r.high, low_open=r.low_open, high_open=r.high_open,
+                      hint="use e.g. momentum=0.9")
 
 
 def _has_momentum(momentum: Any) -> bool:
@@ -407,25 +411,21 @@ def _resolve_epochs(params: dict, allowed: dict, steps_per_epoch: int | None, sc
     return out
 
 
-def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_decay=None, betas=None, eps=None,
-                        clip_norm=None, clip_value=None, agc=None, schedule=None, schedule_params=None,
-                        total_steps=None, steps_per_epoch=None, record: bool = True) -> GradientTransformation:
+def optimizer_from_args(name: str, lr, *, schedule=None, schedule_params=None, total_steps=None,
+                        steps_per_epoch=None, record: bool = True, source: str | None = None,
+                        **hyperparams) -> GradientTransformation:
     """Build the full optimizer from command-line style settings: clipping, recording, optimizer, schedule.
 
     The result is ``record_norms(chain(clip_by_value, adaptive_grad_clip, clip_by_global_norm, <optimizer>))``
     with the parts whose settings are None left out and the schedule as the optimizer's ``lr``.
+    The settings are those of the schema, ``convdescent.options.HYPERPARAMETERS`` (momentum, nesterov,
+    weight_decay, betas, eps, clip_norm, clip_value, agc), each checked against its declared range there.
     Settings left None take the optimizer's torch default; giving one the optimizer does not have
     (e.g. ``momentum`` for adam) is an error.
 
     Args:
         name: optimizer name (see ``OPTIMIZERS``).
         lr: base learning rate (peak for one_cycle).
-        momentum: sgd/rmsprop momentum.
-        nesterov: sgd Nesterov flag.
-        weight_decay: weight decay (coupled or decoupled as the optimizer defines it).
-        betas: ``(b1, b2)`` for adam, adamw, nadam, radam, adamax, lion.
-        eps: denominator term for the adaptive optimizers.
-        clip_norm, clip_value, agc: clipping settings (None = off).
         schedule: schedule name (see ``SCHEDULES``) or None for a constant rate.
         schedule_params: the schedule's parameters; a key ``X_epochs`` gives ``X`` (or ``X_steps``) in epochs,
             converted with ``steps_per_epoch``; ``warmup_steps``/``warmup_epochs`` add a warm-up;
@@ -433,10 +433,20 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
         total_steps: the run's number of updates; the default length of cosine, polynomial and one_cycle.
         steps_per_epoch: updates per epoch, for ``*_epochs`` parameters.
         record: wrap in :func:`record_norms`.
+        source: where the settings came from, named in range errors (a file; None: arguments).
+        **hyperparams: the schema's settings by name (None: not given).
 
     Returns:
         The GradientTransformation.
+
+    Raises:
+        ValueError: an unknown optimizer, schedule or setting, a setting the optimizer lacks, or a value out
+            of its range (``OptionRangeError``, naming the setting and the value).
     """
+    unknown = sorted(set(hyperparams) - set(HYPERPARAMETER_BY_NAME))
+    if unknown:
+        raise ValueError(f"optimizer_from_args does not take {', '.join(unknown)}; its settings are "
+                         f"{', '.join(HYPERPARAMETER_BY_NAME)}")
     if name not in OPTIMIZERS:
         raise _unknown_name(name)
     entry = OPTIMIZERS[name]
@@ -445,15 +455,20 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
     if steps_per_epoch is not None:
         steps_per_epoch = chk.integer("steps_per_epoch", steps_per_epoch, low=1)
     hp: dict[str, Any] = {}
-    for key, value in (("momentum", momentum), ("nesterov", nesterov), ("weight_decay", weight_decay),
-                       ("betas", betas), ("eps", eps)):
-        if value is None:
+    clipping: dict[str, Any] = {}
+    lr_value = HYPERPARAMETER_BY_NAME["lr"].check(lr, source)
+    for h in HYPERPARAMETERS:
+        value = hyperparams.get(h.name)
+        if h.name == "lr" or value is None:
             continue
-        if key not in entry.defaults:
-            takers = [n for n, e in OPTIMIZERS.items() if key in e.defaults]
-            raise ValueError(f"{key}={value!r} does not apply to {name}; it applies to {', '.join(takers)}")
-        hp[key] = tuple(value) if key == "betas" and isinstance(value, list) else value
-    lr_value = chk.non_negative("lr", lr, hint="pass a non-negative number such as 1e-3")
+        value = h.check(value, source)
+        if not h.applies:
+            clipping[h.name] = value
+        elif not h.applies_to(name):
+            raise ValueError(f"{h.name}={value!r} does not apply to {name}; it applies to "
+                             f"{', '.join(takers(h.name, OPTIMIZERS))}")
+        else:
+            hp[h.name] = tuple(value) if isinstance(value, list) else value
     if schedule is None or schedule == "constant":
         if schedule_params and any(k not in ("warmup_steps", "warmup_epochs", "warmup_kind", "warmup_start_factor")
                                    for k in schedule_params):
@@ -462,11 +477,12 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
     sched_name = schedule or "constant"
     if sched_name not in SCHEDULES:
         raise ValueError(f"unknown schedule {sched_name!r}; choose one of: {', '.join(SCHEDULES)}")
+    check_schedule_params(sched_name, params, source)
     cycle = chk.boolean("cycle_momentum", params.pop("cycle_momentum", False))
     if cycle and sched_name != "one_cycle":
         raise ValueError(f"cycle_momentum applies to the one_cycle schedule, got schedule={sched_name!r}")
     allowed = dict(SCHEDULES[sched_name].defaults)
-    allowed.update({"warmup_steps": 0, "warmup_kind": "linear", "warmup_start_factor": 0.0})
+    allowed.update({p.name: None for p in WARMUP_PARAMS})
     params = _resolve_epochs(params, allowed, steps_per_epoch, sched_name)
     for length_key in ("decay_steps", "total_steps"):
         if length_key in SCHEDULES[sched_name].defaults and length_key not in params and total_steps is not None:
@@ -479,7 +495,7 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
         mom = one_cycle_momentum(params["total_steps"], params.get("pct_start", 0.3),
                                  params.get("anneal_strategy", "cos"), three_phase=params.get("three_phase", False))
         if "momentum" in entry.defaults and name != "gd":
-            if momentum is not None:
+            if hyperparams.get("momentum") is not None:
                 raise ValueError("cycle_momentum=True sets the momentum itself; leave momentum unset")
             hp["momentum"] = mom
         elif name in ("adam", "adamw"):
@@ -488,7 +504,7 @@ def optimizer_from_args(name: str, lr, momentum=None, nesterov=None, weight_deca
         else:
             raise ValueError(f"cycle_momentum=True needs an optimizer with momentum or betas[0] to cycle "
                              f"(sgd, rmsprop, adam, adamw), got {name!r}")
-    tx = chain(*_clipping(clip_norm, clip_value, agc), entry.builder(lr=lr_sched, **hp))
+    tx = chain(*_clipping(**clipping), entry.builder(lr=lr_sched, **hp))
     return record_norms(tx) if chk.boolean("record", record) else tx
 
 
@@ -505,6 +521,10 @@ def list_optimizers_text() -> str:
     lines = ["Optimizers (make_optimizer(name, **hyperparams); clipping: clip_norm, clip_value, agc)", ""]
     rows = [(n, _fmt_defaults(e.defaults), e.description) for n, e in OPTIMIZERS.items()]
     lines += _table(("name", "defaults", "description"), rows)
+    lines += ["", "Settings (flags of convdescent train, TOML keys; checked against these ranges)", ""]
+    rows = [(h.name, f"{h.range.text() if h.range else 'true or false'}; "
+                     f"{', '.join(h.applies) if h.applies else 'every optimizer'}", h.help) for h in HYPERPARAMETERS]
+    lines += _table(("name", "range; applies to", "meaning"), rows)
     lines += ["", "Schedules (make_schedule(name, base_lr, **params); any schedule takes warmup_steps)", ""]
     rows = [(n, _fmt_defaults(e.defaults), e.description) for n, e in SCHEDULES.items()]
     lines += _table(("name", "parameters", "description"), rows)

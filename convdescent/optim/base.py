@@ -32,8 +32,9 @@ class TransformInfo(NamedTuple):
         children: the transforms a chain or a recorder wraps.
         lr_of: for ``kind == "lr"``, a function ``state -> float`` giving the next step's learning rate.
         schedule: for ``kind == "lr"``, the schedule (or number) it was built with.
-        fused: for a chain, ``fn(params, grads, state) -> new_state or None`` doing update and apply in one
-            fused kernel (see :mod:`convdescent.optim.fused`), or None.
+        fused: a transform's own one-pass step, ``fn(params, grads, state) -> new_state or None`` doing
+            update and apply together (``freeze`` has one), or None. Chains have none here:
+            :func:`convdescent.optim.fused.fused_step` recognises the ones a fused kernel computes.
     """
 
     name: str
@@ -147,10 +148,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    from .fused import adam_fusion
-
-    return GradientTransformation(init, update, TransformInfo("chain", kind="chain", children=parts_t,
-                                                              fused=adam_fusion(parts_t)))
+    return GradientTransformation(init, update, TransformInfo("chain", kind="chain", children=parts_t))
 
 
 def apply_updates(params: Params, updates: dict) -> None:
@@ -226,13 +224,15 @@ def _walk(tx: GradientTransformation, state: Any) -> Iterator[tuple[TransformInf
         yield info, state
 
 
-def _walk_infos(tx: GradientTransformation) -> Iterator[TransformInfo]:
+def walk_infos(tx: GradientTransformation) -> Iterator[TransformInfo]:
+    """Yield the :class:`TransformInfo` of ``tx`` and of every transform inside it, depth first (transforms
+    without an info, written by users, and what they wrap are skipped)."""
     info = _info(tx)
     if info is None:
         return
     yield info
     for child in info.children:
-        yield from _walk_infos(child)
+        yield from walk_infos(child)
 
 
 def current_lr(tx: GradientTransformation, state: Any) -> float:
@@ -269,7 +269,7 @@ def find_plateau(tx: GradientTransformation):
     """
     from .schedules import stateful_parts
 
-    for info in _walk_infos(tx):
+    for info in walk_infos(tx):
         if info.kind == "lr":
             found = stateful_parts(info.schedule)
             if found:

@@ -7,7 +7,9 @@ parameters), a quarter of a whole training step at batch 32. torch ships the sam
 kernel per device (``torch._fused_adam_`` / ``torch._fused_adamw_``, what ``torch.optim.Adam(fused=True)``
 runs): each element of the parameters, gradients and moments is read and written once, about 0.2 ms.
 
-:func:`update_and_apply` uses that kernel when the optimizer is one of the chains it computes exactly:
+:func:`update_and_apply` uses that kernel when the optimizer is one of the chains it computes exactly (it
+asks :func:`fused_step`, which recognises the chain's parts once and remembers the answer on the optimizer;
+``chain`` itself knows nothing of kernels):
 
     [coupled_weight_decay] -> scale_by_adam -> scale_by_learning_rate        (Adam, L2 in the gradient)
     scale_by_adam -> [decoupled_weight_decay] -> scale_by_learning_rate      (AdamW)
@@ -176,6 +178,36 @@ class FusedAdam:
         return True
 
 
+_FUSED_ATTR = "fused_step_of_chain"
+
+
+def fused_step(optimizer: GradientTransformation) -> Callable | None:
+    """The one-pass step :func:`update_and_apply` takes for ``optimizer``, or None (update + apply).
+
+    A transform that brings its own (``TransformInfo.fused``, e.g. ``freeze``) keeps it; a chain whose
+    parts spell Adam or AdamW gets a :class:`FusedAdam` (worked out on the first call and remembered on
+    the optimizer object); anything else has none.
+
+    Args:
+        optimizer: any GradientTransformation.
+
+    Returns:
+        ``fn(params, grads, state) -> new_state or None``, or None.
+    """
+    info = getattr(optimizer, "info", None)
+    if info is None:
+        return None
+    if info.fused is not None:
+        return info.fused
+    if info.kind != "chain":
+        return None
+    found = vars(optimizer).get(_FUSED_ATTR, _FUSED_ATTR)
+    if found is _FUSED_ATTR:
+        found = adam_fusion(info.children)
+        vars(optimizer)[_FUSED_ATTR] = found
+    return found
+
+
 def update_and_apply(optimizer: GradientTransformation, params: dict, grads: dict, state):
     """``updates, state = optimizer.update(grads, state, params); apply_updates(params, updates)`` in one
     fused pass where the optimizer allows it (see the module doc); returns the new state.
@@ -189,8 +221,7 @@ def update_and_apply(optimizer: GradientTransformation, params: dict, grads: dic
     Returns:
         The new optimizer state.
     """
-    info = getattr(optimizer, "info", None)
-    fused = info.fused if info is not None else None
+    fused = fused_step(optimizer)
     if fused is not None:
         new_state = fused(params, grads, state)
         if new_state is not None:

@@ -1,5 +1,10 @@
 """Learning-rate schedules: callables ``step -> float`` (plain Python math, no tensors).
 
+Each named schedule is declared once, in ``SCHEDULE_SPECS`` (its builder function, and each parameter's type,
+range and meaning; the defaults are the function's). The registry ``SCHEDULES``, ``make_schedule``'s checks,
+the configuration's checks of ``schedule_params`` and the schedule flags of ``convdescent train`` come
+from it.
+
 ``step`` counts the updates already made, so update number ``t`` (0-based) uses ``schedule(t)``.
 That is the value ``torch.optim.lr_scheduler`` gives after ``t`` calls to ``scheduler.step()``, and the
 tests check each schedule against its torch counterpart step by step. Schedules are small objects
@@ -11,9 +16,12 @@ from __future__ import annotations
 
 import abc
 import bisect
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+from ..options import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Param, Range
 from . import _checks as chk
 
 
@@ -624,6 +632,105 @@ def stateful_parts(schedule: Any) -> list[ReduceOnPlateau]:
 
 # ----- registry -----------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule as the configuration, the command line and ``make_schedule`` know it, declared once.
+
+    Attributes:
+        name: the schedule's name (``schedule = "cosine"``).
+        function: the builder; it takes the base learning rate first (or as ``lr_keyword``) and the
+            parameters by keyword. The parameters' defaults are the function's (none: required).
+        params: each parameter's type, range and meaning.
+        description: one line for ``convdescent optimizers``.
+        lr_keyword: the keyword the base learning rate is passed as (None: first positional argument).
+    """
+
+    name: str
+    function: Callable[..., Schedule]
+    params: tuple[Param, ...]
+    description: str
+    lr_keyword: str | None = None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Each parameter's default, None for a required one (read from the function's signature)."""
+        sig = inspect.signature(self.function).parameters
+        out = {}
+        for p in self.params:
+            default = sig[p.name].default
+            out[p.name] = None if default is inspect.Parameter.empty else default
+        return out
+
+    def build(self, base_lr: float, **params) -> Schedule:
+        """The schedule with base (peak) learning rate ``base_lr``."""
+        if self.lr_keyword is None:
+            return self.function(base_lr, **params)
+        return self.function(**{self.lr_keyword: base_lr}, **params)
+
+
+_STEPS = Range(1, integer=True)
+# Parameters every schedule takes: a warm-up in front of it.
+WARMUP_PARAMS: tuple[Param, ...] = (
+    Param("warmup_steps", "int", COUNT, "steps of a warm-up ramp before the schedule (0: none)"),
+    Param("warmup_kind", "str", None, "shape of the warm-up ramp", ("linear", "cosine")),
+    Param("warmup_start_factor", "float", UNIT, "the warm-up's first value as a fraction of the schedule's"),
+)
+
+SCHEDULE_SPECS: tuple[ScheduleSpec, ...] = (
+    ScheduleSpec("constant", constant_schedule, (), "the same learning rate at every step"),
+    ScheduleSpec("step", step_decay, (
+        Param("step_size", "int", _STEPS, "steps between decays"),
+        Param("gamma", "float", NON_NEGATIVE, "the decay factor"),
+    ), "multiply by gamma every step_size steps (StepLR)"),
+    ScheduleSpec("multistep", multistep_decay, (
+        Param("milestones", "ints", _STEPS, "increasing step numbers"),
+        Param("gamma", "float", NON_NEGATIVE, "the decay factor"),
+    ), "multiply by gamma at each milestone step (MultiStepLR)"),
+    ScheduleSpec("exponential", exponential_decay, (
+        Param("gamma", "float", NON_NEGATIVE, "the factor per `every` steps"),
+        Param("every", "int", _STEPS, "steps over which the rate shrinks by gamma"),
+    ), "multiply by gamma per `every` steps, smoothly (ExponentialLR)"),
+    ScheduleSpec("inverse_time", inverse_time_decay, (
+        Param("decay_rate", "float", NON_NEGATIVE, "how fast the rate falls"),
+        Param("decay_steps", "int", _STEPS, "steps per unit of decay"),
+        Param("staircase", "bool", None, "whole units of decay only"),
+    ), "base / (1 + decay_rate * step / decay_steps)"),
+    ScheduleSpec("polynomial", polynomial_decay, (
+        Param("total_steps", "int", _STEPS, "steps until end_value"),
+        Param("power", "float", NON_NEGATIVE, "the polynomial's power"),
+        Param("end_value", "float", NON_NEGATIVE, "the final learning rate"),
+    ), "polynomial decay to end_value over total_steps (PolynomialLR)"),
+    ScheduleSpec("cosine", cosine_decay, (
+        Param("decay_steps", "int", _STEPS, "steps of the half cosine"),
+        Param("alpha", "float", UNIT, "the final value as a fraction of the base"),
+    ), "half-cosine decay to alpha * base over decay_steps (CosineAnnealingLR)"),
+    ScheduleSpec("cosine_restarts", cosine_restarts, (
+        Param("first_period", "int", _STEPS, "steps in the first cycle"),
+        Param("period_mult", "int", _STEPS, "each cycle is this many times longer than the previous"),
+        Param("alpha", "float", UNIT, "the minimum as a fraction of the base"),
+    ), "cosine cycles with warm restarts, SGDR (CosineAnnealingWarmRestarts)"),
+    ScheduleSpec("one_cycle", one_cycle, (
+        Param("total_steps", "int", Range(2, integer=True), "the number of updates in the run"),
+        Param("pct_start", "float", FRACTION, "fraction of the run spent rising"),
+        Param("anneal_strategy", "str", None, "shape of the curve", ("cos", "linear")),
+        Param("div_factor", "float", POSITIVE, "initial = peak / div_factor"),
+        Param("final_div_factor", "float", POSITIVE, "final = initial / final_div_factor"),
+        Param("three_phase", "bool", None, "fall back to the initial value before the final annealing"),
+    ), "rise to base then anneal far below it, Smith & Topin (OneCycleLR)"),
+    ScheduleSpec("reduce_on_plateau", ReduceOnPlateau, (
+        Param("mode", "str", None, "min: lower is better; max: higher is better", ("min", "max")),
+        Param("factor", "float", FRACTION, "multiplier applied on a plateau"),
+        Param("patience", "int", COUNT, "epochs without improvement tolerated before cutting"),
+        Param("threshold", "float", NON_NEGATIVE, "smallest change that counts as an improvement"),
+        Param("cooldown", "int", COUNT, "epochs to wait after a cut"),
+        Param("min_lr", "float", NON_NEGATIVE, "the rate never goes below this"),
+        Param("threshold_mode", "str", None, "rel (relative to the best) or abs", ("rel", "abs")),
+        Param("eps", "float", NON_NEGATIVE, "cuts smaller than this are skipped"),
+    ), "cut by factor when a metric stops improving (ReduceLROnPlateau)", lr_keyword="base_lr"),
+)
+SCHEDULE_SPEC_BY_NAME: dict[str, ScheduleSpec] = {spec.name: spec for spec in SCHEDULE_SPECS}
+
+
 class ScheduleEntry(NamedTuple):
     """Registry row: the builder ``(base_lr, **params) -> Schedule``, its parameters' defaults (None marks
     a required one), and a one-line description."""
@@ -633,75 +740,43 @@ class ScheduleEntry(NamedTuple):
     description: str
 
 
-def _make_constant(base_lr):
-    return constant_schedule(base_lr)
-
-
-def _make_step(base_lr, step_size, gamma=0.1):
-    return step_decay(base_lr, step_size, gamma)
-
-
-def _make_multistep(base_lr, milestones, gamma=0.1):
-    return multistep_decay(base_lr, milestones, gamma)
-
-
-def _make_exponential(base_lr, gamma, every=1):
-    return exponential_decay(base_lr, gamma, every)
-
-
-def _make_inverse_time(base_lr, decay_rate, decay_steps=1, staircase=False):
-    return inverse_time_decay(base_lr, decay_rate, decay_steps, staircase)
-
-
-def _make_polynomial(base_lr, total_steps, power=1.0, end_value=0.0):
-    return polynomial_decay(base_lr, total_steps, power, end_value)
-
-
-def _make_cosine(base_lr, decay_steps, alpha=0.0):
-    return cosine_decay(base_lr, decay_steps, alpha)
-
-
-def _make_cosine_restarts(base_lr, first_period, period_mult=1, alpha=0.0):
-    return cosine_restarts(base_lr, first_period, period_mult, alpha)
-
-
-def _make_one_cycle(base_lr, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
-                    final_div_factor=1e4, three_phase=False):
-    return one_cycle(base_lr, total_steps, pct_start, anneal_strategy, div_factor, final_div_factor, three_phase)
-
-
-def _make_plateau(base_lr, mode="min", factor=0.1, patience=10, threshold=1e-4, cooldown=0, min_lr=0.0,
-                  threshold_mode="rel", eps=1e-8):
-    return ReduceOnPlateau(mode, factor, patience, threshold, cooldown, min_lr, threshold_mode, eps, base_lr)
-
-
 SCHEDULES: dict[str, ScheduleEntry] = {
-    "constant": ScheduleEntry(_make_constant, {}, "the same learning rate at every step"),
-    "step": ScheduleEntry(_make_step, {"step_size": None, "gamma": 0.1},
-                          "multiply by gamma every step_size steps (StepLR)"),
-    "multistep": ScheduleEntry(_make_multistep, {"milestones": None, "gamma": 0.1},
-                               "multiply by gamma at each milestone step (MultiStepLR)"),
-    "exponential": ScheduleEntry(_make_exponential, {"gamma": None, "every": 1},
-                                 "multiply by gamma per `every` steps, smoothly (ExponentialLR)"),
-    "inverse_time": ScheduleEntry(_make_inverse_time, {"decay_rate": None, "decay_steps": 1, "staircase": False},
-                                  "base / (1 + decay_rate * step / decay_steps)"),
-    "polynomial": ScheduleEntry(_make_polynomial, {"total_steps": None, "power": 1.0, "end_value": 0.0},
-                                "polynomial decay to end_value over total_steps (PolynomialLR)"),
-    "cosine": ScheduleEntry(_make_cosine, {"decay_steps": None, "alpha": 0.0},
-                            "half-cosine decay to alpha * base over decay_steps (CosineAnnealingLR)"),
-    "cosine_restarts": ScheduleEntry(_make_cosine_restarts, {"first_period": None, "period_mult": 1, "alpha": 0.0},
-                                     "cosine cycles with warm restarts, SGDR (CosineAnnealingWarmRestarts)"),
-    "one_cycle": ScheduleEntry(_make_one_cycle, {"total_steps": None, "pct_start": 0.3, "anneal_strategy": "cos",
-                                                 "div_factor": 25.0, "final_div_factor": 1e4,
-                                                 "three_phase": False},
-                               "rise to base then anneal far below it, Smith & Topin (OneCycleLR)"),
-    "reduce_on_plateau": ScheduleEntry(_make_plateau, {"mode": "min", "factor": 0.1, "patience": 10,
-                                                       "threshold": 1e-4, "cooldown": 0, "min_lr": 0.0,
-                                                       "threshold_mode": "rel", "eps": 1e-8},
-                                       "cut by factor when a metric stops improving (ReduceLROnPlateau)"),
-}
+    spec.name: ScheduleEntry(spec.build, spec.defaults, spec.description) for spec in SCHEDULE_SPECS}
 
-_WARMUP_KEYS = ("warmup_steps", "warmup_kind", "warmup_start_factor")
+_WARMUP_KEYS = tuple(p.name for p in WARMUP_PARAMS)
+
+
+def schedule_param(name: str, schedule: str | None = None) -> Param | None:
+    """The declaration of parameter ``name`` of ``schedule`` (any schedule's, first declared, when None)."""
+    specs = [SCHEDULE_SPEC_BY_NAME[schedule]] if schedule in SCHEDULE_SPEC_BY_NAME else SCHEDULE_SPECS
+    for p in WARMUP_PARAMS:
+        if p.name == name:
+            return p
+    for spec in specs:
+        for p in spec.params:
+            if p.name == name:
+                return p
+    return None
+
+
+def check_schedule_params(schedule: str, params: dict[str, Any], source: str | None = None) -> None:
+    """Check the values of ``schedule``'s parameters that it declares (type and range); other keys are left
+    to :func:`make_schedule`, which names what a schedule takes. ``X_epochs`` (X or X_steps in epochs) must be
+    a non-negative number, or a list of them; ``cycle_momentum`` (one_cycle) true or false.
+
+    Raises:
+        ValueError: the first bad value, naming the parameter, the value and ``source``.
+    """
+    for key, value in params.items():
+        if key.endswith("_epochs"):
+            Param(key, "floats" if isinstance(value, (list, tuple)) else "float", NON_NEGATIVE).check(value, source)
+            continue
+        if key == "cycle_momentum":
+            Param(key, "bool").check(value, source)
+            continue
+        p = schedule_param(key, schedule) if schedule in SCHEDULE_SPEC_BY_NAME else None
+        if p is not None and (p in WARMUP_PARAMS or p in SCHEDULE_SPEC_BY_NAME[schedule].params):
+            p.check(value, source)
 
 
 def make_schedule(name: str, base_lr: float, **params) -> Schedule:
@@ -711,25 +786,31 @@ def make_schedule(name: str, base_lr: float, **params) -> Schedule:
         name: one of ``SCHEDULES`` (constant, step, multistep, exponential, inverse_time, polynomial,
             cosine, cosine_restarts, one_cycle, reduce_on_plateau).
         base_lr: the schedule's base (peak for one_cycle) learning rate.
-        **params: the schedule's parameters (see ``SCHEDULES[name].defaults``), plus ``warmup_steps``
+        **params: the schedule's parameters (see ``SCHEDULE_SPECS``), plus ``warmup_steps``
             (wrap in :func:`warmup`), ``warmup_kind`` and ``warmup_start_factor``.
 
     Returns:
         The schedule.
+
+    Raises:
+        ValueError: an unknown schedule or parameter, a missing one, or a value of the wrong type or out
+            of its declared range (``OptionRangeError``).
     """
-    if name not in SCHEDULES:
+    if name not in SCHEDULE_SPEC_BY_NAME:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    entry = SCHEDULES[name]
+    spec = SCHEDULE_SPEC_BY_NAME[name]
+    defaults = spec.defaults
     warm = {k: params.pop(k) for k in _WARMUP_KEYS if k in params}
-    unknown = sorted(set(params) - set(entry.defaults))
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        allowed = ", ".join(list(entry.defaults) + list(_WARMUP_KEYS))
+        allowed = ", ".join(list(defaults) + list(_WARMUP_KEYS))
         raise ValueError(f"schedule {name!r} does not take {', '.join(unknown)}; its parameters are: {allowed}")
-    missing = [k for k, v in entry.defaults.items() if v is None and k not in params]
+    missing = [k for k, v in defaults.items() if v is None and k not in params]
     if missing:
         raise ValueError(f"schedule {name!r} needs {', '.join(missing)}; e.g. make_schedule({name!r}, "
                          f"{base_lr!r}, {missing[0]}=...)")
-    schedule = entry.builder(base_lr, **params)
+    check_schedule_params(name, {**params, **warm})
+    schedule = spec.build(base_lr, **params)
     steps = warm.get("warmup_steps", 0)
     if steps:
         schedule = warmup(schedule, steps, warm.get("warmup_kind", "linear"), warm.get("warmup_start_factor", 0.0))

@@ -187,7 +187,7 @@ td,h1,h2,p,li,figcaption,code{overflow-wrap:anywhere}.missing{color:#777;font-st
 
 def _load_for_report(run_dir: Path):
     from ..train.checkpoint import CheckpointError, UnsafeCheckpointError
-    from ..train.run import Run, _read_json, load_run, read_metrics
+    from ..train.run import Run, load_run, read_json, read_metrics
     from ..train.config import load_toml, resolve_config
     from ..data import Normalizer
 
@@ -201,7 +201,7 @@ def _load_for_report(run_dir: Path):
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml); pass a folder written by "
                               f"'convdescent train'")
     config = resolve_config(load_toml(run_dir / "config.toml"), source=str(run_dir / "config.toml"))
-    summary = _read_json(run_dir / "summary.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
     return Run(path=run_dir, config=config, model=None, normalizer=Normalizer.unit(), classes=[],
                dataset=str(summary.get("dataset", config["dataset"])), checkpoint="none",
                checkpoint_path=run_dir / "checkpoints" / "last.pt", metrics=read_metrics(run_dir / "metrics.jsonl"),

@@ -11,15 +11,25 @@ from pathlib import Path
 
 from ..argparsing import command_name
 from ..cli import add_option_argument, positive_float, positive_int
+from ..options import COUNT, HYPERPARAMETERS, SEED, UNIT_OPEN, Range, number_type
 
 # Configuration keys every command takes as flags (what is trained, on what data, how).
 RUN_KEYS = ("model", "loss", "label_smoothing", "dataset", "data_dir", "val_split", "split_seed", "normalize",
             "augment", "epochs", "seed", "device", "precision", "eval_batch_size")
-# Keys lr-find takes as plain settings of the optimizer being swept.
-LR_FIND_OPT_KEYS = ("batch_size", "optimizer", "momentum", "nesterov", "weight_decay", "betas", "eps",
-                    "clip_norm", "clip_value", "agc")
-# Keys a search can vary (each flag takes a range, a list or a single value).
-SEARCH_DIMENSIONS = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "schedule")
+# What lr-find's sweep uses of them: not the length of a run, its precision or its evaluation batches.
+LR_FIND_RUN_KEYS = tuple(k for k in RUN_KEYS if k not in ("epochs", "precision", "eval_batch_size"))
+# Keys lr-find takes as plain settings of the optimizer being swept: every hyperparameter of the schema
+# but the learning rate, which the sweep sets.
+OPTIMIZER_SETTINGS = tuple(h.name for h in HYPERPARAMETERS if h.name != "lr")
+LR_FIND_OPT_KEYS = ("batch_size", "optimizer", *OPTIMIZER_SETTINGS)
+# Keys a search can vary (each flag takes a range, a list or a single value): the schema's hyperparameters
+# that are numbers or switches, the optimizer, the batch size and the schedule.
+SEARCH_DIMENSIONS = ("lr", "optimizer", *(h.name for h in HYPERPARAMETERS if h.name != "lr" and h.kind != "floats"),
+                     "batch_size", "schedule")
+SEARCH_HELP = {**{h.name: h.help for h in HYPERPARAMETERS}, "optimizer": "optimizer names",
+               "batch_size": "images per step", "schedule": "learning-rate schedule names"}
+SEARCH_EXAMPLES = {**{h.name: h.example for h in HYPERPARAMETERS}, "optimizer": "sgd,adam",
+                   "batch_size": "32,64,128", "schedule": "constant,cosine"}
 
 
 def _key_spec(text: str):
@@ -88,11 +98,11 @@ def _default_out(kind: str) -> Path:
 def cmd_lr_find(args) -> int:
     from ..train.checkpoint import atomic_write_text
     from ..train.config import resolve_config
-    from ..train.run import _build, resolve_device
+    from ..train.run import build_run, resolve_device
     from .lr_find import lr_find
     from .trials import subset_dataset
 
-    cfg = resolve_config(_base_config(args, RUN_KEYS + LR_FIND_OPT_KEYS), source="arguments")
+    cfg = resolve_config(_base_config(args, LR_FIND_RUN_KEYS + LR_FIND_OPT_KEYS), source="arguments")
     if cfg["batch_size"] == "full":
         raise ValueError("batch_size must be a number for the range test (it needs many steps), got 'full'")
     cfg["device"] = resolve_device(cfg["device"])
@@ -101,12 +111,11 @@ def cmd_lr_find(args) -> int:
     dataset = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], val_split=cfg["val_split"],
                            seed=cfg["split_seed"], progress=False)
     dataset = subset_dataset(dataset, args.train_subset, seed=cfg["split_seed"])
-    _, _, model, loss, _, loader, _ = _build(cfg, dataset)
+    _, _, model, loss, _, loader, _ = build_run(cfg, dataset)
     name = cfg["optimizer"]
-    hp = {k: cfg[k] for k in ("momentum", "nesterov", "weight_decay", "eps", "clip_norm", "clip_value", "agc")
-          if cfg.get(k) is not None}
-    if cfg.get("betas") is not None:
-        hp["betas"] = tuple(cfg["betas"])
+    hp = {k: cfg[k] for k in OPTIMIZER_SETTINGS if cfg.get(k) is not None}
+    if "betas" in hp:
+        hp["betas"] = tuple(hp["betas"])
     print(f"Range test: {cfg['model']} on {dataset.name} ({len(dataset.x_train)} training images), {name}, "
           f"batch {cfg['batch_size']}, lr {args.start:g} -> {args.end:g} over {args.steps} steps",
           file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -126,7 +135,7 @@ def cmd_lr_find(args) -> int:
         print(result.report())
         print(f"Plot: {plot}\nData: {out / 'lr_find.json'}")
         if result.recommended_lr is not None:
-            print(f"Train with it: {train_command(args, RUN_KEYS + LR_FIND_OPT_KEYS, lr=result.recommended_lr)}")
+            print(f"Train with it: {train_command(args, LR_FIND_RUN_KEYS + LR_FIND_OPT_KEYS, lr=result.recommended_lr)}")
     return 0 if result.recommended is not None else 1
 
 
@@ -140,16 +149,18 @@ def _add_lr_find(sub) -> None:
                                    "Exit status 1 when no rule found a usable learning rate.")
     p.add_argument("--config", metavar="TOML", help="take model, data and optimizer settings from a run "
                    "configuration (flags override)")
-    _add_config_flags(p, RUN_KEYS, "What is trained")
+    _add_config_flags(p, LR_FIND_RUN_KEYS, "What is trained")
     _add_config_flags(p, LR_FIND_OPT_KEYS, "Optimizer swept")
     g = p.add_argument_group("Sweep")
     g.add_argument("--start", type=positive_float, default=1e-7, help="first learning rate (default 1e-7)")
     g.add_argument("--end", type=positive_float, default=10.0, help="last learning rate (default 10)")
-    g.add_argument("--steps", type=positive_int, default=100, help="mini-batches of the sweep (default 100)")
-    g.add_argument("--beta", type=float, default=0.98, help="decay of the loss's moving average (default 0.98)")
-    g.add_argument("--diverge", type=float, default=4.0,
+    g.add_argument("--steps", type=number_type("steps", Range(5, integer=True)), default=100,
+                   help="mini-batches of the sweep, at least 5 (default 100)")
+    g.add_argument("--beta", type=number_type("beta", UNIT_OPEN), default=0.98,
+                   help="decay of the loss's moving average (default 0.98)")
+    g.add_argument("--diverge", type=number_type("diverge", Range(1.0, low_open=True)), default=4.0,
                    help="stop when the smoothed loss exceeds this times its best (default 4)")
-    g.add_argument("--skip-start", type=float, default=0.1,
+    g.add_argument("--skip-start", type=number_type("skip_start", Range(0.0, 0.5, high_open=True)), default=0.1,
                    help="fraction of the first steps the rules ignore as early noise (default 0.1)")
     g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="draw batches from a random subset of N training images")
@@ -237,10 +248,10 @@ def cmd_search(args) -> int:
 
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="grid, random or TPE search over lr and other settings (Optuna)",
-                       description="Search training settings with Optuna. Each of --lr, --optimizer, --momentum, "
-                                   "--weight-decay, --batch-size, --schedule (and --param KEY=SPEC for any other "
-                                   "configuration key) takes a range LOW:HIGH (lr, weight decay and batch size "
-                                   "log-uniform; add :lin or :log to choose), a list A,B,C, or a single value. "
+                       description="Search training settings with Optuna. Each flag of the search space (and "
+                                   "--param KEY=SPEC for any other configuration key) takes a range LOW:HIGH (lr, "
+                                   "weight decay, eps, clipping and batch size log-uniform; add :lin or :log to "
+                                   "choose), a list A,B,C, or a single value. "
                                    "Trials are judged by their best validation accuracy; hopeless ones are pruned "
                                    "from their per-epoch validation accuracy. Writes trials.csv/md, best.toml "
                                    "(for convdescent train --config), trials.png and search.json.")
@@ -248,11 +259,10 @@ def _add_search(sub) -> None:
     _add_config_flags(p, RUN_KEYS, "What is trained (shared by every trial)")
     d = p.add_argument_group("Search space")
     for key in SEARCH_DIMENSIONS:
-        example = {"lr": "1e-4:1e-1", "optimizer": "sgd,adam", "momentum": "0.5:0.99", "weight_decay": "0,1e-4,1e-3",
-                   "batch_size": "32,64,128", "schedule": "constant,cosine"}[key]
+        example = SEARCH_EXAMPLES[key]
         default = " (default 1e-5:1)" if key == "lr" else ""
         d.add_argument("--" + key.replace("_", "-"), dest=f"dim_{key}", metavar="SPEC", default=None,
-                       help=f"e.g. {example}{default}")
+                       help=f"{SEARCH_HELP[key]}, e.g. {example}{default}")
     d.add_argument("--param", type=_key_spec, action="append", default=[], metavar="KEY=SPEC",
                    help="another configuration key to vary or fix, e.g. label_smoothing=0:0.2 (repeatable)")
     s = p.add_argument_group("Search")
@@ -264,13 +274,13 @@ def _add_search(sub) -> None:
     s.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
                    help="stop hopeless trials by their per-epoch validation accuracy: median, successive halving, "
                         "or none (default median)")
-    s.add_argument("--prune-startup", type=int, default=3,
+    s.add_argument("--prune-startup", type=number_type("prune_startup", COUNT), default=3,
                    help="trials that finish before the median pruner acts (default 3)")
-    s.add_argument("--prune-warmup", type=int, default=1,
+    s.add_argument("--prune-warmup", type=number_type("prune_warmup", COUNT), default=1,
                    help="epochs every trial runs before it may be pruned (default 1)")
     s.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train each trial on a random subset of N training images (quick searches)")
-    s.add_argument("--search-seed", type=int, default=None, help="seed of the random draws and TPE (default --seed)")
+    s.add_argument("--search-seed", type=number_type("search_seed", SEED), default=None, help="seed of the random draws and TPE (default --seed)")
     w = p.add_argument_group("Storage and workers")
     w.add_argument("--storage", default=None, metavar="URL",
                    help="where the study lives: in memory (default), a SQLite file (study.db), an Optuna journal "
@@ -285,7 +295,7 @@ def _add_search(sub) -> None:
     w.add_argument("--grace-period", type=positive_int, default=60, metavar="SECONDS",
                    help="a trial without a heartbeat for this long belongs to a dead worker and is trained "
                         "again (default 60)")
-    w.add_argument("--max-retry", type=int, default=3, metavar="N",
+    w.add_argument("--max-retry", type=number_type("max_retry", COUNT), default=3, metavar="N",
                    help="times a point whose worker died is trained again (default 3)")
     p.add_argument("--out", metavar="DIR", help="results folder (default runs/<date>-<time>-search-<study>)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (progress on stderr)")
@@ -336,7 +346,7 @@ def _add_compare(sub) -> None:
                         "default: --grid-points values over 3 decades around each optimizer's usual rate")
     c.add_argument("--grid-points", type=positive_int, default=5, help="points of the default grids (default 5)")
     c.add_argument("--seeds", type=positive_int, default=3, help="seeds of the final runs (default 3)")
-    c.add_argument("--target", type=float, default=None,
+    c.add_argument("--target", type=number_type("target", Range(0.0, 1.0, low_open=True)), default=None,
                    help="target validation accuracy for epochs/seconds to target (default 0.9 x the best mean)")
     c.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train every run on a random subset of N training images (quick comparisons)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from ..options import HYPERPARAMETER_BY_NAME, HYPERPARAMETERS
 from .space import parse_value
 
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -32,8 +33,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 TYPICAL_LR = {"gd": 0.1, "sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "rmsprop": 1e-3, "adagrad": 1e-2,
               "adadelta": 1.0, "adam": 1e-3, "adamw": 1e-3, "nadam": 2e-3, "radam": 1e-3, "adamax": 2e-3,
               "lion": 1e-4}
-SETTING_KEYS = ("momentum", "nesterov", "weight_decay", "betas", "eps", "clip_norm", "clip_value", "agc",
-                "schedule")
+# Settings an optimizer of a comparison may carry: the schema's hyperparameters but the tuned learning rate.
+SETTING_KEYS = (*(h.name for h in HYPERPARAMETERS if h.name != "lr"), "schedule")
 
 
 class CompareError(ValueError):
@@ -69,9 +70,16 @@ def parse_optimizer(spec: str) -> tuple[str, str, dict[str, Any]]:
         key = key.strip()
         if key not in SETTING_KEYS:
             raise CompareError(f"unknown optimizer setting {key!r} in {spec!r}; use one of {', '.join(SETTING_KEYS)}")
-        if key != "schedule" and key not in OPTIMIZERS[name].defaults and key not in ("clip_norm", "clip_value", "agc"):
-            raise CompareError(f"{key} does not apply to {name} (in {spec!r})")
-        settings[key] = parse_value(value)
+        value = parse_value(value)
+        if key != "schedule":
+            h = HYPERPARAMETER_BY_NAME[key]
+            if not h.applies_to(name):
+                raise CompareError(f"{key} does not apply to {name} (in {spec!r})")
+            try:
+                value = h.check(value)
+            except ValueError as e:
+                raise CompareError(f"{e} (in --optimizers {spec})") from None
+        settings[key] = value
     return text, name, settings
 
 
@@ -262,7 +270,7 @@ def run_compare(settings: CompareSettings, runner: Callable | None = None,
 
 
 def _safe_run(runner, config):
-    from .study import TrialOutcome
+    from .trials import TrialOutcome
 
     try:
         return runner(config, None)

@@ -4,9 +4,10 @@ A dimension is a key of the run configuration (``lr``, ``momentum``, ``weight_de
 ``schedule``, ``optimizer``, or any other key of ``convdescent train``) with either a range or a list of
 values, written as on the command line:
 
-- ``1e-4:1e-1``: a range. Learning rate, weight decay, eps and batch size are sampled log-uniformly
-  (``lr`` always is), others uniformly; add ``:log`` or ``:lin`` to choose (``0.5:0.99:lin``).
-  Integer keys (``batch_size``, ``epochs``) give integer ranges.
+- ``1e-4:1e-1``: a range. Keys the schema declares on a log scale (learning rate, weight decay, eps,
+  clipping, batch size; see ``convdescent.options``) are sampled log-uniformly (``lr`` always is), others
+  uniformly; add ``:log`` or ``:lin`` to choose (``0.5:0.99:lin``). Integer keys (``batch_size``,
+  ``epochs``) give integer ranges.
 - ``32,64,128``: a list of values (numbers, true/false, or names).
 - ``0.9``: a single value: not a dimension, just a setting of every trial.
 
@@ -21,10 +22,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-LOG_KEYS = {"lr", "weight_decay", "eps", "batch_size", "clip_norm", "clip_value", "agc"}
-INT_KEYS = {"batch_size", "epochs", "steps", "chunk_size", "early_stopping"}
-# Hyperparameters that only some optimizers take (see convdescent.optim.OPTIMIZERS defaults).
-OPTIMIZER_HPARAMS = {"momentum", "nesterov", "betas", "eps", "weight_decay"}
+from ..options import HYPERPARAMETER_BY_NAME, OPTIMIZER_SPECIFIC, takers
+from ..train.config import OPTIONS
+
+# Keys sampled log-uniformly by default: the options the schema declares on a log scale.
+LOG_KEYS = {o.key for o in OPTIONS if o.scale == "log"}
+INT_KEYS = {o.key for o in OPTIONS if o.kind in ("int", "batch")}
+# Hyperparameters that only some optimizers take (``applies`` in convdescent.options.HYPERPARAMETERS).
+OPTIMIZER_HPARAMS = set(OPTIMIZER_SPECIFIC)
 
 
 class SearchSpaceError(ValueError):
@@ -233,23 +238,19 @@ class SearchSpace:
                 raise SearchSpaceError(f"unknown optimizer {name!r} in the search space; choose from "
                                        f"{', '.join(OPTIMIZERS)}")
         for d in self.dimensions:
-            if d.key in OPTIMIZER_HPARAMS and not any(d.key in OPTIMIZERS[o].defaults for o in opts):
-                takers = [n for n, e in OPTIMIZERS.items() if d.key in e.defaults]
+            if d.key in OPTIMIZER_HPARAMS and not takers(d.key, opts):
                 raise SearchSpaceError(f"{d.key} varies but no optimizer searched takes it ({', '.join(opts)}); "
-                                       f"it applies to {', '.join(takers)}")
+                                       f"it applies to {', '.join(takers(d.key, OPTIMIZERS))}")
         for key, value in self.fixed.items():
-            if key in OPTIMIZER_HPARAMS and value is not None and not any(key in OPTIMIZERS[o].defaults for o in opts):
-                takers = [n for n, e in OPTIMIZERS.items() if key in e.defaults]
+            if key in OPTIMIZER_HPARAMS and value is not None and not takers(key, opts):
                 raise SearchSpaceError(f"{key}={value!r} is set but no optimizer searched takes it "
-                                       f"({', '.join(opts)}); it applies to {', '.join(takers)}")
+                                       f"({', '.join(opts)}); it applies to {', '.join(takers(key, OPTIMIZERS))}")
 
     def applies(self, key: str, optimizer: str) -> bool:
-        """Whether ``key`` is a setting of a trial that uses ``optimizer``."""
+        """Whether ``key`` is a setting of a trial that uses ``optimizer`` (the schema's ``applies``)."""
         if key not in OPTIMIZER_HPARAMS:
             return True
-        from ..optim import OPTIMIZERS
-
-        return key in OPTIMIZERS[optimizer].defaults
+        return HYPERPARAMETER_BY_NAME[key].applies_to(optimizer)
 
     def active(self, optimizer: str) -> list[Dimension]:
         """The dimensions a trial with this optimizer has."""

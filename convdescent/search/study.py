@@ -32,11 +32,12 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .space import SearchSpace, point_key
+from .trials import TrialOutcome, TrialRunner
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "halving", "none")
@@ -518,15 +519,6 @@ def _requeue(study, frozen) -> None:
 
 # ----------------------------------------------------------------------------------------------- trials
 
-@dataclass
-class TrialOutcome:
-    """What one training trial gave: the objective and the figures kept with the trial."""
-
-    value: float | None
-    pruned: bool
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
 def _settings_for(settings: SearchSettings, point: dict[str, Any]) -> dict[str, Any]:
     """Shared settings with the point's values, without shared hyperparameters the point's optimizer lacks
     (a fixed momentum applies to the sgd trials of an sgd/adam search, not to the adam ones)."""
@@ -568,8 +560,6 @@ def run_worker(settings: SearchSettings, worker: int = 0, runner: Callable | Non
     if study is None:
         study, storage = prepare_study(settings, worker=worker)
     if runner is None:
-        from .trials import TrialRunner
-
         runner = TrialRunner(settings.base, train_subset=settings.train_subset)
     done = 0
     waiting_said = False

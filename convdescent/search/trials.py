@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..train import Callback
+
+
+@dataclass
+class TrialOutcome:
+    """What one training trial gave: the objective and the figures kept with the trial."""
+
+    value: float | None
+    pruned: bool
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 class PruningCallback(Callback):
@@ -104,7 +114,6 @@ class TrialRunner:
     def __call__(self, config: dict[str, Any], trial=None):
         from ..train import NonFiniteError
         from ..train.run import train_from_config
-        from .study import TrialOutcome
 
         config = dict(config)
         if self.out is not None:
@@ -114,9 +123,13 @@ class TrialRunner:
         callbacks = [pruning] if pruning is not None else []
         try:
             result = train_from_config(config, callbacks=callbacks, display="quiet", dataset=dataset,
-                                       handle_signals=False, report=self.report, stream=io.StringIO())
+                                       handle_signals=False, stream=io.StringIO())
         except NonFiniteError as e:
             return TrialOutcome(None, False, {"error": f"non-finite values: {e}", "diverged": "non-finite values"})
+        if self.report:
+            from ..report import build_report
+
+            build_report(result.run_dir)
         h = result.history
         s = result.summary
         attrs = {

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..optim.schedules import check_schedule_params
+from ..options import (COUNT, HYPERPARAMETERS, NON_NEGATIVE, POSITIVE_COUNT, SEED, UNIT_OPEN, OptionRangeError,
+                       Range, check, given, label)
+
 
 class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the key, the value and the fix."""
@@ -25,7 +29,9 @@ class Option:
     """One configuration key: its default, its kind of value and what it means.
 
     ``kind`` is one of: str, int, float, bool, batch (int or "full"), count (int or fraction), floats (list),
-    dict, strs (list of strings).
+    dict, strs (list of strings). ``range`` bounds a number (each item of ``floats``); ``scale`` is how a
+    search samples a range of it ("log" or "linear"; None: linear); ``length`` is the number of items of
+    ``floats``.
     """
 
     key: str
@@ -34,14 +40,23 @@ class Option:
     help: str
     group: str
     choices: tuple = ()
-    minimum: float | None = None
+    range: Range | None = None
+    scale: str | None = None
+    length: int = 0
+
+
+def _hyperparameter_options() -> tuple[Option, ...]:
+    """The optimizer group's options, one per entry of the schema (``convdescent.options.HYPERPARAMETERS``)."""
+    return tuple(Option(h.name, h.default, h.kind, h.help, "optimizer", range=h.range, scale=h.scale,
+                        length=h.length) for h in HYPERPARAMETERS)
+
 
 
 OPTIONS: tuple[Option, ...] = (
     # what is trained
     Option("model", "seed_cnn", "str", "model name (see convdescent.models.MODELS)", "model"),
     Option("loss", "cross_entropy", "str", "loss name", "model", ("cross_entropy", "mse")),
-    Option("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy target", "model", minimum=0.0),
+    Option("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy target", "model", range=UNIT_OPEN),
     Option("init_from", None, "str", "start from this run directory's weights (tensors matched by name and "
            "shape; the ones not loaded are listed)", "model"),
     Option("init_checkpoint", "best", "str", "which checkpoint of init_from: best or last", "model",
@@ -52,38 +67,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("dataset", "fashion-mnist", "str", "dataset name, 'npz:PATH' or 'folder:PATH'", "data"),
     Option("data_dir", None, "str", "folder searched first for the dataset files", "data"),
     Option("val_split", 5000, "count", "training images held out for validation (count or fraction; 0: none)",
-           "data", minimum=0),
-    Option("split_seed", 0, "int", "seed of the validation split (fixed so runs with other seeds compare)", "data"),
+           "data", range=COUNT),
+    Option("split_seed", 0, "int", "seed of the validation split (fixed so runs with other seeds compare)", "data",
+           range=SEED),
     Option("normalize", "unit", "str", "input scaling: unit (x/255) or dataset (per-channel mean/std)", "data",
            ("unit", "dataset")),
     Option("augment", "", "str", "augmentation spec such as 'crop:4,flip' ('' for none)", "data"),
     Option("batch_size", 32, "batch", "images per step, or 'full' for full-batch gradient descent", "data",
-           minimum=1),
+           range=POSITIVE_COUNT, scale="log"),
     Option("chunk_size", 4096, "int", "images per chunk when accumulating a full-batch gradient", "data",
-           minimum=1),
+           range=POSITIVE_COUNT),
     Option("drop_last", False, "bool", "skip the last incomplete batch of each epoch", "data"),
     # how long
-    Option("epochs", 10, "int", "passes over the training set (ignored when steps is set)", "train", minimum=1),
-    Option("steps", None, "int", "total optimizer steps instead of epochs", "train", minimum=1),
+    Option("epochs", 10, "int", "passes over the training set (ignored when steps is set)", "train", range=POSITIVE_COUNT),
+    Option("steps", None, "int", "total optimizer steps instead of epochs", "train", range=POSITIVE_COUNT),
     # optimizer
     Option("optimizer", "adam", "str", "optimizer name (convdescent optimizers lists them)", "optimizer"),
-    Option("lr", 1e-3, "float", "learning rate (peak for one_cycle)", "optimizer", minimum=0.0),
-    Option("momentum", None, "float", "momentum (sgd, rmsprop)", "optimizer", minimum=0.0),
-    Option("nesterov", None, "bool", "Nesterov momentum (sgd)", "optimizer"),
-    Option("weight_decay", None, "float", "weight decay (coupled or decoupled as the optimizer defines)",
-           "optimizer", minimum=0.0),
-    Option("betas", None, "floats", "Adam-style moment decays, e.g. [0.9, 0.999]", "optimizer"),
-    Option("eps", None, "float", "denominator term of adaptive optimizers", "optimizer", minimum=0.0),
-    Option("clip_norm", None, "float", "clip the global gradient norm to this value", "optimizer", minimum=0.0),
-    Option("clip_value", None, "float", "clip each gradient element to [-v, v]", "optimizer", minimum=0.0),
-    Option("agc", None, "float", "adaptive gradient clipping factor (Brock et al. 2021)", "optimizer",
-           minimum=0.0),
+    *_hyperparameter_options(),  # lr, momentum, ..., agc: declared once in convdescent/options.py
     Option("record_norms", False, "bool", "record gradient/update norms and clipping inside the optimizer "
            "every step", "optimizer"),
     Option("schedule", "constant", "str", "learning-rate schedule name", "optimizer"),
     Option("schedule_params", {}, "dict", "schedule parameters, e.g. {warmup_steps = 500}", "optimizer"),
     # trainer
-    Option("seed", 0, "int", "seed of the initial weights, the batch order and augmentation", "train"),
+    Option("seed", 0, "int", "seed of the initial weights, the batch order and augmentation", "train",
+           range=SEED),
     Option("device", "auto", "str", "auto, cpu, cuda or cuda:N", "train"),
     Option("precision", "fp32", "str", "fp32, or bf16 compute with fp32 master weights", "train",
            ("fp32", "bf16")),
@@ -93,27 +100,27 @@ OPTIONS: tuple[Option, ...] = (
            "float32 accumulation; about 2x faster matrix work)", "train"),
     Option("on_nan", "stop", "str", "on a non-finite loss or gradient: stop, or rollback (restore the last "
            "good state and halve the learning rate)", "train", ("stop", "rollback")),
-    Option("max_rollbacks", 3, "int", "how many rollbacks --on-nan rollback may make", "train", minimum=0),
+    Option("max_rollbacks", 3, "int", "how many rollbacks --on-nan rollback may make", "train", range=COUNT),
     Option("nan_check_every", 50, "int", "steps between checks for non-finite values (one host sync each)",
-           "train", minimum=1),
+           "train", range=POSITIVE_COUNT),
     Option("early_stopping", 0, "int", "stop after this many epochs without improvement (0: off)", "train",
-           minimum=0),
+           range=COUNT),
     Option("min_delta", 0.0, "float", "smallest change of the monitored value that counts as improvement",
-           "train", minimum=0.0),
+           "train", range=NON_NEGATIVE),
     Option("monitor", "auto", "str", "value watched by early stopping and the best checkpoint: auto (val_acc "
            "when there is a validation split, else loss), val_acc, val_loss, acc or loss", "train",
            ("auto", "val_acc", "val_loss", "acc", "loss")),
     Option("restore_best", True, "bool", "early stopping restores the best weights", "train"),
-    Option("eval_batch_size", 1000, "int", "images per evaluation batch", "train", minimum=1),
+    Option("eval_batch_size", 1000, "int", "images per evaluation batch", "train", range=POSITIVE_COUNT),
     # output
     Option("out", "runs", "str", "folder that holds run directories", "output"),
     Option("name", None, "str", "run name (default: the model name)", "output"),
     Option("log_every", 50, "int", "steps between step records in metrics.jsonl (0: epochs only)", "output",
-           minimum=0),
+           range=COUNT),
     Option("health_every", 50, "int", "steps between gradient-health checks: per-layer gradient, update and "
-           "activation figures in metrics.jsonl, with warnings (0: off)", "output", minimum=0),
+           "activation figures in metrics.jsonl, with warnings (0: off)", "output", range=COUNT),
     Option("checkpoint_every", 0, "int", "also write the last checkpoint every N steps (0: at epoch ends)",
-           "output", minimum=0),
+           "output", range=COUNT),
     Option("tensorboard", False, "bool", "write TensorBoard event files (needs the tensorboard package)",
            "output"),
 )
@@ -145,7 +152,11 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 
 
 def _check_value(opt: Option, value: Any, source: str) -> Any:
-    where = f"{opt.key} (in {source})" if source != "arguments" else opt.key
+    """``value`` checked against ``opt`` (type, choices, range) and converted as the configuration keeps it.
+
+    ``source`` names where it came from in messages: "arguments" (Python or the command line), a file.
+    """
+    where = label(opt.key, source)
     if value is None:
         if opt.default is None:
             return None
@@ -179,10 +190,14 @@ def _check_value(opt: Option, value: Any, source: str) -> Any:
                 value = int(value)
             else:
                 raise ConfigError(f"{where} as a fraction must be in [0, 1), got {value!r}")
+        if isinstance(value, float):
+            return value  # a fraction in [0, 1); the range below is the count's
     elif kind == "floats":
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where} must be a list of numbers such as [0.9, 0.999], got {value!r}")
+        if opt.length and len(value) != opt.length:
+            raise ConfigError(f"{where} must be a list of {opt.length} numbers such as [0.9, 0.999], got {value!r}")
         value = [float(v) for v in value]
     elif kind == "dict":
         if not isinstance(value, dict):
@@ -190,9 +205,17 @@ def _check_value(opt: Option, value: Any, source: str) -> Any:
         value = dict(value)
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(repr, opt.choices))}, got {value!r}")
-    if opt.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and value < opt.minimum:
-        raise ConfigError(f"{where} must be >= {opt.minimum:g}, got {value!r}")
+    if opt.range is not None:
+        try:
+            if isinstance(value, list):
+                for v in value:
+                    if not opt.range.contains(v):
+                        raise OptionRangeError(f"{given(opt.key, value, source)} is out of range: each of "
+                                               f"{opt.key} must be {opt.range.text()}")
+            else:
+                check(opt.key, value, opt.range, source)
+        except OptionRangeError as e:
+            raise ConfigError(str(e)) from None
     return value
 
 
@@ -220,6 +243,10 @@ def resolve_config(config: dict[str, Any] | None = None, source: str = "argument
         raise ConfigError(f"name must be a plain folder name without '/', got {out['name']!r}")
     if out["device"] != "auto" and not (out["device"] == "cpu" or out["device"].startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {out['device']!r}")
+    try:
+        check_schedule_params(out["schedule"], out["schedule_params"], source)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return out
 
 
@@ -228,7 +255,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     ``dump_toml`` are accepted too and flattened).
 
     Raises:
-        ConfigError: the file is missing, not TOML, or holds an unknown key.
+        ConfigError: the file is missing, not TOML, holds an unknown key, a key twice (at the top level and
+            in a section, or in two sections) or a value out of its range (each message names the file).
     """
     path = Path(path)
     try:
@@ -242,16 +270,26 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
+    places: dict[str, str] = {}
     for key, value in data.items():
         is_section = key in GROUP_TITLES and isinstance(value, dict) and (
             key not in OPTION_BY_KEY or OPTION_BY_KEY[key].kind != "dict")
-        if is_section:
-            flat.update(value)
-        else:
-            flat[key] = value
+        place = f"section [{key}]" if is_section else "the top level"
+        for k, v in (value.items() if is_section else [(key, value)]):
+            if k in flat:
+                raise ConfigError(f"{path}: key {k!r} is given twice, at {places[k]} and in {place}; keep one "
+                                  f"of them")
+            flat[k], places[k] = v, place
     for key in flat:
         if key not in OPTION_BY_KEY:
             raise _unknown_key(key, str(path))
+    for key, value in flat.items():
+        _check_value(OPTION_BY_KEY[key], value, str(path))  # the file named in any error; values kept as read
+    if isinstance(flat.get("schedule_params"), dict):
+        try:
+            check_schedule_params(flat.get("schedule", "constant"), flat["schedule_params"], str(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return flat
 
 

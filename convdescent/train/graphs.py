@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..optim.fused import fused_step
 from .step import compute_gradients, train_step
 
 
@@ -33,7 +34,7 @@ def capture_blocker(model, optimizer, opt_state, precision=None) -> str | None:
         precision: the Trainer's ``Precision`` (None: fp32).
     """
     info = getattr(optimizer, "info", None)
-    fused = getattr(info, "fused", None) if info is not None else None
+    fused = fused_step(optimizer)
     if fused is None or not getattr(fused, "static", False):
         name = getattr(info, "name", type(optimizer).__name__) if info is not None else type(optimizer).__name__
         return f"the optimizer ({name}) has no fused step with device-side learning rate (Adam and AdamW do)"
@@ -59,7 +60,7 @@ class StaticStep:
 
     def __init__(self, model, loss_fn, optimizer, x_like: torch.Tensor, y_like: torch.Tensor, precision=None):
         self.model, self.loss_fn, self.precision = model, loss_fn, precision
-        self.fused = optimizer.info.fused
+        self.fused = fused_step(optimizer)
         device = x_like.device
         layout = torch.channels_last if (x_like.dim() == 4 and not x_like.is_contiguous()
                                          and x_like.is_contiguous(memory_format=torch.channels_last)) \

@@ -8,7 +8,8 @@ A run directory ``runs/<date>-<time>-<name>/`` holds:
   generator states, epoch, step and position in the data order (see ``Trainer.checkpoint_payload``);
 - ``evaluation.npz``: test loss, accuracy, confusion matrix and the most confident mistakes;
 - ``summary.json``: status, best and final validation accuracy, test accuracy, wall time;
-- ``report.html``: the self-contained report (``convdescent.report``); ``tensorboard/`` with --tensorboard.
+- ``report.html``: the self-contained report, written after training by ``convdescent.report.build_report``
+  (``convdescent train`` calls it); ``tensorboard/`` with --tensorboard.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Iterable, TextIO
 import torch
 
 from .. import optim
+from ..options import HYPERPARAMETERS
 from ..argparsing import command_name
 from .callbacks import (Callback, Checkpointer, EarlyStopping, MetricsWriter, TensorBoardLogger, _finite_json,
                         resolve_monitor, truncate_metrics)
@@ -108,8 +110,13 @@ def _cuda_settings(cfg: dict) -> str:
             f"CUDA graph {'on' if cfg['cuda_graph'] else 'off'})")
 
 
-def _build(cfg: dict, dataset=None, normalizer_dict=None):
-    """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration."""
+def build_run(cfg: dict, dataset=None, normalizer_dict=None):
+    """Dataset, normalizer, model, loss, optimizer, loader and validation tensors of a resolved configuration.
+
+    Returns:
+        ``(dataset, normalizer, model, loss, optimizer, loader, val)``; ``val`` is ``(x, y)`` on the
+        device, or None without a validation split.
+    """
     from ..data import BatchLoader, Normalizer, load_dataset, make_augment
     from ..losses import make_loss
     from ..models import make_model
@@ -144,10 +151,9 @@ def _build(cfg: dict, dataset=None, normalizer_dict=None):
     total = cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * spe
     schedule = cfg["schedule"] if cfg["schedule"] != "constant" else None
     optimizer = optim.optimizer_from_args(
-        cfg["optimizer"], cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-        weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"], clip_norm=cfg["clip_norm"],
-        clip_value=cfg["clip_value"], agc=cfg["agc"], schedule=schedule, schedule_params=cfg["schedule_params"],
-        total_steps=total, steps_per_epoch=spe, record=cfg["record_norms"])
+        cfg["optimizer"], cfg["lr"], schedule=schedule, schedule_params=cfg["schedule_params"], total_steps=total,
+        steps_per_epoch=spe, record=cfg["record_norms"],
+        **{h.name: cfg[h.name] for h in HYPERPARAMETERS if h.name != "lr"})
     val = None
     if len(dataset.x_val):
         val = (dataset.x_val.to(device), dataset.y_val.to(device))
@@ -175,9 +181,12 @@ def _say(stream: TextIO | None, text: str) -> None:
 
 def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] = (), out=None, *,
                       resume=None, run_dir=None, display="auto", stream: TextIO | None = None, dataset=None,
-                      handle_signals: bool = True, report: bool = True,
-                      allow_change: Iterable[str] = ()) -> RunResult:
+                      handle_signals: bool = True, allow_change: Iterable[str] = ()) -> RunResult:
     """Train a run described by a configuration dict and write its run directory.
+
+    The report is not part of training: ``convdescent.report.build_report(result.run_dir)`` writes
+    report.html afterwards (``convdescent train`` does so when the run finished or stopped on non-finite
+    values).
 
     Args:
         config: configuration keys (see ``convdescent.train.config.OPTIONS``); missing keys take defaults.
@@ -192,7 +201,6 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         stream: where display lines go (default sys.stdout).
         dataset: an already loaded ``Dataset`` to use instead of loading ``config["dataset"]``.
         handle_signals: stop cleanly on SIGINT/SIGTERM after the current step, with a checkpoint.
-        report: write report.html at the end (not after an interruption, which should exit promptly).
         allow_change: with ``resume``, settings that may differ from those the checkpoint recorded.
 
     Returns:
@@ -230,7 +238,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         ckpt = None
     torch.manual_seed(cfg["seed"])
     try:
-        dataset, normalizer, model, loss, optimizer, loader, val = _build(
+        dataset, normalizer, model, loss, optimizer, loader, val = build_run(
             cfg, dataset, ckpt.get("normalizer") if ckpt else None)
     except ValueError as e:
         if isinstance(e, ConfigError):
@@ -335,15 +343,8 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             last = checkpointer.last_path if checkpointer.saved_step is not None else None
             error = write_failure(run_path / SUMMARY_FILE, e, run_path, checkpointer.checkpoint_bytes, last,
                                   checkpointer.saved_step)
-            status, disk_failed = "failed", True
+            status = "failed"
         summary = {}
-    if report and status != "interrupted" and not disk_failed:  # an interrupted run exits promptly
-        try:
-            from ..report import build_report
-
-            build_report(run_path)
-        except Exception as e:  # a broken figure must not lose a finished run
-            _say(sys.stderr, f"convdescent: warning: report.html could not be written: {e}")
     if error is not None:
         error.run_dir = run_path
         if isinstance(error, NonFiniteError):
@@ -374,7 +375,7 @@ def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, 
         "params": model.num_params(), "started": started,
         "finished": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    prev = _read_json(run_path / SUMMARY_FILE)
+    prev = read_json(run_path / SUMMARY_FILE)
     summary["wall_time_s"] = trainer.elapsed
     if prev and isinstance(prev.get("first_started"), str):
         summary["first_started"] = prev["first_started"]
@@ -419,7 +420,8 @@ def _final_block(s: dict) -> str:
     ])
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file holding an object (summary.json), or None when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -538,7 +540,7 @@ def load_run(run_dir, checkpoint: str = "best", device="cpu") -> Run:
     history = history_from_metrics(metrics) if metrics else History.from_dict(ckpt.get("history") or {})
     return Run(path=path, config=config, model=model, normalizer=normalizer, classes=classes,
                dataset=str(ckpt.get("dataset", config["dataset"])), checkpoint=which, checkpoint_path=ck_path,
-               metrics=metrics, summary=_read_json(path / SUMMARY_FILE) or {}, history=history)
+               metrics=metrics, summary=read_json(path / SUMMARY_FILE) or {}, history=history)
 
 
 def list_runs(out=None) -> list[dict]:
@@ -550,7 +552,7 @@ def list_runs(out=None) -> list[dict]:
     for d in sorted(root.iterdir(), reverse=True):
         if not (d / CONFIG_FILE).is_file():
             continue
-        s = _read_json(d / SUMMARY_FILE) or {}
+        s = read_json(d / SUMMARY_FILE) or {}
         live = run_state(d)
         if not s:
             try:
