@@ -1,0 +1,255 @@
+"""What the trainer asks of a data-parallel run: reduced gradients, agreed decisions, global figures.
+
+``DataParallel`` is the trainer's only contact with torch.distributed (``Trainer(parallel=...)``). Every
+method here is a collective: each rank calls it at the same point of the loop, so the ranks always issue the
+same collectives in the same order. Code that runs on rank 0 alone (writing checkpoints, metrics, the report)
+never calls one.
+
+Per step (``begin`` ... ``finish``) the gradients travel in buckets during the backward
+(:class:`~convdescent.distributed.reducer.GradientReducer`); with a sharded optimizer (ZeRO stage 1) the
+local gradients are handed to it instead, and only the step's numbers are all-reduced. The step's numbers
+are the loss sum and correct count of each rank's slice, and whether a rank has seen SIGINT or SIGTERM: a
+signal that reaches one rank stops every rank after the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..data.loader import shard_bounds
+from .reducer import GradientReducer
+from .world import DistributedError, World
+
+
+def _lost(e: BaseException, what: str, rank: int) -> DistributedError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DistributedError(f"rank {rank} lost contact with the other processes during {what} ({text}); a "
+                            f"worker died or stopped answering, so the run stopped. The last checkpoint is kept: "
+                            f"continue with --resume")
+
+
+class DataParallel:
+    """Data-parallel collectives for one trainer (see the module docstring).
+
+    Args:
+        world: this process's place (``World``); the process group is already joined.
+        bucket_mb: gradient bucket size in MiB.
+        sharded: a ``ShardedOptimizer`` that owns the update (ZeRO stage 1), or None.
+        group: the process group (None: the default one).
+    """
+
+    def __init__(self, world: World, bucket_mb: float = 25.0, sharded=None, group=None):
+        self.world = world
+        self.bucket_mb = float(bucket_mb)
+        self.sharded = sharded
+        self.group = group
+        self.reducer: GradientReducer | None = None
+        self._weight = 1.0
+        self._extra_handle = None
+        self.steps = 0
+        self.extra_wait_s = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
+    def attach(self, model) -> None:
+        """Register the gradient hook on the model (once, before training)."""
+        if self.sharded is None and self.reducer is None:
+            self.reducer = GradientReducer(model, self.bucket_mb, self.group)
+
+    def close(self) -> None:
+        if self.reducer is not None:
+            self.reducer.close()
+            self.reducer = None
+
+    def _guard(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except DistributedError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL: a peer closed its connection or the collective timed out
+            raise _lost(e, what, self.rank) from None
+
+    # ------------------------------------------------------------------------------------------ steps
+    def begin(self, n_local: int, n_global: int) -> None:
+        """A step starts: this rank's slice has ``n_local`` of the global batch's ``n_global`` examples."""
+        self._weight = n_local / n_global
+        if self.reducer is not None:
+            self.reducer.begin(self._weight)
+
+    def finish(self, grads: dict, loss, correct, n_local: int, signum: int | None, step: int):
+        """The backward is done: returns (global gradients, global loss sum, global correct, signal or None).
+
+        ``grads`` are this rank's gradients of its mean loss (only read when the optimizer is sharded: the
+        reducer has copied them already otherwise).
+        """
+        return self._guard(f"step {step}", self._finish, grads, loss, correct, n_local, signum)
+
+    def _numbers(self, loss, correct, n_local: int, signum: int | None) -> torch.Tensor:
+        flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0]
+        ref = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        return torch.cat([(ref.detach().double() * n_local).reshape(1), correct.double().reshape(1),
+                          torch.tensor(flags, dtype=torch.float64, device=ref.device)])
+
+    def _finish(self, grads, loss, correct, n_local, signum):
+        numbers = self._numbers(loss, correct, n_local, signum)
+        if self.reducer is not None:
+            grads, reduced = self.reducer.finish(numbers)
+            reduced = reduced.double()
+        else:
+            # ZeRO: the sharded optimizer reduces the gradients; weight them so its mean over ranks is the
+            # mean over the global batch (n_r / n * size: 1 when the slices are equal)
+            scale = self._weight * self.size
+            if scale != 1.0:
+                grads = {k: g * scale for k, g in grads.items()}
+            t0 = time.perf_counter()
+            reduced = numbers.clone()
+            dist.all_reduce(reduced, group=self.group)
+            self.extra_wait_s += time.perf_counter() - t0
+        self.steps += 1
+        values = reduced.tolist()
+        agreed = signal.SIGINT if values[2] > 0 else signal.SIGTERM if values[3] > 0 else None
+        return grads, reduced[0], reduced[1].round().to(torch.int64), agreed
+
+    def init_state(self, optimizer, params: dict):
+        """The optimizer state this rank keeps: all of it, or its shard's with a sharded optimizer."""
+        return optimizer.init(params) if self.sharded is None else self.sharded.init(params)
+
+    def full_state(self, opt_state):
+        """The unsharded optimizer state (collective with a sharded optimizer), for checkpoints."""
+        if self.sharded is None:
+            return opt_state
+        return self._guard("gathering the optimizer state", self.sharded.full_state, opt_state)
+
+    def shard_state(self, full_state):
+        """This rank's part of an unsharded optimizer state (resume on any number of ranks)."""
+        return full_state if self.sharded is None else self.sharded.shard_state(full_state)
+
+    def update(self, optimizer, params: dict, grads: dict, opt_state, step: int):
+        """The optimizer step: the sharded optimizer's collective step, or None (the caller updates)."""
+        if self.sharded is None:
+            return None
+        return self._guard(f"the update of step {step}", self.sharded.step, params, grads, opt_state)
+
+    # ------------------------------------------------------------------------------------------ agreement
+    def all_true(self, ok: bool, what: str = "a finiteness check") -> bool:
+        """True on every rank when ``ok`` holds on every rank."""
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
+        self._guard(what, dist.all_reduce, flag, dist.ReduceOp.SUM, self.group)
+        return float(flag) == 0.0
+
+    def gather_objects(self, obj, what: str) -> list:
+        """``obj`` of every rank, in rank order, on every rank."""
+        out = [None] * self.size
+        self._guard(what, dist.all_gather_object, out, obj, self.group)
+        return out
+
+    def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Element-wise sums over ranks of float tensors (one collective)."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
+        self._guard(what, dist.all_reduce, flat, dist.ReduceOp.SUM, self.group)
+        out, off = [], 0
+        for t in tensors:
+            out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+            off += t.numel()
+        return out
+
+    def max_tensors(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Element-wise maxima over ranks (one collective)."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
+        self._guard(what, dist.all_reduce, flat, dist.ReduceOp.MAX, self.group)
+        out, off = [], 0
+        for t in tensors:
+            out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+            off += t.numel()
+        return out
+
+    def evaluate(self, evaluate_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Mean loss and accuracy over (x, y), each rank evaluating a contiguous 1/size of the rows.
+
+        ``evaluate_fn(x_part, y_part) -> (mean loss, accuracy)`` as ``train.step.evaluate`` returns them.
+        """
+        n = x.shape[0]
+        lo, hi = shard_bounds(n, self.rank, self.size)
+        if hi > lo:
+            loss, acc = evaluate_fn(x[lo:hi], y[lo:hi])
+            sums = torch.tensor([loss * (hi - lo), acc * (hi - lo)], dtype=torch.float64)
+        else:
+            sums = torch.zeros(2, dtype=torch.float64)
+        self._guard("the validation pass", dist.all_reduce, sums, dist.ReduceOp.SUM, self.group)
+        if n == 0:
+            return float("nan"), float("nan")
+        total = sums.tolist()
+        return total[0] / n, total[1] / n
+
+    def check_same(self, settings: dict) -> None:
+        """Every rank was started with the same settings; otherwise one error naming what differs.
+
+        Raises:
+            DistributedError: (on every rank) the first rank whose settings differ from rank 0's, key by key.
+        """
+        text = json.dumps(settings, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        digests = self.gather_objects(digest, "the start-up check of the settings")
+        if len(set(digests)) == 1:
+            return
+        every = self.gather_objects(settings, "the start-up check of the settings")
+        base = every[0]
+        for r, other in enumerate(every):
+            if other == base:
+                continue
+            keys = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            diff = "; ".join(f"{k} {other.get(k)!r} on rank {r}, {base.get(k)!r} on rank 0" for k in keys)
+            raise DistributedError(f"the processes of this run were started with different settings ({diff}); "
+                                   f"start every process with the same command and configuration")
+
+    def broadcast(self, obj, what: str):
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj if self.rank == 0 else None]
+        self._guard(what, dist.broadcast_object_list, box, 0, self.group)
+        return box[0]
+
+    def barrier(self, what: str) -> None:
+        self._guard(what, dist.barrier, self.group)
+
+    # ------------------------------------------------------------------------------------------ figures
+    def stats(self) -> dict:
+        """Communication figures of this rank: world size, buckets, wait per step and the overlapped share."""
+        out = {"world_size": self.size, "sharded_optimizer": self.sharded is not None}
+        if self.reducer is not None:
+            out.update(self.reducer.stats())
+            out["bucket_mb"] = self.bucket_mb
+        else:
+            steps = max(self.steps, 1)
+            out.update({"steps": self.steps, "wait_per_step_s": self.extra_wait_s / steps, "overlap": 0.0})
+        return out
+
+
+def describe_stats(stats: dict) -> str:
+    """The summary's line: communication wait per step and the share of it that overlapped the backward."""
+    wait = stats.get("wait_per_step_s", 0.0) * 1e3
+    line = f"Communication ({stats.get('world_size')} processes"
+    if stats.get("buckets"):
+        line += f", {stats['buckets']} gradient bucket{'s' if stats['buckets'] != 1 else ''}"
+    if stats.get("sharded_optimizer"):
+        line += ", sharded optimizer"
+    line += f"): {wait:.2f} ms waited per step"
+    if "comm_per_step_s" in stats:
+        line += (f", {stats['comm_per_step_s'] * 1e3:.2f} ms in flight per step, "
+                 f"{stats.get('overlap', 0.0) * 100:.0f}% of it overlapped with the backward")
+    return line
