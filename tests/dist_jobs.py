@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node N tests/dist_jobs.py JOBS.json
 
-JOBS.json holds a list of {"config": {...}, "run_dir": PATH}; each is trained with ``train_from_config``
+JOBS.json holds a list of {"config": {...}, "run_dir": PATH} or {"config": {...}, "resume": PATH}; each is trained with ``train_from_config``
 on every rank, one after the other, in the same process group (so a test pays the start-up once).
 """
 
@@ -19,7 +19,8 @@ def main(path: str) -> int:
     dist.init_process_group("gloo")
     try:
         for job in jobs:
-            train_from_config(job["config"], run_dir=job["run_dir"], display="none", report=False)
+            train_from_config(job["config"], run_dir=job.get("run_dir"), resume=job.get("resume"), display="none",
+                              report=False)
     finally:
         dist.destroy_process_group()
     return 0

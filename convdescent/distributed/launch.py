@@ -40,12 +40,12 @@ def describe_failures(failures: dict) -> tuple[str | None, int]:
     if killed:
         rank = min(killed, key=lambda r: killed[r].timestamp)
         f = killed[rank]
-        return (f"worker rank {rank} (pid {f.pid}) died ({'killed by ' + _signal_name(f.exitcode)}), so every "
-                f"worker of the run was stopped. The run's last checkpoint is kept: continue with "
-                f"convdescent train --resume RUN_DIR (on any number of processes)", EXIT_LOST)
-    codes = {r: f.exitcode for r, f in failures.items()}
-    first = codes.get(0, next(iter(codes.values()), EXIT_LOST))
-    return None, first if first > 0 else EXIT_LOST
+        return (f"worker rank {rank} (pid {f.pid}) died (killed by {_signal_name(f.exitcode)}), so every worker "
+                f"of the run was stopped; the run's last checkpoint is kept (convdescent train --resume RUN_DIR)",
+                EXIT_LOST)
+    # rank 0's own status when it ended by itself, else the first rank's that did (the others were stopped)
+    codes = [failures[r].exitcode for r in sorted(failures) if failures[r].exitcode > 0]
+    return None, codes[0] if codes else EXIT_LOST
 
 
 def launch_local(argv: list[str], nproc: int, threads: int | None = None) -> int:

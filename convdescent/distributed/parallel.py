@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import time
 
@@ -29,9 +30,9 @@ from .world import DistributedError, World
 
 def _lost(e: BaseException, what: str, rank: int) -> DistributedError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return DistributedError(f"rank {rank} lost contact with the other processes during {what} ({text}); a "
-                            f"worker died or stopped answering, so the run stopped. The last checkpoint is kept: "
-                            f"continue with --resume")
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0].rstrip(". ")  # gloo's own words
+    return DistributedError(f"rank {rank} lost contact with the other processes during {what} ({text}): a "
+                            f"worker died or stopped answering, so the run stopped")
 
 
 class DataParallel:
@@ -215,8 +216,10 @@ class DataParallel:
                 continue
             keys = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
             diff = "; ".join(f"{k} {other.get(k)!r} on rank {r}, {base.get(k)!r} on rank 0" for k in keys)
-            raise DistributedError(f"the processes of this run were started with different settings ({diff}); "
+            err = DistributedError(f"the processes of this run were started with different settings ({diff}); "
                                    f"start every process with the same command and configuration")
+            err.quiet_rank = self.rank != 0  # every rank stops with it; rank 0 says it for the run
+            raise err
 
     def broadcast(self, obj, what: str):
         """Rank 0's ``obj`` on every rank."""

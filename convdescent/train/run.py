@@ -516,6 +516,11 @@ def _train(setup: _Setup, callbacks, display, talk, out_stream, handle_signals, 
             _say(sys.stderr, f"convdescent: warning: report.html could not be written: {e}")
     if error is not None:
         error.run_dir = run_path
+        if isinstance(error, DistributedError):
+            saved = checkpointer.saved_step
+            kept = (f"the checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was written")
+            error.args = (f"{error}; {kept}. Continue with: {command_name()} train --resume "
+                          f"{shlex.quote(str(run_path))} (on any number of processes)",)
         if isinstance(error, NonFiniteError):
             last = run_path / "checkpoints" / "last.pt"
             kept = f" The last good checkpoint is kept: {last}" if last.exists() else ""

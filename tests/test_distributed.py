@@ -1,0 +1,297 @@
+"""Data-parallel training (convdescent.distributed) on gloo over 127.0.0.1, ports chosen at run time.
+
+A run on N processes must be the training of one process at the same global batch: the same seeded order,
+each rank taking its part of every global batch, the gradient the mean over the global batch. The weights
+are compared after a few dozen steps; they differ only by the order float32 sums are taken in (the
+all-reduce adds the ranks' weighted gradients), so the tolerance is 2e-5 absolute (SGD stays near 1e-7,
+Adam near 2e-6: its update divides by sqrt(v), which amplifies rounding on near-zero gradients).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convdescent.cli import main
+from convdescent.data.loader import BatchLoader, shard_bounds
+from convdescent.data.synthetic import write_npz_dataset
+from convdescent.distributed import free_port
+from convdescent.train import train_from_config
+from convdescent.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = Path(__file__).with_name("dist_jobs.py")
+ATOL = 2e-5
+TIMEOUT = "30"  # seconds a collective may wait for a peer in these tests
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "syn.npz"
+    # 200 training images after a 40-image validation split; batches of 12: 16 full batches and one of 8
+    write_npz_dataset(path, n=240, num_classes=3, shape=(1, 8, 8), classes=["a", "b", "c"], seed=3)
+    return f"npz:{path}"
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["CONVDESCENT_DIST_TIMEOUT"] = TIMEOUT
+    env.update(extra)
+    return env
+
+
+def _base(data, **kw) -> dict:
+    cfg = dict(model="seed_cnn", dataset=data, val_split=40, batch_size=12, steps=24, health_every=0,
+               log_every=0, seed=1)
+    cfg.update(kw)
+    return cfg
+
+
+def _weights(run_dir) -> dict:
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["model"]
+
+
+def _gap(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _torchrun(n: int, jobs: list, tmp_path, timeout=240) -> None:
+    spec = tmp_path / f"jobs{n}.json"
+    spec.write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(JOBS),
+                           str(spec)], env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _cli(args, timeout=240, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convdescent", "train", *args], env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+
+def test_each_rank_takes_its_part_of_the_same_global_batches():
+    x = torch.arange(51, dtype=torch.uint8).view(51, 1, 1, 1)
+    y = torch.arange(51)
+    one = [yb for _, yb in BatchLoader(x, y, 12, seed=5)]
+    parts = [[yb for _, yb in BatchLoader(x, y, 12, seed=5, shard=(r, 3))] for r in range(3)]
+    for i, whole in enumerate(one):
+        assert torch.equal(torch.cat([parts[r][i] for r in range(3)]), whole)
+    assert [len(parts[r][-1]) for r in range(3)] == [1, 1, 1]  # the last batch: 3 examples, one per rank
+    assert shard_bounds(2, 2, 3) == (2, 2) and shard_bounds(14, 1, 3) == (5, 10)
+
+
+def test_augmented_parts_are_the_parts_of_the_augmented_global_batch():
+    x = torch.randint(0, 255, (24, 1, 6, 6), dtype=torch.uint8)
+    y = torch.arange(24)
+    one = [xb for xb, _ in BatchLoader(x, y, 8, seed=2, augment="crop:2,flip")]
+    halves = [[xb for xb, _ in BatchLoader(x, y, 8, seed=2, augment="crop:2,flip", shard=(r, 2))] for r in (0, 1)]
+    for i, whole in enumerate(one):
+        assert torch.equal(torch.cat([halves[0][i], halves[1][i]]), whole)
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused_naming_both_numbers():
+    x = torch.zeros(40, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"batch size 10 is not divisible by 3 processes.*multiple of 3"):
+        BatchLoader(x, torch.zeros(40, dtype=torch.int64), 10, shard=(0, 3))
+    with pytest.raises(ValueError, match=r"last batch of each epoch holds 1 example.*--drop-last"):
+        BatchLoader(x[:37], torch.zeros(37, dtype=torch.int64), 12, shard=(0, 3))
+
+
+# ----------------------------------------------------------------------------------------------- same training
+
+def test_two_and_three_processes_train_as_one_and_a_two_process_run_resumes_on_one_and_on_three(data, tmp_path):
+    sgd = _base(data, optimizer="sgd", momentum=0.9, lr=0.05)
+    adam = _base(data, optimizer="adam", lr=0.003)
+    half = dict(adam, steps=12)
+    _torchrun(2, [{"config": sgd, "run_dir": str(tmp_path / "sgd2")},
+                  {"config": adam, "run_dir": str(tmp_path / "adam2")},
+                  {"config": half, "run_dir": str(tmp_path / "half")}], tmp_path)
+    import shutil
+
+    for n in (1, 3):
+        shutil.copytree(tmp_path / "half", tmp_path / f"half{n}")
+    resumed1 = train_from_config({"steps": 24}, resume=tmp_path / "half1", display="none", report=False)
+    assert resumed1.summary["steps"] == 24
+    _torchrun(3, [{"config": sgd, "run_dir": str(tmp_path / "sgd3")},
+                  {"config": adam, "run_dir": str(tmp_path / "adam3")},
+                  {"config": {"steps": 24}, "resume": str(tmp_path / "half3"), "run_dir": None}], tmp_path)
+    one_sgd = train_from_config(sgd, run_dir=tmp_path / "sgd1", display="none", report=False).model.state_dict()
+    one_adam = train_from_config(adam, run_dir=tmp_path / "adam1", display="none", report=False).model.state_dict()
+    for n in (2, 3):
+        assert _gap(_weights(tmp_path / f"sgd{n}"), one_sgd) < ATOL, n
+        assert _gap(_weights(tmp_path / f"adam{n}"), one_adam) < ATOL, n
+    assert _gap(_weights(tmp_path / "half1"), one_adam) < ATOL
+    assert _gap(_weights(tmp_path / "half3"), one_adam) < ATOL
+    # rank 0 alone wrote each run directory, with the world size in its configuration and figures
+    summary = json.loads((tmp_path / "sgd3" / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 3 and summary["distributed"]["steps"] == 24
+    assert 0.0 <= summary["distributed"]["overlap"] <= 1.0
+    assert "nproc = 3" in (tmp_path / "sgd3" / "config.toml").read_text()
+    ckpt = load_checkpoint(tmp_path / "half3" / "checkpoints" / "last.pt")
+    assert ckpt["loader"]["batch_size"] == 12 and ckpt["step"] == 24  # the global position, not a rank's
+    epochs = [json.loads(ln) for ln in (tmp_path / "sgd2" / "metrics.jsonl").read_text().splitlines()]
+    one_epochs = [json.loads(ln) for ln in (tmp_path / "sgd1" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(epochs, one_epochs):  # loss and accuracy over the global batch, as one process has them
+        if a.get("type") == "epoch":
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["acc"] == b["acc"]
+            assert a["val_acc"] == b["val_acc"]
+
+
+def test_two_torchrun_nodes_on_one_machine_train_as_one_process(data, tmp_path):
+    cfg = _base(data, optimizer="sgd", momentum=0.9, lr=0.05)
+    port = free_port()
+    args = ["--model", "seed_cnn", "--dataset", data, "--val-split", "40", "--batch-size", "12", "--steps", "24",
+            "--health-every", "0", "--log-every", "0", "--seed", "1", "--optimizer", "sgd", "--momentum", "0.9",
+            "--lr", "0.05", "--out", str(tmp_path / "runs"), "--no-report", "--quiet"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "convdescent", "train", *args], env=_env(OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    (run,) = (tmp_path / "runs").iterdir()  # one run directory, written by rank 0
+    one = train_from_config(cfg, run_dir=tmp_path / "one", display="none", report=False).model.state_dict()
+    assert _gap(_weights(run), one) < ATOL
+    assert "Run written to" in outs[0][0] and "Run written to" not in outs[1][0]
+
+
+# ----------------------------------------------------------------------------------------------- faults
+
+def _children(pid: int) -> dict[int, int]:
+    """rank -> pid of the worker processes whose parent is ``pid``."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            for item in env:
+                if item.startswith(b"RANK="):
+                    out[int(item[5:])] = int(entry.name)
+    return out
+
+
+def _long_run(data, tmp_path, *extra):
+    args = ["--model", "seed_cnn", "--dataset", data, "--val-split", "40", "--batch-size", "4", "--steps", "100000",
+            "--health-every", "0", "--log-every", "0", "--optimizer", "sgd", "--lr", "0.01", "--checkpoint-every",
+            "5", "--out", str(tmp_path / "runs"), "--no-report", "--nproc", "2", *extra]
+    return subprocess.Popen([sys.executable, "-m", "convdescent", "train", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(tmp_path, proc, limit=180) -> Path:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "runs").glob("*/checkpoints/last.pt")) if (tmp_path / "runs").exists() else []
+        if runs:
+            return runs[0].parent.parent
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no checkpoint appeared: {proc.communicate()[1][-2000:]}")
+
+
+def test_a_killed_worker_ends_the_run_in_bounded_time_naming_its_rank_and_the_run_resumes(data, tmp_path):
+    proc = _long_run(data, tmp_path)
+    run = _wait_for_checkpoint(tmp_path, proc)
+    workers = _children(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=90)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0 and took < 60, (proc.returncode, took)
+    assert "worker rank 1" in err and "SIGKILL" in err and "--resume" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not _children(proc.pid) and all(not Path(f"/proc/{p}").exists() for p in workers.values())
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")  # complete and readable
+    step = int(saved["step"])
+    assert step >= 5
+    assert main(["train", "--resume", str(run), "--steps", str(step + 6), "--nproc", "1", "--quiet",
+                 "--no-report"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 6
+
+
+def test_sigterm_to_the_launcher_checkpoints_once_and_stops_every_worker(data, tmp_path):
+    proc = _long_run(data, tmp_path)
+    run = _wait_for_checkpoint(tmp_path, proc)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.count("Continue with:") == 1 and "Traceback" not in err, err[-2000:]
+    assert all(not Path(f"/proc/{p}").exists() for p in workers.values())
+    summary = json.loads((run / "summary.json").read_text())
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert summary["status"] == "interrupted" and saved["step"] == summary["steps"]
+
+
+# ----------------------------------------------------------------------------------------------- clear errors
+
+def test_a_batch_size_the_processes_do_not_divide_is_one_clear_error(data, tmp_path):
+    proc = _cli(["--model", "seed_cnn", "--dataset", data, "--val-split", "40", "--batch-size", "7", "--steps", "2", "--nproc", "2",
+                 "--out", str(tmp_path / "runs")])
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convdescent:")]
+    assert lines == ["convdescent: error: batch size 7 is not divisible by 2 processes: each process takes "
+                     "batch_size / nproc examples per step; choose a multiple of 2 (e.g. 6 or 8) or another "
+                     "--nproc"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_port_in_use_is_one_clear_error(data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = _cli(["--dataset", data, "--steps", "2", "--nproc", "2", "--out", str(tmp_path)],
+                    MASTER_PORT=str(port))
+    assert proc.returncode == 2
+    assert f"port {port} on 127.0.0.1 (MASTER_PORT) is already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _rank_process(rank: int, world: int, port: int, args: list, **env):
+    return subprocess.Popen([sys.executable, "-m", "convdescent", "train", *args],
+                            env=_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_processes_started_with_other_settings_stop_with_one_error_naming_the_difference(data, tmp_path):
+    port = free_port()
+    base = ["--dataset", data, "--val-split", "40", "--batch-size", "8", "--steps", "2", "--out", str(tmp_path)]
+    procs = [_rank_process(r, 2, port, base + ["--seed", str(r)]) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert outs[0][1].strip() == ("convdescent: error: the processes of this run were started with different "
+                                  "settings (seed 1 on rank 1, 0 on rank 0); start every process with the same "
+                                  "command and configuration"), outs[0][1]
+    assert outs[1][1].strip() == ""  # one message for the run
+    assert not any(tmp_path.glob("*/config.toml"))
+
+
+def test_a_rendezvous_that_never_completes_is_one_clear_error(data, tmp_path):
+    port = free_port()
+    proc = _rank_process(0, 2, port, ["--dataset", data, "--steps", "2", "--out", str(tmp_path)],
+                         CONVDESCENT_DIST_TIMEOUT="3")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.startswith("convdescent: error: rank 0 waited 3s at 127.0.0.1:") and "Traceback" not in err, err
