@@ -9,6 +9,7 @@ Adam near 2e-6: its update divides by sqrt(v), which amplifies rounding on near-
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,7 +114,7 @@ def test_a_batch_the_processes_do_not_divide_is_refused_naming_both_numbers():
 # ----------------------------------------------------------------------------------------------- same training
 
 def test_two_and_three_processes_train_as_one_and_a_two_process_run_resumes_on_one_and_on_three(data, tmp_path):
-    sgd = _base(data, optimizer="sgd", momentum=0.9, lr=0.05)
+    sgd = _base(data, optimizer="sgd", momentum=0.9, lr=0.05, health_every=10)
     adam = _base(data, optimizer="adam", lr=0.003)
     half = dict(adam, steps=12)
     _torchrun(2, [{"config": sgd, "run_dir": str(tmp_path / "sgd2")},
@@ -142,12 +143,22 @@ def test_two_and_three_processes_train_as_one_and_a_two_process_run_resumes_on_o
     assert "nproc = 3" in (tmp_path / "sgd3" / "config.toml").read_text()
     ckpt = load_checkpoint(tmp_path / "half3" / "checkpoints" / "last.pt")
     assert ckpt["loader"]["batch_size"] == 12 and ckpt["step"] == 24  # the global position, not a rank's
-    epochs = [json.loads(ln) for ln in (tmp_path / "sgd2" / "metrics.jsonl").read_text().splitlines()]
-    one_epochs = [json.loads(ln) for ln in (tmp_path / "sgd1" / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(epochs, one_epochs):  # loss and accuracy over the global batch, as one process has them
-        if a.get("type") == "epoch":
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["acc"] == b["acc"]
-            assert a["val_acc"] == b["val_acc"]
+    for n in (2, 3):
+        records = [json.loads(ln) for ln in (tmp_path / f"sgd{n}" / "metrics.jsonl").read_text().splitlines()]
+        one_records = [json.loads(ln) for ln in (tmp_path / "sgd1" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["type"] for r in records] == [r["type"] for r in one_records]
+        assert sum(r["type"] == "health" for r in records) == 2  # steps 10 and 20
+        for a, b in zip(records, one_records):  # figures of the global batch, as one process has them
+            if a["type"] == "epoch":
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["acc"] == b["acc"]
+                assert a["val_acc"] == b["val_acc"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+            if a["type"] == "health":  # gradients and activation statistics over the global batch
+                assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+                assert a["step_loss"] == pytest.approx(b["step_loss"], rel=1e-4)
+                for layer, st in b["layers"].items():
+                    assert a["layers"][layer]["act_mean"] == pytest.approx(st["act_mean"], rel=1e-4, abs=1e-7)
+                    assert a["layers"][layer]["act_std"] == pytest.approx(st["act_std"], rel=1e-4, abs=1e-7)
+                    assert a["layers"][layer]["dead_frac"] == st["dead_frac"]
 
 
 def test_two_torchrun_nodes_on_one_machine_train_as_one_process(data, tmp_path):
@@ -240,6 +251,19 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_stops_every_worker(data, t
     summary = json.loads((run / "summary.json").read_text())
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     assert summary["status"] == "interrupted" and saved["step"] == summary["steps"]
+
+
+def test_a_non_finite_step_stops_every_rank_with_one_message_naming_rank_step_and_layer(data, tmp_path):
+    proc = _cli(["--dataset", data, "--val-split", "40", "--batch-size", "8", "--steps", "30", "--optimizer", "sgd",
+                 "--lr", "1e12", "--nan-check-every", "5", "--health-every", "0", "--out", str(tmp_path / "runs"),
+                 "--nproc", "2", "--no-report"])
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convdescent:")]
+    assert len(lines) == 1, proc.stderr
+    assert re.search(r"non-finite loss or gradient at step \d+ on rank \d \(epoch 1, batch \d+;", lines[0]), lines
+    assert re.search(r"output of \w+ \(|\(layer \w+", lines[0]), lines
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "nonfinite"
 
 
 # ----------------------------------------------------------------------------------------------- clear errors

@@ -49,11 +49,13 @@ class NonFiniteError(RuntimeError):
         step: the first update (1-based) that went non-finite, or None if it could not be reproduced.
         layer, tensor, where: the first non-finite value ("forward", "loss", "backward" or "update").
         history: the History up to the last good epoch.
+        rank: in a data-parallel run, the rank whose part of the batch went non-finite first (else None).
     """
 
-    def __init__(self, message: str, step=None, layer=None, tensor=None, where=None, history=None):
+    def __init__(self, message: str, step=None, layer=None, tensor=None, where=None, history=None, rank=None):
         super().__init__(message)
         self.step, self.layer, self.tensor, self.where, self.history = step, layer, tensor, where, history
+        self.rank = rank
 
 
 class TrainingInterrupted(Exception):
