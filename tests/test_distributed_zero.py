@@ -82,7 +82,17 @@ def _worker(rank: int, world: int, out_dir: str, resume_dir: str | None) -> None
 
     from convdescent.distributed.zero import ShardedOptimizer, state_nbytes
 
-    out = {"fresh": {}, "resumed": {}, "resumed_alone": {}, "owned": None, "bytes": {}}
+    out = {"fresh": {}, "resumed": {}, "resumed_alone": {}, "owned": None, "bytes": {}, "errors": []}
+    # Refusals come before any communication, so every process can try them on its own.
+    few = {f"p{i}": torch.zeros(3) for i in range(world - 1)}
+    for attempt in (lambda: ShardedOptimizer(optim.adam(), few),
+                    lambda: ShardedOptimizer(optim.adam(), make_model().params()).step(
+                        make_model().params(), {"conv1.weight": torch.zeros(1)}, None)):
+        try:
+            attempt()
+            out["errors"].append(None)
+        except ValueError as e:
+            out["errors"].append(str(e))
     for name, make in CONFIGS.items():
         model = make_model()
         zopt = ShardedOptimizer(make(), model.params())
@@ -159,6 +169,16 @@ def test_sharded_run_matches_the_unsharded_one(runs, world, name):
     owned = [out["owned"] for out in runs[world]]
     assert sorted(k for names in owned for k in names) == sorted(params_ref)
     assert all(owned)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_refusals_name_what_is_wrong(runs, world):
+    for out in runs[world]:
+        too_few, bad_names = out["errors"]
+        assert too_few == (f"sharding the optimizer needs at least one parameter tensor per process: the model has "
+                           f"{world - 1} for {world} processes; use fewer processes or do not shard the optimizer")
+        assert bad_names is not None and "grads must have the names it was built with" in bad_names
+        assert "missing ['conv1.bias'" in bad_names
 
 
 def test_the_clips_fire_so_the_global_norm_matters():

@@ -156,7 +156,7 @@ class ShardedOptimizer:
         Args:
             params: ``name -> Tensor``, all parameters, updated in place (on every process).
             grads: this process's local gradients, all names (the mean over its slice of the batch); left
-                unchanged except for this rank's own shard, which may be overwritten.
+                unchanged (the reduction works on copies).
             state: this shard's state (from :meth:`init` or the previous step).
         """
         self._check_keys(params, "params")

@@ -22,7 +22,7 @@ seen so far. Parameter and buffer names (weight, bias, running_mean, running_var
 torch's, so ``to_torch()`` gives an ``nn.BatchNorm2d``/``nn.BatchNorm1d`` with an identical state_dict.
 
 Statistics over several processes: a batch-norm layer whose ``stats_reducer`` is set (by
-``convdescent.distributed.sync_batchnorm``) takes mu and var over the global batch, every process holding a
+``convdescent.distributed.syncbn.sync_batchnorm``) takes mu and var over the global batch, every process holding a
 slice of it. ``stats_reducer(t)`` must return the sum of ``t`` over the processes (an all-reduce). In training
 the forward reduces one vector per channel, [sum x, sum x^2] and the count M of the global batch, and the
 backward reduces [dL/dbias, dL/dweight] before the dL/dx formula above, so dL/dx is that of one process over
@@ -145,7 +145,9 @@ class _BatchNorm(Layer):
         """Mean, biased variance (C,) and count M (0-d tensor) over the global batch, in one reduction.
 
         var = (sum x^2)/M - mu^2, clamped at 0; the count stays a tensor (no host sync), and a process may
-        hold any share of the batch, none included.
+        hold any share of the batch, none included. The global M must be at least 2, which is not checked
+        here (that would read the count back to the host every step): a data-parallel batch holds at least
+        one example per process.
         """
         c = x.shape[1]
         acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
