@@ -2,7 +2,9 @@
 
 Each clipper works in place on the gradients it receives (allowed by the contract) and keeps in its
 state a 0-d bool tensor ``fired`` saying whether it changed anything at the last step, computed on the
-device without a host sync; :func:`~convdescent.optim.record.record_norms` reads it.
+device without a host sync; :func:`~convdescent.optim.record.record_norms` reads it. Global values (the
+norm, the flags) are over all shards when the parameters are split across processes
+(:mod:`convdescent.optim.sharding`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from . import _checks as chk
 from .base import GradientTransformation, TransformInfo
+from .sharding import shard_any, shard_sum, sharded
 from .updates import tensors
 
 
@@ -36,6 +39,9 @@ def _init_clip(params) -> ClipState:
 def global_norm(values: Sequence[Tensor]) -> Tensor:
     """The Euclidean norm of all tensors taken together, as a 0-d tensor (no host sync).
 
+    Inside :func:`~convdescent.optim.sharding.across_shards` the tensors are this process's shard and the
+    norm is over all shards: ``sqrt(shard_sum(sum of squares))``.
+
     Args:
         values: tensors of any shapes, on one device.
 
@@ -44,8 +50,10 @@ def global_norm(values: Sequence[Tensor]) -> Tensor:
     """
     if not values:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(values))
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch.stack(torch._foreach_norm(list(values)))
+    if sharded():
+        return shard_sum((norms * norms).sum().reshape(1))[0].sqrt()
+    return torch.linalg.vector_norm(norms)
 
 
 def clip_by_value(clip_value: float) -> GradientTransformation:
@@ -63,7 +71,7 @@ def clip_by_value(clip_value: float) -> GradientTransformation:
         keys, g = tensors(grads)
         if not g:
             return grads, state
-        fired = torch.stack(torch._foreach_norm(g, ord=float("inf"))).max() > c
+        fired = shard_any(torch.stack(torch._foreach_norm(g, ord=float("inf"))).max() > c)
         torch._foreach_clamp_min_(g, -c)
         torch._foreach_clamp_max_(g, c)
         return dict(zip(keys, g)), ClipState(fired)
@@ -114,7 +122,7 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
         norms = torch.stack(torch._foreach_norm(g))
         coefs = (c / norms).clamp(max=1.0)
         torch._foreach_mul_(g, list(coefs.unbind()))
-        return dict(zip(keys, g)), ClipState((norms > c).any())
+        return dict(zip(keys, g)), ClipState(shard_any((norms > c).any()))
 
     return GradientTransformation(_init_clip, update, TransformInfo("clip_by_norm", kwargs={"max_norm": c}))
 
@@ -167,7 +175,7 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
             gk.mul_(coef)
             fired.append(trigger.any())
         any_fired = torch.stack(fired).any() if fired else torch.zeros((), dtype=torch.bool, device=state.fired.device)
-        return dict(zip(keys, g)), ClipState(any_fired)
+        return dict(zip(keys, g)), ClipState(shard_any(any_fired))
 
     kwargs = {"clipping": clipping, "eps": eps}
     if excluded:
