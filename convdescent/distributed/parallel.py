@@ -51,7 +51,7 @@ class DataParallel:
         self.sharded = sharded
         self.group = group
         self.reducer: GradientReducer | None = None
-        self._weight = 1.0
+        self._n_global = 1
         self._extra_handle = None
         self.steps = 0
         self.extra_wait_s = 0.0
@@ -84,23 +84,24 @@ class DataParallel:
 
     # ------------------------------------------------------------------------------------------ steps
     def begin(self, n_local: int, n_global: int) -> None:
-        """A step starts: this rank's slice has ``n_local`` of the global batch's ``n_global`` examples."""
-        self._weight = n_local / n_global
+        """A step starts: this rank's slice has ``n_local`` of the global batch's ``n_global`` examples, and
+        its loss is taken with the global denominator ``n_global`` (see the reducer's module docstring)."""
+        self._n_global = n_global
         if self.reducer is not None:
-            self.reducer.begin(self._weight)
+            self.reducer.begin()
 
     def finish(self, grads: dict, loss, correct, n_local: int, signum: int | None, step: int):
         """The backward is done: returns (global gradients, global loss sum, global correct, signal or None).
 
-        ``grads`` are this rank's gradients of its mean loss (only read when the optimizer is sharded: the
-        reducer has copied them already otherwise).
+        ``loss`` and ``grads`` are this rank's: its examples' loss sum over the global batch size and its
+        gradient (``grads`` is only read when the optimizer is sharded; the reducer has copied them otherwise).
         """
         return self._guard(f"step {step}", self._finish, grads, loss, correct, n_local, signum)
 
     def _numbers(self, loss, correct, n_local: int, signum: int | None) -> torch.Tensor:
         flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0]
         ref = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        return torch.cat([(ref.detach().double() * n_local).reshape(1), correct.double().reshape(1),
+        return torch.cat([(ref.detach().double() * self._n_global).reshape(1), correct.double().reshape(1),
                           torch.tensor(flags, dtype=torch.float64, device=ref.device)])
 
     def _finish(self, grads, loss, correct, n_local, signum):
@@ -109,11 +110,9 @@ class DataParallel:
             grads, reduced = self.reducer.finish(numbers)
             reduced = reduced.double()
         else:
-            # ZeRO: the sharded optimizer reduces the gradients; weight them so its mean over ranks is the
-            # mean over the global batch (n_r / n * size: 1 when the slices are equal)
-            scale = self._weight * self.size
-            if scale != 1.0:
-                grads = {k: g * scale for k, g in grads.items()}
+            # ZeRO: the sharded optimizer takes the mean over ranks of the gradients it is given; this rank's
+            # share of the global gradient times the world size has that mean
+            grads = {k: g * self.size for k, g in grads.items()}
             t0 = time.perf_counter()
             reduced = numbers.clone()
             dist.all_reduce(reduced, group=self.group)
@@ -244,15 +243,17 @@ class DataParallel:
 
 
 def describe_stats(stats: dict) -> str:
-    """The summary's line: communication wait per step and the share of it that overlapped the backward."""
-    wait = stats.get("wait_per_step_s", 0.0) * 1e3
+    """The summary's line: communication wait per step, the share of it that overlapped the backward, and
+    the optimizer state rank 0 keeps."""
     line = f"Communication ({stats.get('world_size')} processes"
     if stats.get("buckets"):
         line += f", {stats['buckets']} gradient bucket{'s' if stats['buckets'] != 1 else ''}"
     if stats.get("sharded_optimizer"):
         line += ", sharded optimizer"
-    line += f"): {wait:.2f} ms waited per step"
+    line += f"): {stats.get('wait_per_step_s', 0.0) * 1e3:.2f} ms waited per step"
     if "comm_per_step_s" in stats:
         line += (f", {stats['comm_per_step_s'] * 1e3:.2f} ms in flight per step, "
                  f"{stats.get('overlap', 0.0) * 100:.0f}% of it overlapped with the backward")
+    if stats.get("optimizer_state_bytes") is not None:
+        line += f"; optimizer state {stats['optimizer_state_bytes'] / 2 ** 20:.2f} MiB on rank 0"
     return line

@@ -7,12 +7,15 @@ bucket is handed to ``torch.distributed.all_reduce(..., async_op=True)`` and the
 bytes travel. ``finish`` launches what is left, then waits on the handles; the gradients it returns are
 views of the reduced buckets.
 
-The reduction is a sum of pre-weighted gradients: rank r, holding n_r of the step's n examples, writes
-(n_r / n) * g_r where g_r is its gradient of the mean loss over its n_r examples, so the sum over ranks is
+The reduction is a plain sum: rank r, holding n_r of the step's n examples, computes its loss with the
+global batch's denominator (the sum of its examples' losses over n), so its gradient is its share of the
+global one and the sum over ranks is
 
-    g = sum_r (n_r / n) g_r = (1/n) sum_r sum_{i in r} dl_i/dtheta,
+    g = sum_r (1/n) sum_{i in r} dl_i/dtheta,
 
-the gradient of the mean loss over the global batch, exactly what one process computes.
+the gradient of the mean loss over the global batch, exactly what one process computes, also when the last
+batch of an epoch does not split evenly. (Scaling each rank's dL/dlogits alike matters for synced batch
+norm, whose backward sums dL/dy over all ranks.)
 
 The last bucket also carries a few numbers of the step (the loss sum, the correct count, signal flags),
 so loss, accuracy and the decision to stop reach every rank without a collective of their own.
@@ -64,7 +67,7 @@ class GradientReducer:
         bucket_mb: target bucket size in MiB.
         group: the process group (None: the default one).
 
-    Use per step: ``begin(weight)``, run forward and backward, then ``finish(extra)``.
+    Use per step: ``begin()``, run forward and backward, then ``finish(extra)``.
     """
 
     def __init__(self, model, bucket_mb: float = 25.0, group=None):
@@ -116,8 +119,8 @@ class GradientReducer:
         self._handle.remove()
 
     # ------------------------------------------------------------------------------------------ per step
-    def begin(self, weight: float) -> None:
-        """Start a step whose local gradients count ``weight`` (= n_r / n) in the global mean."""
+    def begin(self, weight: float = 1.0) -> None:
+        """Start a step; the gradients are summed over ranks as they are, times ``weight``."""
         if self._observed is not None and len(self._observed) == len(self._names) and not self._rebuilt:
             if self._observed != self.order:
                 self._build(self._observed)

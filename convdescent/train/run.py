@@ -576,7 +576,10 @@ def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, 
             e.get("event") == "restored_best" for e in h.events) else "final"
     parallel = getattr(trainer, "parallel", None)
     if parallel is not None:
+        from ..distributed.zero import state_nbytes
+
         summary["distributed"] = parallel.stats()
+        summary["distributed"]["optimizer_state_bytes"] = state_nbytes(trainer.opt_state)  # rank 0's share
     if checkpointer.best is not None:
         summary["best_checkpoint"] = {"monitor": checkpointer.monitor, "value": checkpointer.best,
                                       "epoch": checkpointer.best_epoch}

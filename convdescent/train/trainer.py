@@ -357,10 +357,13 @@ class Trainer:
         n_local, n_global = yb.shape[0], self.loader.last_batch_size
         par.begin(n_local, n_global)
         problem = None
+        # each rank's loss over the global denominator: its gradient is its share of the global one
         if checked:
-            loss, correct, grads, problem = checked_gradients(self.model, self.loss_fn, xb, yb, self.precision)
+            loss, correct, grads, problem = checked_gradients(self.model, self.loss_fn, xb, yb, self.precision,
+                                                              denominator=n_global)
         else:
-            loss, correct, grads = compute_gradients(self.model, self.loss_fn, xb, yb, self.precision)
+            loss, correct, grads = compute_gradients(self.model, self.loss_fn, xb, yb, self.precision,
+                                                     denominator=n_global)
         grads, loss_sum, correct, agreed = par.finish(grads, loss, correct, n_local, self._signal, step)
         if agreed is not None:
             self._interrupt = int(agreed)
