@@ -55,6 +55,7 @@ class DataParallel:
         self._extra_handle = None
         self.steps = 0
         self.extra_wait_s = 0.0
+        self.sharded_s = 0.0
 
     @property
     def rank(self) -> int:
@@ -140,7 +141,10 @@ class DataParallel:
         """The optimizer step: the sharded optimizer's collective step, or None (the caller updates)."""
         if self.sharded is None:
             return None
-        return self._guard(f"the update of step {step}", self.sharded.step, params, grads, opt_state)
+        t0 = time.perf_counter()
+        state = self._guard(f"the update of step {step}", self.sharded.step, params, grads, opt_state)
+        self.sharded_s += time.perf_counter() - t0
+        return state
 
     # ------------------------------------------------------------------------------------------ agreement
     def all_true(self, ok: bool, what: str = "a finiteness check") -> bool:
@@ -238,7 +242,8 @@ class DataParallel:
             out["bucket_mb"] = self.bucket_mb
         else:
             steps = max(self.steps, 1)
-            out.update({"steps": self.steps, "wait_per_step_s": self.extra_wait_s / steps, "overlap": 0.0})
+            out.update({"steps": self.steps, "wait_per_step_s": self.extra_wait_s / steps, "overlap": 0.0,
+                        "sharded_step_per_step_s": self.sharded_s / steps})
         return out
 
 
@@ -254,6 +259,9 @@ def describe_stats(stats: dict) -> str:
     if "comm_per_step_s" in stats:
         line += (f", {stats['comm_per_step_s'] * 1e3:.2f} ms in flight per step, "
                  f"{stats.get('overlap', 0.0) * 100:.0f}% of it overlapped with the backward")
+    if "sharded_step_per_step_s" in stats:
+        line += (f", {stats['sharded_step_per_step_s'] * 1e3:.2f} ms per step in the sharded update (gradient "
+                 f"reduction, the shard's update, parameter broadcast)")
     if stats.get("optimizer_state_bytes") is not None:
         line += f"; optimizer state {stats['optimizer_state_bytes'] / 2 ** 20:.2f} MiB on rank 0"
     return line
