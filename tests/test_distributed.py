@@ -124,6 +124,40 @@ def test_a_batch_the_processes_do_not_divide_is_refused_naming_both_numbers():
         BatchLoader(x[:37], torch.zeros(37, dtype=torch.int64), 12, shard=(0, 3))
 
 
+def test_buckets_fill_in_backward_order_and_the_first_leaves_before_the_backward_ends():
+    """One process in a gloo group of one: the reducer's buckets, what they carry and their timing."""
+    import torch.distributed as dist
+
+    from convdescent import SoftmaxCrossEntropy, seed_cnn
+    from convdescent.distributed import GradientReducer
+    from convdescent.train.step import compute_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = seed_cnn(seed=0)
+        reducer = GradientReducer(model, bucket_mb=25.0)
+        # as torch's DDP: a small first bucket (closed at 1 MiB) for the last layers, then the rest
+        assert [sorted(b.names) for b in reducer.buckets] == [
+            ["dense1.bias", "dense1.weight", "dense2.bias", "dense2.weight"], ["conv1.bias", "conv1.weight"]]
+        x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+        for _ in range(2):
+            reducer.begin()
+            reducer.set_numbers(torch.tensor([1.5, 7.0, 0.0, 1.0]))
+            _, _, grads = compute_gradients(model, SoftmaxCrossEntropy(), x, y)
+            expected = {k: g.clone() for k, g in grads.items()}
+            reduced, numbers = reducer.finish()
+            assert numbers.tolist() == [1.5, 7.0, 0.0, 1.0]
+            assert all(torch.equal(reduced[k], expected[k]) for k in expected)
+        first, last = reducer.buckets
+        assert first.launched_at < last.launched_at  # launched while conv1's backward was still to come
+        stats = reducer.stats()
+        assert stats["steps"] == 2 and 0.0 <= stats["overlap"] <= 1.0 and stats["wait_per_step_s"] >= 0.0
+        reducer.close()
+        assert len(model.hooks) == 0  # the hook is gone with the reducer
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------- same training
 
 BN_NET = """name = "bn_net"

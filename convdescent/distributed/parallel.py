@@ -52,6 +52,8 @@ class DataParallel:
         self.group = group
         self.reducer: GradientReducer | None = None
         self._n_global = 1
+        self._flags = [0.0, 0.0]
+        self._numbers = None
         self._extra_handle = None
         self.steps = 0
         self.extra_wait_s = 0.0
@@ -84,38 +86,51 @@ class DataParallel:
             raise _lost(e, what, self.rank) from None
 
     # ------------------------------------------------------------------------------------------ steps
-    def begin(self, n_local: int, n_global: int) -> None:
-        """A step starts: this rank's slice has ``n_local`` of the global batch's ``n_global`` examples, and
-        its loss is taken with the global denominator ``n_global`` (see the reducer's module docstring)."""
+    def begin(self, n_global: int, signum: int | None) -> None:
+        """A step starts over a global batch of ``n_global`` examples; ``signum``: the signal this process
+        has received (None: none). Each rank's loss is taken with the global denominator ``n_global`` (see
+        the reducer's module docstring)."""
         self._n_global = n_global
+        self._flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0]
+        self._numbers = None
         if self.reducer is not None:
             self.reducer.begin()
 
-    def finish(self, grads: dict, loss, correct, n_local: int, signum: int | None, step: int):
+    def step_loss(self, loss_fn):
+        """``loss_fn`` for this step: the same values, and the step's numbers (loss sum, correct count,
+        signal flags) handed to the reducer as soon as the loss is known, before the backward starts."""
+        def loss_and_numbers(logits, labels, denominator=None):
+            loss, dlogits = loss_fn(logits, labels, denominator=denominator)
+            correct = (logits.argmax(dim=1) == labels).sum()
+            numbers = torch.cat([(loss.detach().double() * self._n_global).reshape(1), correct.double().reshape(1),
+                                 torch.tensor(self._flags, dtype=torch.float64, device=loss.device)])
+            self._numbers = numbers
+            if self.reducer is not None:
+                self.reducer.set_numbers(numbers)
+            return loss, dlogits
+
+        return loss_and_numbers
+
+    def finish(self, grads: dict, step: int):
         """The backward is done: returns (global gradients, global loss sum, global correct, signal or None).
 
-        ``loss`` and ``grads`` are this rank's: its examples' loss sum over the global batch size and its
-        gradient (``grads`` is only read when the optimizer is sharded; the reducer has copied them otherwise).
+        ``grads`` are this rank's gradient (its examples' losses over the global batch size), only read when
+        the optimizer is sharded (the reducer has copied them otherwise).
         """
-        return self._guard(f"step {step}", self._finish, grads, loss, correct, n_local, signum)
+        return self._guard(f"step {step}", self._finish, grads)
 
-    def _numbers(self, loss, correct, n_local: int, signum: int | None) -> torch.Tensor:
-        flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0]
-        ref = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        return torch.cat([(ref.detach().double() * self._n_global).reshape(1), correct.double().reshape(1),
-                          torch.tensor(flags, dtype=torch.float64, device=ref.device)])
-
-    def _finish(self, grads, loss, correct, n_local, signum):
-        numbers = self._numbers(loss, correct, n_local, signum)
+    def _finish(self, grads):
+        if self._numbers is None:
+            raise RuntimeError("DataParallel.finish: the step's loss was not computed with step_loss()")
         if self.reducer is not None:
-            grads, reduced = self.reducer.finish(numbers)
+            grads, reduced = self.reducer.finish()
             reduced = reduced.double()
         else:
             # ZeRO: the sharded optimizer takes the mean over ranks of the gradients it is given; this rank's
             # share of the global gradient times the world size has that mean
             grads = {k: g * self.size for k, g in grads.items()}
             t0 = time.perf_counter()
-            reduced = numbers.clone()
+            reduced = self._numbers.clone()
             dist.all_reduce(reduced, group=self.group)
             self.extra_wait_s += time.perf_counter() - t0
         self.steps += 1

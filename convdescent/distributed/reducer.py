@@ -17,8 +17,10 @@ the gradient of the mean loss over the global batch, exactly what one process co
 batch of an epoch does not split evenly. (Scaling each rank's dL/dlogits alike matters for synced batch
 norm, whose backward sums dL/dy over all ranks.)
 
-The last bucket also carries a few numbers of the step (the loss sum, the correct count, signal flags),
-so loss, accuracy and the decision to stop reach every rank without a collective of their own.
+The first bucket also carries a few numbers of the step (the loss sum, the correct count, signal flags:
+known once the loss is, before the backward starts), so loss, accuracy and the decision to stop reach every
+rank without a collective of their own. As in torch's DDP the first bucket is small (at most 1 MiB), so the
+last layers' gradients leave early; a bucket closes once it holds at least its size.
 
 Buckets are launched strictly in index order on every rank (a bucket that fills early waits for those before
 it), so all ranks issue the same collectives in the same order. After the first step the buckets are rebuilt
@@ -67,7 +69,8 @@ class GradientReducer:
         bucket_mb: target bucket size in MiB.
         group: the process group (None: the default one).
 
-    Use per step: ``begin()``, run forward and backward, then ``finish(extra)``.
+    Use per step: ``begin()``, ``set_numbers(values)`` once the loss is known (before the backward), run
+    the backward, then ``finish()``.
     """
 
     def __init__(self, model, bucket_mb: float = 25.0, group=None):
@@ -94,19 +97,17 @@ class GradientReducer:
         self._handle = model.register_hook("after_backward", self._on_grads)
 
     def _build(self, order: list[str]) -> None:
-        groups: list[list[str]] = []
+        groups: list[list[str]] = [[]]
         size = 0
+        item = torch.empty((), dtype=self._dtype).element_size()
         for n in order:
-            nbytes = int(torch.Size(self._shapes[n]).numel()) * torch.empty((), dtype=self._dtype).element_size()
-            if groups and size + nbytes <= self.bucket_bytes:
-                groups[-1].append(n)
-                size += nbytes
-            else:
-                groups.append([n])
-                size = nbytes
-        if not groups:
-            groups = [[]]
-        self.buckets = [_Bucket(g, self._shapes, self._dtype, self._device, EXTRA if i == len(groups) - 1 else 0)
+            cap = min(2 ** 20, self.bucket_bytes) if len(groups) == 1 else self.bucket_bytes
+            if size >= cap:
+                groups.append([])
+                size = 0
+            groups[-1].append(n)
+            size += int(torch.Size(self._shapes[n]).numel()) * item
+        self.buckets = [_Bucket(g, self._shapes, self._dtype, self._device, EXTRA if i == 0 else 0)
                         for i, g in enumerate(groups)]
         self._where = {n: b for b in self.buckets for n in b.names}
         self.order = list(order)
@@ -163,19 +164,21 @@ class GradientReducer:
         except (RuntimeError, AttributeError):
             pass  # no completion time: the wait below stands in for it
 
+    def set_numbers(self, values: torch.Tensor) -> None:
+        """The step's EXTRA numbers, summed over ranks with the first bucket."""
+        slot = self.buckets[0].extra
+        slot.copy_(values.to(device=slot.device, dtype=slot.dtype))
+
     def _launch_ready(self, final: bool) -> None:
-        last = len(self.buckets) - 1
-        while self._next <= last:
+        while self._next < len(self.buckets):
             b = self.buckets[self._next]
-            if self._next == last and not final:
-                return  # the last bucket carries the step's numbers: launched by finish()
             if b.pending > 0 and not final:
                 return
             self._launch(b)
             self._next += 1
 
-    def finish(self, extra: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """Launch what is left with the step's numbers ``extra`` (EXTRA values), wait for every bucket.
+    def finish(self) -> tuple[dict, torch.Tensor]:
+        """Launch what is left, wait for every bucket.
 
         Returns:
             (gradients by parameter name: views of the reduced buckets, the reduced numbers).
@@ -186,8 +189,6 @@ class GradientReducer:
                     if n not in b.arrived:
                         b.views[n].zero_()
                 b.pending = 0
-        tail = self.buckets[-1].extra
-        tail.copy_(extra.to(device=tail.device, dtype=tail.dtype))
         self._launch_ready(final=True)
         self.active = False
         end_backward = time.perf_counter()
@@ -203,7 +204,7 @@ class GradientReducer:
         self.comm_s += span
         self.hidden_s += max(min(last_done, end_backward) - first, 0.0)
         grads = {n: self._where[n].views[n] for n in self._names}
-        return grads, tail.clone()
+        return grads, self.buckets[0].extra.clone()
 
     def stats(self) -> dict:
         """Communication figures so far: steps, mean wait per step (s), share of communication overlapped."""

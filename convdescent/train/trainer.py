@@ -354,17 +354,17 @@ class Trainer:
             problem (with ``checked``) is the first non-finite value of any rank, the same on every rank.
         """
         par = self.parallel
-        n_local, n_global = yb.shape[0], self.loader.last_batch_size
-        par.begin(n_local, n_global)
+        n_global = self.loader.last_batch_size
+        par.begin(n_global, self._signal)
+        loss_fn = par.step_loss(self.loss_fn)  # hands the step's loss and counts to the first bucket
         problem = None
         # each rank's loss over the global denominator: its gradient is its share of the global one
         if checked:
-            loss, correct, grads, problem = checked_gradients(self.model, self.loss_fn, xb, yb, self.precision,
-                                                              denominator=n_global)
-        else:
-            loss, correct, grads = compute_gradients(self.model, self.loss_fn, xb, yb, self.precision,
+            _, _, grads, problem = checked_gradients(self.model, loss_fn, xb, yb, self.precision,
                                                      denominator=n_global)
-        grads, loss_sum, correct, agreed = par.finish(grads, loss, correct, n_local, self._signal, step)
+        else:
+            _, _, grads = compute_gradients(self.model, loss_fn, xb, yb, self.precision, denominator=n_global)
+        grads, loss_sum, correct, agreed = par.finish(grads, step)
         if agreed is not None:
             self._interrupt = int(agreed)
         if checked:
