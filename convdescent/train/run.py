@@ -339,10 +339,13 @@ def _setup(config, resume, run_dir, dataset, allow_change, out, world, par) -> _
     except KNOWN_SETUP_ERRORS as e:
         failure = e
     if par is not None:
-        if failure is not None and made_dir and run_path is not None:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(run_path)
-        _agree(par, failure, "building the model and data")
+        try:
+            _agree(par, failure, "building the model and data")
+        except BaseException:
+            if made_dir and run_path is not None:  # another rank failed: leave no half-made run directory
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(run_path)
+            raise
         if ckpt is None:
             run_path = Path(par.broadcast(str(run_path) if world.is_main else None, "naming the run directory"))
     elif failure is not None:
