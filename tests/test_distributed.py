@@ -328,31 +328,21 @@ def test_a_killed_worker_ends_the_run_in_bounded_time_naming_its_rank_and_the_ru
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 6
 
 
-def test_sigterm_to_the_launcher_checkpoints_once_and_stops_every_worker(data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_checkpoints_once_and_stops_every_worker(data, tmp_path, sig):
     proc = _long_run(data, tmp_path)
     run = _wait_for_checkpoint(tmp_path, proc)
     workers = _children(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=90)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     assert err.count("Continue with:") == 1 and "Traceback" not in err, err[-2000:]
+    # what the user reads: the notice and the resume command, nothing of the launcher's own logging
+    assert all(not ln or ln.startswith(("convdescent:", f"{sig.name} received")) for ln in err.splitlines()), err
     assert all(not Path(f"/proc/{p}").exists() for p in workers.values())
     summary = json.loads((run / "summary.json").read_text())
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     assert summary["status"] == "interrupted" and saved["step"] == summary["steps"]
-
-
-def test_a_non_finite_step_stops_every_rank_with_one_message_naming_rank_step_and_layer(data, tmp_path):
-    proc = _cli(["--dataset", data, "--val-split", "40", "--batch-size", "8", "--steps", "30", "--optimizer", "sgd",
-                 "--lr", "1e12", "--nan-check-every", "5", "--health-every", "0", "--out", str(tmp_path / "runs"),
-                 "--nproc", "2", "--no-report"])
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convdescent:")]
-    assert len(lines) == 1, proc.stderr
-    assert re.search(r"non-finite loss or gradient at step \d+ on rank \d \(epoch 1, batch \d+;", lines[0]), lines
-    assert re.search(r"output of \w+ \(|\(layer \w+", lines[0]), lines
-    (run,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run / "summary.json").read_text())["status"] == "nonfinite"
 
 
 # ----------------------------------------------------------------------------------------------- clear errors

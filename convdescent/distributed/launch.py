@@ -22,7 +22,11 @@ EXIT_LOST = 1
 
 
 def _quiet_torch_logs() -> None:
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+    """The launcher's own log lines (workers started, signals forwarded) would only repeat what
+    convdescent says; torch's modules set their loggers' levels themselves, so each is set here."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    for name in set(names) | set(prefixes):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
