@@ -5,9 +5,10 @@ across the processes; after K steps the parameters and the rebuilt unsharded sta
 process) must be those of the unsharded optimizer on one process over the whole batch: Adam (fused), Adam
 with L2 weight decay and a global-norm clip that fires, AdamW with a clip, SGD with momentum, weight decay
 and a step schedule, SGD with momentum and a global-norm clip, SGD with Nesterov momentum and an element
-clip, Adam after a per-tensor norm clip, SGD with adaptive (unit-wise) clipping and a name exclusion, and an
-optimizer with a user-written per-tensor transform (kept whole). The shards cut tensors into blocks of rows
-(dense1.weight on 2 and 3 processes, a conv weight in the AGC run), so these runs check the split too.
+clip, Adam after a per-tensor norm clip, SGD with adaptive (unit-wise) clipping and a name exclusion, Adam
+with a global-norm clip on all but the split tensor (frozen by name), and an optimizer with a user-written
+per-tensor transform (kept whole). The shards cut tensors into blocks of rows (dense1.weight on 2 and 3
+processes, a conv weight in the AGC run), so these runs check the split too.
 Then the unsharded state of the 2-process run is cut into shards for 3 processes and for 1, and both
 continue as the uninterrupted run does. Everything is float64; tolerance 1e-9 relative, 1e-11 absolute
 (the gradients differ from the one-process ones by the order of the sums only, and a split tensor's norm
@@ -24,6 +25,7 @@ from convdescent.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from convdescent.losses import SoftmaxCrossEntropy
 from convdescent.model import Sequential
 from convdescent.models import resnet8, seed_cnn
+from convdescent.optim.masked import freeze
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 DT = torch.float64
@@ -57,6 +59,7 @@ CONFIGS = {
     "adam_clip_by_norm": lambda: optim.record_norms(optim.chain(optim.clip_by_norm(CLIP_NORM), optim.adam(lr=1e-2))),
     "sgd_agc": lambda: optim.make_optimizer("sgd", lr=0.1, momentum=0.9, agc=0.01, agc_exclude=["dense1.weight"],
                                             record=True),
+    "adam_clip_frozen_split": lambda: freeze(optim.make_optimizer("adam", lr=1e-2, clip_norm=0.05), ["dense1.weight"]),
     "user_per_tensor": lambda: optim.chain(normalize_each_tensor(), optim.sgd(lr=0.05, momentum=0.9)),
 }
 

@@ -199,6 +199,7 @@ class ShardedOptimizer:
 
     Attributes:
         rank, world_size: this process's rank in the group and the group's size.
+        split: whether tensors may be cut into blocks of rows (the ``split`` argument, resolved).
         shards: each rank's :class:`Piece` list (see :func:`partition`).
         owned: this rank's pieces, ``shards[rank]``: the tensors (or the row blocks of tensors, under the
             tensor's name) whose optimizer state this process keeps.
