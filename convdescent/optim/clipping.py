@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _checks as chk
 from .base import GradientTransformation, TransformInfo
-from .sharding import shard_any, shard_sum, sharded
+from .sharding import shard_any, shard_sum, sharded, tensor_norms
 from .updates import tensors
 
 
@@ -107,6 +107,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def clip_by_norm(max_norm: float) -> GradientTransformation:
     """Rescale each gradient tensor separately so its own norm is at most ``max_norm``.
 
+    Inside :func:`~convdescent.optim.sharding.across_shards` a tensor split by rows over processes is
+    rescaled by the norm of the whole tensor (:func:`~convdescent.optim.sharding.tensor_norms`).
+
     Args:
         max_norm: the largest allowed norm per tensor (> 0).
 
@@ -119,7 +122,8 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
         keys, g = tensors(grads)
         if not g:
             return grads, state
-        norms = torch.stack(torch._foreach_norm(g))
+        # A tensor whose rows are spread over several processes gets the norm of all its rows.
+        norms = tensor_norms(keys, torch.stack(torch._foreach_norm(g)))
         coefs = (c / norms).clamp(max=1.0)
         torch._foreach_mul_(g, list(coefs.unbind()))
         return dict(zip(keys, g)), ClipState(shard_any((norms > c).any()))
@@ -150,6 +154,9 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
         clipping: the largest allowed ratio of gradient norm to weight norm (> 0).
         eps: floor on the weight norm, so zero-initialised units can still move (> 0).
         exclude: parameter names left unclipped (the paper leaves the final classifier out).
+
+    Units are rows of dim 0, so the clip is exact on a block of rows of a tensor (a shard of the sharded
+    optimizer), with the tensor's name; a tensor of fewer than 2 dims is one unit and must stay whole.
 
     Returns:
         GradientTransformation with a :class:`ClipState`; its update needs ``params``.
