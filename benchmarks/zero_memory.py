@@ -1,9 +1,9 @@
 """Optimizer state per rank with ``--shard-optimizer`` (ZeRO stage 1): the bytes of Adam's state that the
 most loaded rank keeps, for 2, 4 and 8 ranks, against the unsharded state.
 
-The shards are those ``ShardedOptimizer`` builds (``zero.partition``: whole tensors, balanced by size) and
-the bytes are those of the state tensors the wrapped optimizer's ``init`` creates for a shard. A model whose
-parameters sit in one tensor cannot be split below that tensor's share.
+The shards are those ``ShardedOptimizer`` builds (``zero.partition``: about 1/N of the elements each, large
+tensors cut into blocks of rows) and the bytes are those of the state tensors the wrapped optimizer's
+``init`` creates for a shard's pieces.
 
     python benchmarks/zero_memory.py
 """
@@ -25,8 +25,9 @@ def main() -> int:
         full = state_nbytes(opt.init(params))
         cells = []
         for n in (2, 4, 8):
-            shards = partition({k: p.numel() for k, p in params.items()}, n)
-            most = max(state_nbytes(opt.init({k: params[k] for k in shard})) for shard in shards)
+            shards = partition({k: tuple(p.shape) for k, p in params.items()}, n)
+            most = max(state_nbytes(opt.init({piece.name: piece.of(params[piece.name]).contiguous()
+                                              for piece in shard})) for shard in shards)
             cells.append(f"{most / 2 ** 20:.2f} MiB ({most / full:.0%})")
         print(f"{name:10} {full / 2 ** 20:>6.2f} MiB " + " ".join(f"{c:>20}" for c in cells))
     return 0

@@ -222,9 +222,9 @@ def test_two_and_three_processes_train_as_one_and_a_two_process_run_resumes_on_o
     assert _flat_gap(zero_opt, plain_opt) < ATOL
     zsum = json.loads((tmp_path / "zero2" / "summary.json").read_text())["distributed"]
     asum = json.loads((tmp_path / "adam2" / "summary.json").read_text())["distributed"]
-    # whole tensors are sharded: rank 0 keeps the moments of the tensors it owns only (seed_cnn's dense1 is
-    # 99.8% of its parameters, so one rank holds nearly all of them; see docs/distributed.md for a balanced net)
-    assert zsum["sharded_optimizer"] and zsum["optimizer_state_bytes"] < asum["optimizer_state_bytes"]
+    # rank 0 keeps the optimizer state of about half of the elements (large tensors are cut into row blocks)
+    assert zsum["sharded_optimizer"]
+    assert 0.45 < zsum["optimizer_state_bytes"] / asum["optimizer_state_bytes"] < 0.55
     # rank 0 alone wrote each run directory, with the world size in its configuration and figures
     summary = json.loads((tmp_path / "sgd3" / "summary.json").read_text())
     assert summary["distributed"]["world_size"] == 3 and summary["distributed"]["steps"] == 24
