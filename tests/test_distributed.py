@@ -232,9 +232,9 @@ def test_two_and_three_processes_train_as_one_and_a_two_process_run_resumes_on_o
     assert "nproc = 3" in (tmp_path / "sgd3" / "config.toml").read_text()
     ckpt = load_checkpoint(tmp_path / "half3" / "checkpoints" / "last.pt")
     assert ckpt["loader"]["batch_size"] == 12 and ckpt["step"] == 24  # the global position, not a rank's
-    for n in (2, 3):
-        records = [json.loads(ln) for ln in (tmp_path / f"sgd{n}" / "metrics.jsonl").read_text().splitlines()]
-        one_records = [json.loads(ln) for ln in (tmp_path / "sgd1" / "metrics.jsonl").read_text().splitlines()]
+    for n, key in ((2, "sgd"), (3, "sgd"), (2, "zero_sgd"), (3, "zero_sgd")):
+        records = [json.loads(ln) for ln in (tmp_path / f"{key}{n}" / "metrics.jsonl").read_text().splitlines()]
+        one_records = [json.loads(ln) for ln in (tmp_path / f"{key}1" / "metrics.jsonl").read_text().splitlines()]
         assert [r["type"] for r in records] == [r["type"] for r in one_records]
         assert sum(r["type"] == "health" for r in records) == 2  # steps 10 and 20
         for a, b in zip(records, one_records):  # figures of the global batch, as one process has them

@@ -52,8 +52,9 @@ class DataParallel:
         self.group = group
         self.reducer: GradientReducer | None = None
         self._n_global = 1
-        self._flags = [0.0, 0.0]
+        self._flags = [0.0, 0.0, 0.0]
         self._numbers = None
+        self._seen_grads = None
         self._extra_handle = None
         self.steps = 0
         self.extra_wait_s = 0.0
@@ -86,13 +87,15 @@ class DataParallel:
             raise _lost(e, what, self.rank) from None
 
     # ------------------------------------------------------------------------------------------ steps
-    def begin(self, n_global: int, signum: int | None) -> None:
+    def begin(self, n_global: int, signum: int | None, wants_grads: bool = False) -> None:
         """A step starts over a global batch of ``n_global`` examples; ``signum``: the signal this process
-        has received (None: none). Each rank's loss is taken with the global denominator ``n_global`` (see
-        the reducer's module docstring)."""
+        has received (None: none); ``wants_grads``: a callback of this rank reads this step's gradients.
+        Each rank's loss is taken with the global denominator ``n_global`` (see the reducer's docstring)."""
         self._n_global = n_global
-        self._flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0]
+        self._flags = [1.0 if signum == signal.SIGINT else 0.0, 1.0 if signum == signal.SIGTERM else 0.0,
+                       1.0 if wants_grads else 0.0]
         self._numbers = None
+        self._seen_grads = None
         if self.reducer is not None:
             self.reducer.begin()
 
@@ -136,7 +139,26 @@ class DataParallel:
         self.steps += 1
         values = reduced.tolist()
         agreed = signal.SIGINT if values[2] > 0 else signal.SIGTERM if values[3] > 0 else None
+        if self.sharded is not None and values[4] > 0:
+            # a callback on some rank reads this step's gradients: they must be the global ones there too,
+            # and every rank takes part in reducing them (the sharded step reduces its own copies)
+            self._seen_grads = self._global_copy(grads)
         return grads, reduced[0], reduced[1].round().to(torch.int64), agreed
+
+    def _global_copy(self, grads: dict) -> dict:
+        names = list(grads)
+        flat = torch.cat([grads[k].reshape(-1) for k in names]).div_(self.size)
+        dist.all_reduce(flat, group=self.group)
+        out, off = {}, 0
+        for k in names:
+            n = grads[k].numel()
+            out[k] = flat[off:off + n].view(grads[k].shape)
+            off += n
+        return out
+
+    def visible_grads(self, grads: dict) -> dict:
+        """The gradients callbacks see: the global ones (with a sharded optimizer, reduced for them)."""
+        return self._seen_grads if self._seen_grads is not None else grads
 
     def init_state(self, optimizer, params: dict):
         """The optimizer state this rank keeps: all of it, or its shard's with a sharded optimizer."""

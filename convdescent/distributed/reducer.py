@@ -35,7 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-EXTRA = 4  # loss sum, correct count, SIGINT count, SIGTERM count
+EXTRA = 5  # loss sum, correct count, SIGINT count, SIGTERM count, ranks whose callbacks read the gradients
 
 
 class _Bucket:

@@ -309,8 +309,9 @@ class Trainer:
 
     def _apply(self, step: int, grads: dict, hooks) -> None:
         params = self.model.params()
+        seen = grads if self.parallel is None else self.parallel.visible_grads(grads)
         for cb in hooks:
-            cb.on_gradients(self, step, grads, params)
+            cb.on_gradients(self, step, seen, params)
         if self.parallel is not None:
             self._apply_parallel(step, grads, hooks, params)
             return
@@ -346,7 +347,7 @@ class Trainer:
             for cb in readers:
                 cb.on_update(self, step, updates, before)
 
-    def _parallel_step(self, step: int, xb, yb, checked: bool = False):
+    def _parallel_step(self, step: int, xb, yb, checked: bool = False, wants_grads: bool = False):
         """Forward and backward on this rank's part of the batch, gradients reduced over the ranks.
 
         Returns:
@@ -355,7 +356,7 @@ class Trainer:
         """
         par = self.parallel
         n_global = self.loader.last_batch_size
-        par.begin(n_global, self._signal)
+        par.begin(n_global, self._signal, wants_grads)
         loss_fn = par.step_loss(self.loss_fn)  # hands the step's loss and counts to the first bucket
         problem = None
         # each rank's loss over the global denominator: its gradient is its share of the global one
@@ -574,7 +575,7 @@ class Trainer:
             hooks = [cb for cb in grad_cbs if cb.wants_grads(step)] if grad_cbs else ()
             n = yb.shape[0]
             if self.parallel is not None:
-                loss, correct, n, grads, _ = self._parallel_step(step, xb, yb)
+                loss, correct, n, grads, _ = self._parallel_step(step, xb, yb, wants_grads=bool(hooks))
                 self._apply(step, grads, hooks)
             elif self.graph_steps is not None and not hooks and self.lr_scale == 1.0:
                 # fp32 and bf16 alike: the recorded step holds the bf16 shadows' refresh too
