@@ -369,30 +369,68 @@ def _check_schedule_param(key: str, value, schedule: str | None) -> None:
         raise CliError(f"--schedule-param {key}: {e}") from None
 
 
+def _launch_count(args, config: dict) -> int:
+    """How many local workers ``convdescent train`` starts: --nproc (or the config's nproc, or the resumed
+    run's); 1 inside a worker that torchrun or the launcher started."""
+    if os.environ.get("WORLD_SIZE"):
+        return 1
+    if config.get("nproc") is not None:
+        return int(config["nproc"])
+    if args.resume:
+        from .train.config import ConfigError, load_toml
+
+        try:
+            recorded = load_toml(Path(args.resume) / "config.toml")
+        except ConfigError:
+            return 1
+        value = recorded.get("nproc", 1)
+        return value if isinstance(value, int) and value >= 1 else 1
+    return 1
+
+
 def cmd_train(args) -> int:
     from .train.run import train_from_config
     from .train.trainer import NonFiniteError, TrainingInterrupted
 
     display = "quiet" if args.quiet else "json" if args.json_lines else "auto"
     config = train_config_from_args(args)
+    nproc = _launch_count(args, config)
+    if nproc > 1:
+        from .distributed.launch import launch_local
+
+        argv = list(getattr(args, "argv", None) or sys.argv[1:])
+        if config.get("nproc") is None:
+            argv += ["--nproc", str(nproc)]
+        return launch_local(argv, nproc, config.get("threads"))
     try:
         if args.resume:
             result = train_from_config(config, resume=args.resume, display=display, allow_change=args.allow_change)
         else:
             result = train_from_config(config, display=display, allow_change=args.allow_change)
     except NonFiniteError as e:
+        if getattr(e, "quiet_rank", False):
+            return EXIT_NONFINITE  # rank 0 reports the stop and writes the report
         if args.report and getattr(e, "run_dir", None) is not None:
             _write_report(e.run_dir)  # the curves up to the blow-up are what the user needs to see
         print(f"convdescent: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainingInterrupted as e:
+        if getattr(e, "quiet_rank", False):
+            return 128 + e.signum
         run_dir = getattr(e, "run_dir", None) or args.resume or "RUN_DIR"
         print(f"convdescent: {e.signal_name} received: stopped after step {e.step} (epoch {e.epoch}); a "
               f"checkpoint was written. Continue with: {command_name()} train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 128 + e.signum  # an interrupted run exits promptly, without a report
-    if args.report:
+    if args.report and _writes_run_dir():
         _write_report(result.run_dir)
     return 0
+
+
+def _writes_run_dir() -> bool:
+    """Whether this process writes the run directory: a single process, or rank 0 of a data-parallel run."""
+    from .distributed import world_from_env
+
+    return world_from_env().is_main
 
 
 def _write_report(run_dir) -> None:
@@ -619,21 +657,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def known_errors() -> tuple:
     from .data import DataError
+    from .distributed import DistributedError
     from .train.checkpoint import CheckpointError
     from .train.config import ConfigError
 
-    return (CliError, ConfigError, CheckpointError, DataError, ValueError, FileNotFoundError, ImportError)
+    return (CliError, ConfigError, CheckpointError, DataError, DistributedError, ValueError, FileNotFoundError,
+            ImportError)
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args) or 0)
     except known_errors() as e:
-        message = str(e).strip() or type(e).__name__
-        print(f"convdescent: error: {message}", file=sys.stderr)
+        if not getattr(e, "quiet_rank", False):  # an error every rank met: rank 0 says it for the run
+            message = str(e).strip() or type(e).__name__
+            print(f"convdescent: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("convdescent: interrupted", file=sys.stderr)

@@ -174,3 +174,29 @@ def test_recorded_values_are_fresh_tensors_each_step():
         kept.append(optim.optimizer_stats(state)["grad_norm"])
     assert len({id(t) for t in kept}) == 3
     assert len({t.item() for t in kept}) == 3
+
+
+def test_clip_by_norm_on_a_block_of_rows_uses_the_norm_of_the_whole_tensor():
+    """Inside across_shards, a tensor split over processes (rows 0-1 of dense1.weight here, rows 2-3 on
+    a simulated other process) is clipped by the norm of all its rows, as on one process."""
+    from convdescent.optim.sharding import across_shards
+
+    grads = rand(4, scale=3.0)
+    whole, _ = apply(optim.clip_by_norm(1.0), grads)
+    other_rows = grads["dense1.weight"][2:].square().sum().reshape(1)
+    calls = []
+
+    def reducer(t):  # the other process holds the rest of dense1.weight and nothing else
+        calls.append(t.clone())
+        return t + other_rows if len(calls) == 1 else t
+
+    piece = {"dense1.weight": grads["dense1.weight"][:2].clone(), "dense1.bias": grads["dense1.bias"].clone()}
+    tx = optim.clip_by_norm(1.0)
+    with across_shards(reducer, split=["dense1.weight"]):
+        clipped, state = tx.update(piece, tx.init(piece))
+    torch.testing.assert_close(clipped["dense1.weight"], whole["dense1.weight"][:2])
+    torch.testing.assert_close(clipped["dense1.bias"], whole["dense1.bias"])
+    assert len(calls) == 2 and bool(state.fired)  # one reduction of the split norms, one of the flag
+    # Without the split the block is clipped by its own norm, which is smaller: a different result.
+    alone, _ = apply(optim.clip_by_norm(1.0), {"dense1.weight": grads["dense1.weight"][:2]})
+    assert not torch.allclose(alone["dense1.weight"], whole["dense1.weight"][:2])

@@ -23,6 +23,14 @@ def derive_seed(*parts: int) -> int:
     return z >> 1  # torch seeds must fit in a signed 64-bit integer here
 
 
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of part ``rank`` when n rows are cut into ``size`` contiguous parts as evenly as
+    possible (the first n % size parts one row longer)."""
+    base, rest = divmod(n, size)
+    lo = rank * base + min(rank, rest)
+    return lo, lo + base + (1 if rank < rest else 0)
+
+
 class BatchLoader:
     """Iterate over `(xb, yb)` batches of a dataset kept in memory as uint8.
 
@@ -55,12 +63,16 @@ class BatchLoader:
         full_batch: same as batch_size="full".
         chunk_size: images per chunk in full-batch mode (default 4096).
         channels_last: return xb in torch.channels_last memory format.
+        shard: (rank, world size) of a data-parallel run: every rank draws the same order and takes its
+            contiguous ``batch_size / world size`` part of each global batch (augmentation is drawn for the
+            global batch, so each example is augmented as one process would). ``batch_size``, epochs and
+            ``position`` stay global: a state saved on N ranks resumes on any other number.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size, shuffle: bool = True, drop_last: bool = False,
                  seed: int = 0, normalizer: Normalizer | None = None, augment=None, device="cpu",
                  dtype: torch.dtype = torch.float32, *, full_batch: bool = False, chunk_size: int | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
             desc = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a uint8 tensor of shape (N, C, H, W), got {desc}")
@@ -97,6 +109,25 @@ class BatchLoader:
             self.chunk_size = batch_size
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        rank, size = shard
+        if not (isinstance(size, int) and size >= 1 and isinstance(rank, int) and 0 <= rank < size):
+            raise ValueError(f"shard must be (rank, world size) with 0 <= rank < world size, got {shard!r}")
+        if size > 1:
+            if full_batch:
+                raise ValueError("batch_size 'full' (full-batch gradient descent) is not available on several "
+                                 "processes yet; train it on one process (--nproc 1)")
+            if batch_size % size:
+                below, above = batch_size - batch_size % size, batch_size - batch_size % size + size
+                raise ValueError(f"batch size {batch_size} is not divisible by {size} processes: each process "
+                                 f"takes batch_size / nproc examples per step; choose a multiple of {size} "
+                                 f"(e.g. {below or above} or {above}) or another --nproc")
+            rest = n % batch_size
+            if not drop_last and 0 < rest < size:
+                raise ValueError(f"the last batch of each epoch holds {rest} example(s) ({n} images, batch size "
+                                 f"{batch_size}), fewer than the {size} processes; add --drop-last or choose "
+                                 f"another batch size")
+        self.shard = (rank, size)
+        self.last_batch_size = 0
         self.device = torch.device(device)
         self.x = x.to(self.device)
         self.y = y.to(device=self.device, dtype=torch.int64)
@@ -181,6 +212,11 @@ class BatchLoader:
         b, n, nb = self.chunk_size, len(self.x), len(self)
         for i in range(start, nb):
             lo, hi = i * b, min((i + 1) * b, n)
+            self.last_batch_size = hi - lo
+            rank, size = self.shard
+            if size > 1 and self.augment is None:  # only this rank's part is ever needed
+                a, z = shard_bounds(hi - lo, rank, size)
+                lo, hi = lo + a, lo + z
             if order is None:
                 xb, yb = self.x[lo:hi], self.y[lo:hi]
             else:
@@ -190,6 +226,9 @@ class BatchLoader:
             if self.augment is not None:
                 self._aug_gen.manual_seed(derive_seed(self.seed, epoch, 1, i))
                 xb = self.augment(xb, generator=self._aug_gen, fill=self._fill)
+                if size > 1:  # drawn for the global batch, as one process draws it; then this rank's part
+                    a, z = shard_bounds(len(yb), rank, size)
+                    xb, yb = xb[a:z], yb[a:z]
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             self.position = i + 1

@@ -202,8 +202,14 @@ class ActivationProbe:
             if relu:
                 acc[3] = torch.maximum(acc[3], unit_max)
 
-    def take(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """(name, mean, std, dead fraction or None) per layer seen since ``arm``, as 0-d tensors; resets."""
+    def take(self, parallel=None) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(name, mean, std, dead fraction or None) per layer seen since ``arm``, as 0-d tensors; resets.
+
+        With ``parallel`` (a data-parallel run's ``DataParallel``, on every rank at once) the sums and the
+        per-unit maxima are taken over the global batch first.
+        """
+        if parallel is not None and self._acc:
+            self._reduce(parallel)
         out = []
         for name, (s, ss, n, unit_max) in self._acc.items():
             mean = s / n
@@ -213,6 +219,21 @@ class ActivationProbe:
             out.append((name, mean, var.sqrt(), dead))
         self._acc = {}
         return out
+
+
+    def _reduce(self, parallel) -> None:
+        names = list(self._acc)
+        sums = [torch.stack([torch.as_tensor(self._acc[k][0], dtype=torch.float64).cpu(),
+                             torch.as_tensor(self._acc[k][1], dtype=torch.float64).cpu(),
+                             torch.tensor(float(self._acc[k][2]), dtype=torch.float64)]) for k in names]
+        sums = parallel.sum_tensors(sums, "the health check's activation figures")
+        maxima = [self._acc[k][3] for k in names if self._acc[k][3] is not None]
+        maxima = iter(parallel.max_tensors(maxima, "the health check's activation figures"))
+        for k, total in zip(names, sums):
+            acc = self._acc[k]
+            acc[0], acc[1], acc[2] = total[0], total[1], float(total[2])
+            if acc[3] is not None:
+                acc[3] = next(maxima)
 
 
 # -- rules -------------------------------------------------------------------------------------------------
@@ -476,7 +497,7 @@ class HealthMonitor(Callback):
         maxs = torch._foreach_norm(g, ord=float("inf"))
         mins = [t.abs().amin() for t in g]
         clips = clipped_fractions(names, g, p, norms, self._clips)
-        acts = self._probe.take() if self._probe is not None else []
+        acts = self._probe.take(getattr(trainer, "parallel", None)) if self._probe is not None else []
         if self._probe is not None:
             self._probe.disarm()
         # weights before the update: the step's update is read as the change it makes

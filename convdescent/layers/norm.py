@@ -20,13 +20,25 @@ Running statistics follow torch: running = (1 - momentum) * running + momentum *
 variance var * M / (M - 1) for running_var; ``momentum=None`` gives the cumulative average over all batches
 seen so far. Parameter and buffer names (weight, bias, running_mean, running_var, num_batches_tracked) are
 torch's, so ``to_torch()`` gives an ``nn.BatchNorm2d``/``nn.BatchNorm1d`` with an identical state_dict.
+
+Statistics over several processes: a batch-norm layer whose ``stats_reducer`` is set (by
+``convdescent.distributed.syncbn.sync_batchnorm``) takes mu and var over the global batch, every process holding a
+slice of it. ``stats_reducer(t)`` must return the sum of ``t`` over the processes (an all-reduce). In training
+the forward reduces one vector per channel, [sum x, sum x^2] and the count M of the global batch, and the
+backward reduces [dL/dbias, dL/dweight] before the dL/dx formula above, so dL/dx is that of one process over
+the whole batch; ``grads`` keep this process's own sums (the data-parallel mean over processes follows,
+docs/gradients.md section 7.2).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .base import Layer
+
+StatsReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _BatchNorm(Layer):
@@ -34,6 +46,8 @@ class _BatchNorm(Layer):
     _torch_cls = torch.nn.BatchNorm2d
     _ranks: tuple[int, ...] = (4,)
     _expect = "(N, C, H, W)"  # the accepted input shapes, for error messages
+    # Sum over processes of a tensor, for statistics over the global batch; None: this process's batch only.
+    stats_reducer: StatsReducer | None = None
 
     def __init__(self, momentum: float | None = 0.1, eps: float = 1e-5, num_features: int | None = None,
                  name: str | None = None):
@@ -106,7 +120,11 @@ class _BatchNorm(Layer):
         self._check(x)
         dims = self._dims(x)
         weight, bias = self.params["weight"], self.params["bias"]
-        if train:
+        if train and self.stats_reducer is not None:
+            mean, var, m = self._global_stats(x, dims)
+            centered = x - self._view(mean, x)
+            self._update_running(mean, var, m)
+        elif train:
             m = x.numel() // x.shape[1]
             if m < 2:
                 raise ValueError(f"{type(self).__name__} '{self.name}' needs more than one value per channel in "
@@ -116,15 +134,34 @@ class _BatchNorm(Layer):
             var = (centered * centered).mean(dim=dims)
             self._update_running(mean, var, m)
         else:
-            mean, var = self.running_mean, self.running_var
+            mean, var, m = self.running_mean, self.running_var, None
             centered = x - self._view(mean, x)
         r = torch.rsqrt(var + self.eps)
         xhat = centered * self._view(r, x)
-        self._cache = (xhat, r, train)
+        self._cache = (xhat, r, train, m, self.stats_reducer if train else None)
         return xhat * self._view(weight, x) + self._view(bias, x)
 
+    def _global_stats(self, x: torch.Tensor, dims: tuple[int, ...]):
+        """Mean, biased variance (C,) and count M (0-d tensor) over the global batch, in one reduction.
+
+        var = (sum x^2)/M - mu^2, clamped at 0; the count stays a tensor (no host sync), and a process may
+        hold any share of the batch, none included. The global M must be at least 2, which is not checked
+        here (that would read the count back to the host every step): a data-parallel batch holds at least
+        one example per process.
+        """
+        c = x.shape[1]
+        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        xa = x.to(acc)
+        count = torch.full((1,), float(x.numel() // c), dtype=acc, device=x.device)
+        total = self.stats_reducer(torch.cat([xa.sum(dim=dims), (xa * xa).sum(dim=dims), count]))
+        m = total[2 * c]
+        mean = total[:c] / m
+        var = (total[c:2 * c] / m - mean * mean).clamp(min=0.0)
+        return mean.to(x.dtype), var.to(x.dtype), m
+
     @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, m) -> None:
+        """``m``: the batch's count per channel, an int or (global statistics) a 0-d tensor."""
         # In place, so tensors handed out by state_dict() stay the live buffers.
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
@@ -136,7 +173,7 @@ class _BatchNorm(Layer):
         self.running_var.mul_(1 - factor).add_(var * (factor * m / (m - 1)))
 
     def backward(self, dy):
-        xhat, r, train = self._cache
+        xhat, r, train, m, reducer = self._cache
         self._cache = None
         dims = self._dims(dy)
         weight = self.params["weight"]
@@ -149,7 +186,11 @@ class _BatchNorm(Layer):
         scale = self._view(weight * r, dy)
         if not train:
             return dy * scale
-        m = dy.numel() // dy.shape[1]
+        if reducer is not None:
+            # Statistics of the global batch: its two reductions too (grads keep this process's sums).
+            c = dbias.shape[0]
+            total = reducer(torch.cat([dbias, dweight]).to(m.dtype))
+            dbias, dweight, m = total[:c].to(dy.dtype), total[c:].to(dy.dtype), m.to(dy.dtype)
         return (scale / m) * (m * dy - self._view(dbias, dy) - xhat * self._view(dweight, dy))
 
     # -- description -------------------------------------------------------------------------

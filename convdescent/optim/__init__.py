@@ -98,6 +98,7 @@ from .transforms import (
     scale_by_rms,
     trace,
 )
+from .sharding import across_shards, shard_any, shard_sum
 from .updates import LazyUpdates
 
 __all__ = [
@@ -116,5 +117,5 @@ __all__ = [
     "TraceState", "add_decayed_weights", "coupled_weight_decay", "decoupled_weight_decay", "scale",
     "scale_by_adadelta", "scale_by_adagrad", "scale_by_adam", "scale_by_adamax", "scale_by_radam",
     "scale_by_learning_rate", "scale_by_lion", "scale_by_nadam", "scale_by_rms", "trace",
-    "LazyUpdates", "fused_step", "update_and_apply", "walk_infos",
+    "LazyUpdates", "fused_step", "update_and_apply", "walk_infos", "across_shards", "shard_any", "shard_sum",
 ]

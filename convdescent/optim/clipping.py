@@ -2,7 +2,9 @@
 
 Each clipper works in place on the gradients it receives (allowed by the contract) and keeps in its
 state a 0-d bool tensor ``fired`` saying whether it changed anything at the last step, computed on the
-device without a host sync; :func:`~convdescent.optim.record.record_norms` reads it.
+device without a host sync; :func:`~convdescent.optim.record.record_norms` reads it. Global values (the
+norm, the flags) are over all shards when the parameters are split across processes
+(:mod:`convdescent.optim.sharding`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from . import _checks as chk
 from .base import GradientTransformation, TransformInfo
+from .sharding import shard_any, shard_sum, sharded, tensor_norms
 from .updates import tensors
 
 
@@ -36,6 +39,9 @@ def _init_clip(params) -> ClipState:
 def global_norm(values: Sequence[Tensor]) -> Tensor:
     """The Euclidean norm of all tensors taken together, as a 0-d tensor (no host sync).
 
+    Inside :func:`~convdescent.optim.sharding.across_shards` the tensors are this process's shard and the
+    norm is over all shards: ``sqrt(shard_sum(sum of squares))``.
+
     Args:
         values: tensors of any shapes, on one device.
 
@@ -44,8 +50,10 @@ def global_norm(values: Sequence[Tensor]) -> Tensor:
     """
     if not values:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(values))
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch.stack(torch._foreach_norm(list(values)))
+    if sharded():
+        return shard_sum((norms * norms).sum().reshape(1))[0].sqrt()
+    return torch.linalg.vector_norm(norms)
 
 
 def clip_by_value(clip_value: float) -> GradientTransformation:
@@ -63,7 +71,7 @@ def clip_by_value(clip_value: float) -> GradientTransformation:
         keys, g = tensors(grads)
         if not g:
             return grads, state
-        fired = torch.stack(torch._foreach_norm(g, ord=float("inf"))).max() > c
+        fired = shard_any(torch.stack(torch._foreach_norm(g, ord=float("inf"))).max() > c)
         torch._foreach_clamp_min_(g, -c)
         torch._foreach_clamp_max_(g, c)
         return dict(zip(keys, g)), ClipState(fired)
@@ -99,6 +107,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def clip_by_norm(max_norm: float) -> GradientTransformation:
     """Rescale each gradient tensor separately so its own norm is at most ``max_norm``.
 
+    Inside :func:`~convdescent.optim.sharding.across_shards` a tensor split by rows over processes is
+    rescaled by the norm of the whole tensor (:func:`~convdescent.optim.sharding.tensor_norms`).
+
     Args:
         max_norm: the largest allowed norm per tensor (> 0).
 
@@ -111,10 +122,11 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
         keys, g = tensors(grads)
         if not g:
             return grads, state
-        norms = torch.stack(torch._foreach_norm(g))
+        # A tensor whose rows are spread over several processes gets the norm of all its rows.
+        norms = tensor_norms(keys, torch.stack(torch._foreach_norm(g)))
         coefs = (c / norms).clamp(max=1.0)
         torch._foreach_mul_(g, list(coefs.unbind()))
-        return dict(zip(keys, g)), ClipState((norms > c).any())
+        return dict(zip(keys, g)), ClipState(shard_any((norms > c).any()))
 
     return GradientTransformation(_init_clip, update, TransformInfo("clip_by_norm", kwargs={"max_norm": c}))
 
@@ -143,6 +155,9 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
         eps: floor on the weight norm, so zero-initialised units can still move (> 0).
         exclude: parameter names left unclipped (the paper leaves the final classifier out).
 
+    Units are rows of dim 0, so the clip is exact on a block of rows of a tensor (a shard of the sharded
+    optimizer), with the tensor's name; a tensor of fewer than 2 dims is one unit and must stay whole.
+
     Returns:
         GradientTransformation with a :class:`ClipState`; its update needs ``params``.
     """
@@ -167,7 +182,7 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3, exclude: Seque
             gk.mul_(coef)
             fired.append(trigger.any())
         any_fired = torch.stack(fired).any() if fired else torch.zeros((), dtype=torch.bool, device=state.fired.device)
-        return dict(zip(keys, g)), ClipState(any_fired)
+        return dict(zip(keys, g)), ClipState(shard_any(any_fired))
 
     kwargs = {"clipping": clipping, "eps": eps}
     if excluded:

@@ -78,6 +78,14 @@ def _summary_section(run) -> str:
             ("test weights", s.get("test_weights")), ("wall time (s)", s.get("wall_time_s")),
             ("optimizer", s.get("optimizer")), ("parameters", s.get("params")), ("device", s.get("device")),
             ("precision", s.get("precision")), ("rollbacks", s.get("rollbacks"))]
+    par = s.get("distributed")
+    if isinstance(par, dict):  # a data-parallel run (convdescent.distributed)
+        rows += [("processes", par.get("world_size")),
+                 ("communication wait per step (ms)", 1e3 * par.get("wait_per_step_s", math.nan)),
+                 ("communication overlapped with the backward",
+                  f"{100 * par['overlap']:.0f}%" if isinstance(par.get("overlap"), (int, float)) else None),
+                 ("optimizer state on rank 0 (MiB)", par["optimizer_state_bytes"] / 2 ** 20
+                  if isinstance(par.get("optimizer_state_bytes"), (int, float)) else None)]
     out = _table(rows)
     if s.get("error"):
         out += f"<p class='error'>{html.escape(str(s['error']))}</p>"

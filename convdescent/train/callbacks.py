@@ -501,11 +501,14 @@ class Checkpointer(Callback):
         folder: the checkpoints folder.
         monitor: "val_acc", "val_loss", "acc" or "loss".
         every_steps: also write last.pt every this many steps (0: only at epoch ends).
+        write: False on the ranks of a data-parallel run other than 0: they write nothing, but keep the
+            checkpoint points (where a sharded optimizer gathers its state, on every rank at once).
     """
 
     state_key = "checkpointer"
 
-    def __init__(self, folder: str | Path, monitor: str = "val_acc", every_steps: int = 0):
+    def __init__(self, folder: str | Path, monitor: str = "val_acc", every_steps: int = 0, write: bool = True):
+        self.write = bool(write)
         self.folder = Path(folder)
         self.monitor, self.mode = resolve_monitor(monitor, has_val=monitor.startswith("val"))
         self.every_steps = every_steps
@@ -524,6 +527,11 @@ class Checkpointer(Callback):
         return self.folder / "best.pt"
 
     def _save(self, trainer, best: bool) -> None:
+        if not self.write:
+            parallel = getattr(trainer, "parallel", None)
+            if parallel is not None and parallel.sharded is not None:
+                trainer.checkpoint_payload()  # the collective gather of the optimizer state, as rank 0 does
+            return
         blob = encode_checkpoint(trainer.checkpoint_payload())
         self.checkpoint_bytes = len(blob)
         # best.pt first: if last.pt then fails, best.pt is a complete checkpoint of this very state
@@ -542,7 +550,8 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer, step, logs):
         if self.every_steps and step % self.every_steps == 0 and logs["batch"] != logs["batches"]:
-            if trainer.check_finite():
+            finite = trainer.all_finite() if hasattr(trainer, "all_finite") else trainer.check_finite()
+            if finite:  # agreed by every rank of a data-parallel run
                 self._save(trainer, best=False)
 
     def on_epoch_end(self, trainer, epoch, logs):

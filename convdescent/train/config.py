@@ -112,6 +112,19 @@ OPTIONS: tuple[Option, ...] = (
            ("auto", "val_acc", "val_loss", "acc", "loss")),
     Option("restore_best", True, "bool", "early stopping restores the best weights", "train"),
     Option("eval_batch_size", 1000, "int", "images per evaluation batch", "train", range=POSITIVE_COUNT),
+    # data parallel (convdescent.distributed)
+    Option("nproc", 1, "int", "processes of a data-parallel run started on this machine (torchrun sets the "
+           "world size itself); each takes batch_size / nproc examples per step", "train", range=POSITIVE_COUNT),
+    Option("threads", None, "int", "CPU threads per process (default: 1 per process of a data-parallel run, "
+           "torch's choice for a single process)", "train", range=POSITIVE_COUNT),
+    Option("backend", "auto", "str", "torch.distributed backend: auto (NCCL on CUDA, gloo on the CPU), gloo "
+           "or nccl", "train", ("auto", "gloo", "nccl")),
+    Option("bucket_mb", 25.0, "float", "size in MiB of the gradient buckets all-reduced during the backward",
+           "train", range=Range(0.001, 1024.0)),
+    Option("sync_bn", False, "bool", "BatchNorm statistics over the global batch instead of each process's "
+           "part", "train"),
+    Option("shard_optimizer", False, "bool", "ZeRO stage 1: each process keeps the optimizer state of 1/nproc "
+           "of the parameters", "train"),
     # output
     Option("out", "runs", "str", "folder that holds run directories", "output"),
     Option("name", None, "str", "run name (default: the model name)", "output"),
@@ -130,7 +143,10 @@ GROUP_TITLES = {"model": "What is trained", "data": "Data", "train": "Training",
                 "output": "Output"}
 # Keys that may change when a run is resumed; the others define the run and must stay as saved.
 RESUMABLE_KEYS = ("epochs", "steps", "on_nan", "max_rollbacks", "nan_check_every", "log_every",
-                  "checkpoint_every", "tensorboard", "device", "data_dir", "eval_batch_size", "cuda_graph", "tf32")
+                  "checkpoint_every", "tensorboard", "device", "data_dir", "eval_batch_size", "cuda_graph", "tf32",
+                  # how many processes share the work does not change the training (the loader's position is
+                  # global, the gradient is the global batch's mean): a run may resume on another nproc
+                  "nproc", "threads", "backend", "bucket_mb", "shard_optimizer")
 
 
 def default_config() -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 import torch
+import torch.distributed
 
 from .. import optim
 from ..options import HYPERPARAMETERS
@@ -41,8 +42,14 @@ from .liveness import RunLock, run_state
 from .output import OutputWriteError, check_space, probe_folder, write_failure
 from .resume import describe_changes, resume_config
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callbacks
+from ..data import DataError
+from ..distributed import (DistributedError, close_world, describe_parallel, describe_stats, make_parallel,
+                           start_parallel, worker_device, world_from_env)
 
 CONFIG_FILE = "config.toml"
+# Errors a process can meet while setting a run up, agreed between the ranks of a data-parallel run.
+KNOWN_SETUP_ERRORS = (ConfigError, CheckpointError, DataError, OutputWriteError, DistributedError, ValueError,
+                      FileNotFoundError, ImportError)
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"
@@ -110,8 +117,12 @@ def _cuda_settings(cfg: dict) -> str:
             f"CUDA graph {'on' if cfg['cuda_graph'] else 'off'})")
 
 
-def build_run(cfg: dict, dataset=None, normalizer_dict=None):
+def build_run(cfg: dict, dataset=None, normalizer_dict=None, shard: tuple[int, int] = (0, 1)):
     """Dataset, normalizer, model, loss, optimizer, loader and validation tensors of a resolved configuration.
+
+    Args:
+        shard: this process's (rank, world size) in a data-parallel run: its loader takes that part of every
+            global batch.
 
     Returns:
         ``(dataset, normalizer, model, loss, optimizer, loader, val)``; ``val`` is ``(x, y)`` on the
@@ -146,7 +157,7 @@ def build_run(cfg: dict, dataset=None, normalizer_dict=None):
     loader = BatchLoader(dataset.x_train, dataset.y_train, cfg["batch_size"], shuffle=True,
                          drop_last=cfg["drop_last"] and not full, seed=cfg["seed"], normalizer=normalizer,
                          augment=augment, device=device, dtype=model.dtype,
-                         chunk_size=cfg["chunk_size"] if full else None)
+                         chunk_size=cfg["chunk_size"] if full else None, shard=shard)
     spe = loader.steps_per_epoch
     total = cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * spe
     schedule = cfg["schedule"] if cfg["schedule"] != "constant" else None
@@ -214,19 +225,49 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
     out_stream = stream if stream is not None else sys.stdout
     if display not in ("auto", "lines", "bar", "json", "quiet", "none"):
         raise ValueError(f"display must be auto, lines, bar, json, quiet or none, got {display!r}")
+    world = world_from_env()
+    main = world.is_main
+    if not main:
+        display = "none"  # ranks other than 0 print nothing and write nothing
     talk = out_stream if display in ("auto", "lines", "bar") else None
+    par, owned = None, False
+    if world.distributed:
+        owned = not torch.distributed.is_initialized()  # a caller's own process group stays open
+        par = start_parallel(world, config, resume)
+    try:
+        setup = _setup(config, resume, run_dir, dataset, allow_change, out, world, par)
+        return _train(setup, callbacks, display, talk, out_stream, handle_signals, world, par)
+    finally:
+        if par is not None:
+            par.close()
+            if owned:
+                close_world()
+
+
+@dataclass
+class _Setup:
+    cfg: dict
+    ckpt: dict | None
+    resume_changes: list
+    run_path: Path
+    made_dir: bool
+    parts: tuple
+    init_lines: list
+
+
+def _resolve(config, resume, allow_change, out, world) -> tuple[dict, dict | None, list, Path | None]:
+    """The configuration (and the checkpoint and run directory when resuming) of this process."""
     if resume is not None:
         run_path = Path(resume)
         if not (run_path / CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_path} is not a run directory (no {CONFIG_FILE}); pass the folder that "
                                   f"'convdescent train' wrote")
         ckpt = load_checkpoint(run_path / "checkpoints" / "last.pt")
-        cfg, resume_changes = resume_config(run_path, ckpt.get("config"), config, allow_change)
-        cfg["device"] = resolve_device(cfg["device"])
+        cfg, changes = resume_config(run_path, ckpt.get("config"), config, allow_change)
     else:
         if allow_change:
             raise ConfigError("--allow-change applies to --resume only")
-        resume_changes = []
+        run_path, ckpt, changes = None, None, []
         cfg = resolve_config(config)
         if out is not None:
             cfg["out"] = str(out)
@@ -234,53 +275,172 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             from ..models import default_run_name
 
             cfg["name"] = default_run_name(cfg["model"])
-        cfg["device"] = resolve_device(cfg["device"])
-        ckpt = None
+    given = (config or {}).get("nproc")
+    if not world.distributed and given is not None and given > 1:
+        raise ConfigError(f"nproc {given} needs {given} processes; start them with convdescent train --nproc "
+                          f"{given} or torchrun --nproc-per-node {given} -m convdescent train ...")
+    if world.distributed and given is not None and given != world.size:
+        raise ConfigError(f"nproc {given} was asked for, but this process is one of {world.size} started by "
+                          f"torchrun; give --nproc-per-node to torchrun or --nproc to convdescent, not both")
+    if cfg["nproc"] != world.size:
+        if ckpt is not None and (config or {}).get("nproc") is None:
+            changes = changes + [("nproc", cfg["nproc"], world.size, "the number of processes started")]
+        cfg["nproc"] = world.size
+    if world.distributed:
+        if cfg["batch_size"] == "full":
+            raise ConfigError("batch_size 'full' (full-batch gradient descent) runs on one process only; "
+                              "drop --nproc or give a batch size")
+        if cfg["shard_optimizer"] and cfg["on_nan"] == "rollback":
+            raise ConfigError("--on-nan rollback halves the learning rate of a running optimizer, which "
+                              "--shard-optimizer does not support yet; use --on-nan stop with it")
+    cfg["device"] = worker_device(resolve_device(cfg["device"]), world)
+    return cfg, ckpt, changes, run_path
+
+
+def _setup(config, resume, run_dir, dataset, allow_change, out, world, par) -> _Setup:
+    """Configuration, checkpoint, run directory and training parts, agreed by every rank.
+
+    In a data-parallel run rank 0 alone reads a resumed run and creates a new run directory; every rank
+    builds its own parts. A failure on any rank is raised on every rank with the same message, so no rank
+    is left waiting for the others.
+    """
+    if par is None:
+        cfg, ckpt, changes, run_path = _resolve(config, resume, allow_change, out, world)
+    else:
+        failure = None
+        if resume is not None:
+            try:  # rank 0 reads the run; the others get its reading (no shared disk needed)
+                picked = _resolve(config, resume, allow_change, out, world) if world.is_main else None
+            except KNOWN_SETUP_ERRORS as e:
+                picked, failure = None, e
+            picked = par.broadcast((picked, _describe_failure(failure, 0)), "reading the resumed run")
+            if picked[1] is not None:
+                raise _agreed_error(picked[1], world.rank)
+            cfg, ckpt, changes, run_path = picked[0]
+            cfg = dict(cfg, device=worker_device(resolve_device(
+                (config or {}).get("device") or cfg["device"].split(":")[0]), world))
+        else:
+            try:
+                cfg, ckpt, changes, run_path = _resolve(config, resume, allow_change, out, world)
+            except KNOWN_SETUP_ERRORS as e:
+                failure = e
+            _agree(par, failure, "checking the settings")
+            par.check_same({k: v for k, v in cfg.items() if k not in PER_PROCESS_KEYS})
     torch.manual_seed(cfg["seed"])
+    if cfg["threads"] is not None:
+        torch.set_num_threads(cfg["threads"])
+    elif world.distributed and torch.device(cfg["device"]).type == "cpu":
+        torch.set_num_threads(1)
+    failure, made_dir, parts, init_lines = None, False, None, []
     try:
-        dataset, normalizer, model, loss, optimizer, loader, val = build_run(
-            cfg, dataset, ckpt.get("normalizer") if ckpt else None)
+        parts = build_run(cfg, dataset, ckpt.get("normalizer") if ckpt else None, shard=(world.rank, world.size))
+        init_lines = _init_and_freeze(cfg, parts[2], ckpt is None)
+        if ckpt is not None:
+            classes = parts[0].classes
+            if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(classes):
+                raise CheckpointError(f"the checkpoint in {run_path} was trained on classes {ckpt['classes'][:5]}"
+                                      f"..., the dataset now has {classes[:5]}...; resume with the same data")
+        elif world.is_main:
+            probe_folder(Path(run_dir).parent if run_dir is not None else Path(cfg["out"]))
+            made_dir = run_dir is None or not Path(run_dir).exists()
+            run_path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(cfg["out"]), cfg["name"])
+            run_path.mkdir(parents=True, exist_ok=True)
     except ValueError as e:
-        if isinstance(e, ConfigError):
+        failure = e if isinstance(e, (ConfigError, CheckpointError, OutputWriteError)) else ConfigError(str(e))
+    except KNOWN_SETUP_ERRORS as e:
+        failure = e
+    if par is not None:
+        try:
+            _agree(par, failure, "building the model and data")
+        except BaseException:
+            if made_dir and run_path is not None:  # another rank failed: leave no half-made run directory
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(run_path)
             raise
-        raise ConfigError(str(e)) from None
-    init_lines = _init_and_freeze(cfg, model, ckpt is None)
+        if ckpt is None:
+            run_path = Path(par.broadcast(str(run_path) if world.is_main else None, "naming the run directory"))
+    elif failure is not None:
+        raise failure
+    return _Setup(cfg, ckpt, changes, run_path, made_dir, parts, init_lines)
+
+
+# Settings each process may hold its own value of (where it runs, where it reads and writes).
+PER_PROCESS_KEYS = ("device", "data_dir", "out", "name", "threads")
+
+
+def _describe_failure(e: BaseException | None, rank: int):
+    if e is None:
+        return None
+    return (type(e).__name__, str(e), rank)
+
+
+def _agreed_error(desc, me: int) -> BaseException:
+    """The error of ``desc`` (class name, message, rank), raised on every rank; ranks other than 0 stay quiet."""
+    name, message, rank = desc
+    cls = {c.__name__: c for c in KNOWN_SETUP_ERRORS}.get(name, ConfigError)
+    text = message if rank == 0 else f"on rank {rank}: {message}"
+    try:
+        err = cls(text)
+    except TypeError:
+        err = ConfigError(text)
+    err.quiet_rank = me != 0  # one message for the run: rank 0 prints it
+    return err
+
+
+def _agree(par, failure: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed; the first failure (by rank) is raised on all of them."""
+    found = par.gather_objects(_describe_failure(failure, par.rank), what)
+    first = next((f for f in found if f is not None), None)
+    if first is not None:
+        raise _agreed_error(first, par.rank)
+
+
+def _rank_callbacks(cfg: dict, run_path: Path, monitor: str, talk, world) -> tuple[list, Checkpointer]:
+    """The run's own callbacks. Rank 0 writes the run directory; the other ranks keep the callbacks that
+    take decisions or join collectives (early stopping, checkpoint points, health figures), writing nothing."""
+    cbs: list[Callback] = []
+    if cfg["early_stopping"]:
+        cbs.append(EarlyStopping(monitor, cfg["early_stopping"], cfg["min_delta"], cfg["restore_best"]))
+    checkpointer = Checkpointer(run_path / "checkpoints", monitor, cfg["checkpoint_every"], write=world.is_main)
+    cbs.append(checkpointer)
+    if world.is_main:
+        cbs.append(RunLock(run_path))
+        cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
+    if cfg["health_every"]:
+        from ..diagnostics.health import HealthMonitor
+
+        if world.is_main:
+            cbs.append(HealthMonitor(every=cfg["health_every"], stream=sys.stderr if talk is not None else None))
+        else:
+            cbs.append(HealthMonitor(every=cfg["health_every"], stream=None, sink=lambda record: None))
+    if cfg["tensorboard"] and world.is_main:
+        cbs.append(TensorBoardLogger(run_path / "tensorboard", max(cfg["log_every"], 1)))
+    return cbs, checkpointer
+
+
+def _train(setup: _Setup, callbacks, display, talk, out_stream, handle_signals, world, par) -> RunResult:
+    cfg, ckpt, run_path, made_dir = setup.cfg, setup.ckpt, setup.run_path, setup.made_dir
+    dataset, normalizer, model, loss, optimizer, loader, val = setup.parts
+    main = world.is_main
     if cfg["freeze"]:
         from ..optim.masked import freeze
         from ..transfer import frozen_params
 
         optimizer = freeze(optimizer, frozen_params(model, cfg["freeze"]))
-    if ckpt is not None:
-        if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(dataset.classes):
-            raise CheckpointError(f"the checkpoint in {run_path} was trained on classes {ckpt['classes'][:5]}..., "
-                                  f"the dataset now has {dataset.classes[:5]}...; resume with the same data")
-    else:
-        probe_folder(Path(run_dir).parent if run_dir is not None else Path(cfg["out"]))
-        made_dir = run_dir is None or not Path(run_dir).exists()
-        run_path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(cfg["out"]), cfg["name"])
-        run_path.mkdir(parents=True, exist_ok=True)
-
+    parallel = None
+    if par is not None:
+        parallel = make_parallel(par, model, optimizer, cfg)
     has_val = val is not None
     monitor, _ = resolve_monitor(cfg["monitor"], has_val)
-    cbs: list[Callback] = list(callbacks)
-    if cfg["early_stopping"]:
-        cbs.append(EarlyStopping(monitor, cfg["early_stopping"], cfg["min_delta"], cfg["restore_best"]))
-    checkpointer = Checkpointer(run_path / "checkpoints", monitor, cfg["checkpoint_every"])
-    cbs.append(checkpointer)
-    cbs.append(RunLock(run_path))
-    cbs.append(MetricsWriter(run_path / METRICS_FILE, cfg["log_every"]))
-    if cfg["health_every"]:
-        from ..diagnostics.health import HealthMonitor
-
-        cbs.append(HealthMonitor(every=cfg["health_every"], stream=sys.stderr if talk is not None else None))
-    if cfg["tensorboard"]:
-        cbs.append(TensorBoardLogger(run_path / "tensorboard", max(cfg["log_every"], 1)))
+    own, checkpointer = _rank_callbacks(cfg, run_path, monitor, talk, world)
+    cbs: list[Callback] = list(callbacks) + own
     cbs += display_callbacks("quiet" if display == "none" else display, out_stream)
     trainer = Trainer(model, loss, optimizer, loader, val, epochs=cfg["epochs"] if cfg["steps"] is None else None,
                       steps=cfg["steps"], callbacks=cbs, precision=cfg["precision"], on_nan=cfg["on_nan"],
                       max_rollbacks=cfg["max_rollbacks"], nan_check_every=cfg["nan_check_every"],
                       eval_batch_size=cfg["eval_batch_size"], handle_signals=handle_signals,
-                      notice_stream=sys.stderr if display != "none" else None, cuda_graph=cfg["cuda_graph"])
+                      notice_stream=sys.stderr if display != "none" else None, cuda_graph=cfg["cuda_graph"],
+                      parallel=parallel)
     trainer.extra = {"config": cfg, "classes": list(dataset.classes), "normalizer": normalizer.to_dict(),
                      "dataset": dataset.name, "input_shape": list(dataset.input_shape)}
     if ckpt is not None:
@@ -292,36 +452,46 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         if trainer.step >= trainer.total_steps:
             raise ConfigError(f"the run in {run_path} already finished its {trainer.total_steps} steps "
                               f"({trainer.epochs} epochs); pass a larger --epochs or --steps to train further")
-    try:
-        # the disk must hold the checkpoints before the first step is spent on the run
-        probe_folder(run_path)
-        check_space(run_path, len(encode_checkpoint(trainer.checkpoint_payload())))
-        if ckpt is not None:
-            truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
-        header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
-        atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
-    except (OutputWriteError, OSError) as e:
-        if ckpt is None and made_dir:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(run_path)  # nothing of the run was written: leave no half-written run directory
-        if isinstance(e, OutputWriteError):
-            raise
-        raise OutputWriteError(f"cannot write the run directory {run_path}: {e.strerror or e}; free space "
-                               f"or choose a writable folder with --out") from None
+    # a sharded optimizer gathers its state for a checkpoint on every rank; otherwise rank 0 alone builds it
+    payload = trainer.checkpoint_payload() if main or (parallel is not None and parallel.sharded is not None) \
+        else None
+    failure = None
+    if main:
+        try:
+            # the disk must hold the checkpoints before the first step is spent on the run
+            probe_folder(run_path)
+            check_space(run_path, len(encode_checkpoint(payload)))
+            if ckpt is not None:
+                truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
+            header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
+            atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+        except (OutputWriteError, OSError) as e:
+            if ckpt is None and made_dir:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(run_path)  # nothing of the run was written: leave no half-written run directory
+            failure = e if isinstance(e, OutputWriteError) else OutputWriteError(
+                f"cannot write the run directory {run_path}: {e.strerror or e}; free space or choose a writable "
+                f"folder with --out")
+    if par is not None:
+        _agree(par, failure, "preparing the run directory")
+    elif failure is not None:
+        raise failure
     started = _dt.datetime.now().isoformat(timespec="seconds")
     if ckpt is not None:
         _say(talk, f"Resuming {run_path} at step {trainer.step} (epoch {loader.epoch + 1}, batch "
                    f"{loader.position} of {len(loader)})")
-        if resume_changes:
-            _say(talk, describe_changes(resume_changes))
+        if setup.resume_changes:
+            _say(talk, describe_changes(setup.resume_changes))
     else:
         _say(talk, f"Run {run_path}")
     origin = f" (from {dataset.origin})" if getattr(dataset, "origin", "") else ""
     _say(talk, f"Model {cfg['model']} ({model.num_params():,} parameters) on {dataset.name}{origin}: "
                f"{len(dataset.x_train)} train / {len(dataset.x_val)} val / {len(dataset.x_test)} test images, "
                f"device {cfg['device']}{_cuda_settings(cfg)}, {cfg['precision']}")
+    if parallel is not None:
+        _say(talk, describe_parallel(parallel, cfg))
     _say(talk, f"Optimizer {optim.describe(optimizer)}")
-    for line in init_lines:
+    for line in setup.init_lines:
         _say(talk, line)
     status = "completed"
     error: BaseException | None = None
@@ -334,6 +504,12 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         status, error = "interrupted", e
     except BaseException as e:
         status, error = ("failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"), e
+    if not main:
+        if error is not None:
+            if isinstance(error, (NonFiniteError, TrainingInterrupted)):
+                error.quiet_rank = True  # rank 0 says it for the run
+            raise error
+        return RunResult(run_path, {}, trainer.history, model, status)
     disk_failed = isinstance(error, OutputWriteError)
     try:
         summary = _write_summary(run_path, cfg, trainer, dataset, model, loss, normalizer, status, started, error,
@@ -347,12 +523,19 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
         summary = {}
     if error is not None:
         error.run_dir = run_path
+        if isinstance(error, DistributedError):
+            saved = checkpointer.saved_step
+            kept = (f"the checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was written")
+            error.args = (f"{error}; {kept}. Continue with: {command_name()} train --resume "
+                          f"{shlex.quote(str(run_path))} (on any number of processes)",)
         if isinstance(error, NonFiniteError):
             last = run_path / "checkpoints" / "last.pt"
             kept = f" The last good checkpoint is kept: {last}" if last.exists() else ""
             error.args = (str(error) + "." + kept,)
         raise error
     if display not in ("json", "none"):
+        if parallel is not None:
+            _say(out_stream, describe_stats(summary["distributed"]))
         _say(out_stream, _final_block(summary))
     elif display == "json":
         out_stream.write(json.dumps(_finite_json({"type": "summary", **summary})) + "\n")
@@ -398,6 +581,12 @@ def _write_summary(run_path: Path, cfg: dict, trainer: Trainer, dataset, model, 
         summary["test_loss"], summary["test_acc"] = ev["loss"], ev["acc"]
         summary["test_weights"] = "best (restored by early stopping)" if any(
             e.get("event") == "restored_best" for e in h.events) else "final"
+    parallel = getattr(trainer, "parallel", None)
+    if parallel is not None:
+        from ..distributed.zero import state_nbytes
+
+        summary["distributed"] = parallel.stats()
+        summary["distributed"]["optimizer_state_bytes"] = state_nbytes(trainer.opt_state)  # rank 0's share
     if checkpointer.best is not None:
         summary["best_checkpoint"] = {"monitor": checkpointer.monitor, "value": checkpointer.best,
                                       "epoch": checkpointer.best_epoch}

@@ -49,11 +49,13 @@ class NonFiniteError(RuntimeError):
         step: the first update (1-based) that went non-finite, or None if it could not be reproduced.
         layer, tensor, where: the first non-finite value ("forward", "loss", "backward" or "update").
         history: the History up to the last good epoch.
+        rank: in a data-parallel run, the rank whose part of the batch went non-finite first (else None).
     """
 
-    def __init__(self, message: str, step=None, layer=None, tensor=None, where=None, history=None):
+    def __init__(self, message: str, step=None, layer=None, tensor=None, where=None, history=None, rank=None):
         super().__init__(message)
         self.step, self.layer, self.tensor, self.where, self.history = step, layer, tensor, where, history
+        self.rank = rank
 
 
 class TrainingInterrupted(Exception):
@@ -100,6 +102,10 @@ class Trainer:
         notice_stream: where signal notices go (None: nowhere).
         cuda_graph: on a CUDA device, replay one CUDA-graph recording of the step where it can (see
             :mod:`convdescent.train.graphs`); False runs every step eagerly.
+        parallel: a ``convdescent.distributed.DataParallel`` when this process is one rank of a
+            data-parallel run (the loader then yields this rank's part of each global batch). Its gradients
+            are reduced during the backward, and losses, counts, finiteness checks, the NaN replay, signals
+            and validation are agreed over all ranks, so every rank takes the same decisions at the same step.
 
     Attributes read by callbacks: ``model``, ``optimizer``, ``opt_state``, ``loader``, ``history``, ``step``
     (updates made), ``epochs`` (planned epochs), ``total_steps``, ``stop`` (set True to stop after this
@@ -110,7 +116,7 @@ class Trainer:
                  steps: int | None = None, callbacks: Iterable[Callback] = (), precision: str = "fp32",
                  on_nan: str = "stop", max_rollbacks: int = 3, nan_check_every: int = 50,
                  eval_batch_size: int = 1000, handle_signals: bool = True, notice_stream=sys.stderr,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, parallel=None):
         if on_nan not in ("stop", "rollback"):
             raise ValueError(f"on_nan must be 'stop' or 'rollback', got {on_nan!r}")
         for name, value, low in (("max_rollbacks", max_rollbacks, 0), ("nan_check_every", nan_check_every, 1),
@@ -149,7 +155,12 @@ class Trainer:
         self.eval_batch_size = eval_batch_size
         self.handle_signals = handle_signals
         self.notice_stream = notice_stream
-        self.opt_state = optimizer.init(model.params())
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.attach(model)
+            self.opt_state = parallel.init_state(optimizer, model.params())
+        else:
+            self.opt_state = optimizer.init(model.params())
         self.plateau = optim.find_plateau(optimizer) if getattr(optimizer, "info", None) is not None else None
         self.history = History()
         self.step = 0
@@ -164,13 +175,14 @@ class Trainer:
         # On CUDA the plain fast step replays a recording (graphs.py); it falls back to train_step by itself.
         self.graph_steps = (GraphedSteps(model, loss, optimizer, self.precision, enabled=cuda_graph,
                                          notice=self._notice)
-                            if device.type == "cuda" else None)
+                            if device.type == "cuda" and parallel is None else None)
         self._seen = 0
         self._epoch_time = 0.0
         self._elapsed_base = 0.0
         self._t_start: float | None = None
         self._good: dict | None = None
-        self._interrupt: int | None = None
+        self._interrupt: int | None = None  # the signal that stops training (agreed by all ranks)
+        self._signal: int | None = None  # the signal this process received
         self._finished = False
 
     # ------------------------------------------------------------------------------------------ info
@@ -229,7 +241,7 @@ class Trainer:
         ``save_checkpoint`` copies them)."""
         payload = {
             "model": self.model.state_dict(), "model_config": self.model.get_config(),
-            "optimizer": optim.state_dict(self.opt_state), "optimizer_describe": _describe(self.optimizer),
+            "optimizer": optim.state_dict(self._full_opt_state()), "optimizer_describe": _describe(self.optimizer),
             "loader": self.loader.state_dict(), "rng": random_states(self.model), "epoch": self.loader.epoch,
             "epochs_done": len(self.history), "step": self.step, "total_steps": self.total_steps,
             "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "history": self.history.to_dict(),
@@ -245,7 +257,11 @@ class Trainer:
         """Continue from a checkpoint written by ``checkpoint_payload`` (model, optimizer, data order,
         random generators, counters, history and callback states)."""
         self.model.load_state_dict(ckpt["model"])
-        self.opt_state = optim.load_state_dict(self.opt_state, ckpt["optimizer"])
+        if self.parallel is not None and self.parallel.sharded is not None:
+            full = optim.load_state_dict(self.optimizer.init(self.model.params()), ckpt["optimizer"])
+            self.opt_state = self.parallel.shard_state(full)
+        else:
+            self.opt_state = optim.load_state_dict(self.opt_state, ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
         set_random_states(self.model, ckpt["rng"])
         self.step = int(ckpt["step"])
@@ -264,7 +280,15 @@ class Trainer:
             if cb.state_key and cb.state_key in states:
                 cb.load_state_dict(states[cb.state_key])
 
+    def _full_opt_state(self):
+        return self.opt_state if self.parallel is None else self.parallel.full_state(self.opt_state)
+
     # ------------------------------------------------------------------------------------------ checks
+    def all_finite(self) -> bool:
+        """``check_finite`` on every rank of a data-parallel run, agreed (a collective there)."""
+        ok = self.check_finite()
+        return ok if self.parallel is None else self.parallel.all_true(ok)
+
     def check_finite(self) -> bool:
         """One host sync: are the epoch's loss sum, every parameter and every float buffer finite?"""
         tensors = list(self.model.params().values())
@@ -277,7 +301,7 @@ class Trainer:
     def _verify(self) -> bool:
         """Check finiteness; on success remember this state as the last good one and return True. On
         failure stop (raise NonFiniteError) or roll back, and return False."""
-        if self.check_finite():
+        if self.all_finite():
             self._good = self._snapshot()
             return True
         self._handle_nonfinite()
@@ -285,8 +309,12 @@ class Trainer:
 
     def _apply(self, step: int, grads: dict, hooks) -> None:
         params = self.model.params()
+        seen = grads if self.parallel is None else self.parallel.visible_grads(grads)
         for cb in hooks:
-            cb.on_gradients(self, step, grads, params)
+            cb.on_gradients(self, step, seen, params)
+        if self.parallel is not None:
+            self._apply_parallel(step, grads, hooks, params)
+            return
         if self.lr_scale == 1.0 and not any(uses(cb, "on_update") for cb in hooks):
             # Nobody reads the updates: one fused pass where the optimizer has one, as in train_step.
             with flush_subnormals:  # as in train_step: the moments decay into subnormals otherwise
@@ -299,6 +327,51 @@ class Trainer:
         for cb in hooks:
             cb.on_update(self, step, updates, params)
         optim.apply_updates(params, updates)
+
+    def _apply_parallel(self, step: int, grads: dict, hooks, params: dict) -> None:
+        """The update of a data-parallel step: the same arithmetic on every rank, whichever callbacks a rank
+        has (rank 0 may have more): readers of the update see the change of the weights it made."""
+        readers = [cb for cb in hooks if uses(cb, "on_update")]
+        before = {k: p.detach().clone() for k, p in params.items()} if readers else None
+        with flush_subnormals:
+            state = self.parallel.update(self.optimizer, params, grads, self.opt_state, step)
+            if state is not None:
+                self.opt_state = state
+            elif self.lr_scale == 1.0:
+                self.opt_state = optim.update_and_apply(self.optimizer, params, grads, self.opt_state)
+            else:
+                updates, self.opt_state = self.optimizer.update(grads, self.opt_state, params)
+                optim.apply_updates(params, as_lazy(updates, owned=False).scaled(self.lr_scale))
+        if readers:
+            updates = {k: before[k] - params[k] for k in params}
+            for cb in readers:
+                cb.on_update(self, step, updates, before)
+
+    def _parallel_step(self, step: int, xb, yb, checked: bool = False, wants_grads: bool = False):
+        """Forward and backward on this rank's part of the batch, gradients reduced over the ranks.
+
+        Returns:
+            (global mean loss, global correct count, global batch size, global gradients, problem) where
+            problem (with ``checked``) is the first non-finite value of any rank, the same on every rank.
+        """
+        par = self.parallel
+        n_global = self.loader.last_batch_size
+        par.begin(n_global, self._signal, wants_grads)
+        loss_fn = par.step_loss(self.loss_fn)  # hands the step's loss and counts to the first bucket
+        problem = None
+        # each rank's loss over the global denominator: its gradient is its share of the global one
+        if checked:
+            _, _, grads, problem = checked_gradients(self.model, loss_fn, xb, yb, self.precision,
+                                                     denominator=n_global)
+        else:
+            _, _, grads = compute_gradients(self.model, loss_fn, xb, yb, self.precision, denominator=n_global)
+        grads, loss_sum, correct, agreed = par.finish(grads, step)
+        if agreed is not None:
+            self._interrupt = int(agreed)
+        if checked:
+            found = par.gather_objects(problem, f"the replay of step {step}")
+            problem = next(({**p, "rank": r} for r, p in enumerate(found) if p is not None), None)
+        return loss_sum / n_global, correct, n_global, grads, problem
 
     def _locate(self, snap: dict, detected: int) -> dict | None:
         """Replay from ``snap`` step by step with every tensor checked; leave the state just before the
@@ -315,6 +388,9 @@ class Trainer:
                                                                      loader.num_samples, self.precision,
                                                                      checked=True)
                 n = loader.num_samples
+            elif self.parallel is not None:
+                xb, yb = next(iter(loader))
+                loss, correct, n, grads, problem = self._parallel_step(self.step + 1, xb, yb, checked=True)
             else:
                 xb, yb = next(iter(loader))
                 loss, correct, grads, problem = checked_gradients(self.model, self.loss_fn, xb, yb, self.precision)
@@ -347,7 +423,8 @@ class Trainer:
                 "update": f"the update made {diag['tensor']} non-finite (layer {diag['layer']}; its gradient "
                           f"was finite)",
             }[diag["where"]]
-            head = (f"non-finite loss or gradient at step {diag['step']} (epoch {diag['epoch']}, batch "
+            on_rank = f" on rank {diag['rank']}" if diag.get("rank") is not None else ""
+            head = (f"non-finite loss or gradient at step {diag['step']}{on_rank} (epoch {diag['epoch']}, batch "
                     f"{diag['batch']}; loss {diag['loss']:.4g}): {where}")
         params = self.model.params()
         peaks = torch.stack(torch._foreach_norm([p.float() for p in params.values()], ord=math.inf)).tolist()
@@ -363,6 +440,8 @@ class Trainer:
         message = self._describe_problem(diag, detected)
         info = {k: diag.get(k) for k in ("step", "layer", "tensor", "where")} if diag else \
             {"step": None, "layer": None, "tensor": None, "where": None}
+        if diag and diag.get("rank") is not None:
+            info["rank"] = diag["rank"]
         if self.on_nan == "rollback" and self.rollbacks < self.max_rollbacks:
             self._restore(snap)
             self.rollbacks += 1
@@ -382,9 +461,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
-        if self._interrupt is not None:
+        if self._signal is not None or self._interrupt is not None:
             raise KeyboardInterrupt
-        self._interrupt = signum
+        self._signal = signum
+        if self.parallel is None:  # a data-parallel run stops when every rank has heard of it (next step)
+            self._interrupt = signum
         what = "and saving a checkpoint" if self.saves_checkpoints else "(no checkpoint is configured)"
         self._notice(f"\n{signal.Signals(signum).name} received: finishing the current step {what} (send it "
                      f"again to stop at once)")
@@ -492,7 +573,11 @@ class Trainer:
         for xb, yb in loader:
             step = self.step + 1
             hooks = [cb for cb in grad_cbs if cb.wants_grads(step)] if grad_cbs else ()
-            if self.graph_steps is not None and not hooks and self.lr_scale == 1.0:
+            n = yb.shape[0]
+            if self.parallel is not None:
+                loss, correct, n, grads, _ = self._parallel_step(step, xb, yb, wants_grads=bool(hooks))
+                self._apply(step, grads, hooks)
+            elif self.graph_steps is not None and not hooks and self.lr_scale == 1.0:
                 # fp32 and bf16 alike: the recorded step holds the bf16 shadows' refresh too
                 loss, correct, self.opt_state = self.graph_steps.step(xb, yb, self.opt_state)
             elif fast and not hooks:
@@ -501,7 +586,6 @@ class Trainer:
                 loss, correct, grads = compute_gradients(model, loss_fn, xb, yb, self.precision)
                 self._apply(step, grads, hooks)
             self.step = step
-            n = yb.shape[0]
             self._loss_sum.add_(loss, alpha=n)
             self._correct.add_(correct)
             self._seen += n
@@ -541,7 +625,11 @@ class Trainer:
         seen = max(self._seen, 1)
         sums = torch.stack([self._loss_sum.double(), self._correct.double()]).tolist()
         loss, acc = sums[0] / seen, sums[1] / seen
-        if self.val_data is not None:
+        if self.val_data is not None and self.parallel is not None:
+            val_loss, val_acc = self.parallel.evaluate(
+                lambda x, y: evaluate(self.model, self.loss_fn, x, y, self.eval_batch_size, self.normalizer),
+                self.val_data[0], self.val_data[1])
+        elif self.val_data is not None:
             val_loss, val_acc = evaluate(self.model, self.loss_fn, self.val_data[0], self.val_data[1],
                                          self.eval_batch_size, self.normalizer)
         else:
