@@ -399,3 +399,21 @@ def test_a_rendezvous_that_never_completes_is_one_clear_error(data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert err.startswith("convdescent: error: rank 0 waited 3s at 127.0.0.1:") and "Traceback" not in err, err
+
+
+def test_cuda_workers_get_a_gpu_each_and_share_them_only_over_gloo(monkeypatch):
+    """NCCL needs one GPU per worker; gloo (CUDA tensors through host memory) lets workers share them in turn."""
+    from convdescent.distributed import DistributedError, World, worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    worlds = [World(rank=r, size=3, local_rank=r, local_size=3) for r in range(3)]
+    assert [worker_device("cuda", w, "gloo") for w in worlds] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [worker_device("cuda", w, "nccl") for w in worlds[:2]] == ["cuda:0", "cuda:1"]
+    for backend in ("nccl", "auto"):
+        with pytest.raises(DistributedError, match="only 2 CUDA devices.*--backend gloo"):
+            worker_device("cuda", worlds[2], backend)
+    assert worker_device("cpu", worlds[2], "auto") == "cpu"
+    assert worker_device("cuda", World(), "auto") == "cuda"  # one process: the device as given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DistributedError, match="no CUDA device"):
+        worker_device("cuda", worlds[0], "gloo")

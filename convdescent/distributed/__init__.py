@@ -59,8 +59,8 @@ def start_parallel(world: World, config: dict | None, resume=None) -> DataParall
     device = _early_setting("device", config, resume, "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = worker_device(device, world)
     backend = resolve_backend(_early_setting("backend", config, resume, "auto"), device)
+    device = worker_device(device, world, backend)
     init_world(world, backend, device)
     return DataParallel(world)
 

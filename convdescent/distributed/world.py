@@ -103,13 +103,24 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
-def worker_device(device: str, world: World) -> str:
-    """The device of this worker: each CUDA worker on its own GPU (cuda -> cuda:LOCAL_RANK)."""
+def worker_device(device: str, world: World, backend: str = "auto") -> str:
+    """The device of this worker: each CUDA worker on its own GPU (cuda -> cuda:LOCAL_RANK).
+
+    With NCCL every worker needs a GPU of its own (NCCL refuses two ranks on one device). Gloo moves CUDA
+    tensors through host memory, so with ``backend="gloo"`` workers beyond the machine's GPU count share
+    them in turn (cuda:LOCAL_RANK % count): slower than one GPU each, but it runs (and it is how two ranks are
+    tested on a machine with one GPU).
+    """
     if device == "cuda" and world.distributed:
         count = torch.cuda.device_count()
+        if count == 0:
+            raise DistributedError("--device cuda but torch sees no CUDA device; train on --device cpu")
         if world.local_rank >= count:
+            if backend == "gloo":  # auto means NCCL on CUDA
+                return f"cuda:{world.local_rank % count}"
             raise DistributedError(f"{world.local_size} workers on this machine but only {count} CUDA devices; "
-                                   f"start at most {count} per machine (--nproc / --nproc-per-node)")
+                                   f"start at most {count} per machine (--nproc / --nproc-per-node), or share "
+                                   f"the GPUs with --backend gloo")
         return f"cuda:{world.local_rank}"
     return device
 

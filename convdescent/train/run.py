@@ -293,7 +293,7 @@ def _resolve(config, resume, allow_change, out, world) -> tuple[dict, dict | Non
         if cfg["shard_optimizer"] and cfg["on_nan"] == "rollback":
             raise ConfigError("--on-nan rollback halves the learning rate of a running optimizer, which "
                               "--shard-optimizer does not support yet; use --on-nan stop with it")
-    cfg["device"] = worker_device(resolve_device(cfg["device"]), world)
+    cfg["device"] = worker_device(resolve_device(cfg["device"]), world, cfg["backend"])
     return cfg, ckpt, changes, run_path
 
 
@@ -318,7 +318,7 @@ def _setup(config, resume, run_dir, dataset, allow_change, out, world, par) -> _
                 raise _agreed_error(picked[1], world.rank)
             cfg, ckpt, changes, run_path = picked[0]
             cfg = dict(cfg, device=worker_device(resolve_device(
-                (config or {}).get("device") or cfg["device"].split(":")[0]), world))
+                (config or {}).get("device") or cfg["device"].split(":")[0]), world, cfg["backend"]))
         else:
             try:
                 cfg, ckpt, changes, run_path = _resolve(config, resume, allow_change, out, world)
