@@ -346,6 +346,58 @@ def test_a_signal_to_the_launcher_checkpoints_once_and_stops_every_worker(data, 
     assert summary["status"] == "interrupted" and saved["step"] == summary["steps"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--health-every", "1", "--clip-norm", "1.0"], ["--shard-optimizer"]],
+                         ids=["plain", "health_clip", "zero"])
+def test_a_non_finite_value_on_one_rank_stops_every_rank_with_one_message_naming_that_rank(tmp_path, extra):
+    """Only rank 1's part of the third global batch holds non-zero images, and conv1's weights (3e38, bias 0)
+    overflow to inf on any non-zero pixel while an all-zero image stays finite (``unit`` maps 0 to 0): every
+    rank must stop with the NaN exit status, and the one message must name rank 1, step 3 and conv1 (also
+    with the health monitor and global-norm clipping at every step, and with the optimizer state sharded)."""
+    import numpy as np
+
+    from convdescent.cli import EXIT_NONFINITE
+    from convdescent.train.checkpoint import save_checkpoint
+
+    n, batch, bad_step, seed = 48, 12, 3, 1
+    ids = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    parts = [[yb for _, yb in BatchLoader(ids, torch.arange(n), batch, seed=seed, shard=(r, 2))] for r in (0, 1)]
+    bad = parts[1][bad_step - 1]  # the examples rank 1 takes at step 3 (first epoch: 4 steps)
+    assert len(bad) == 6 and shard_bounds(batch, 1, 2) == (6, 12)
+    x = np.zeros((n, 1, 8, 8), np.uint8)
+    x[bad.numpy()] = 255
+    path = tmp_path / "one_rank.npz"
+    np.savez(path, x=x, y=np.arange(n) % 3, x_test=np.zeros((6, 1, 8, 8), np.uint8), y_test=np.arange(6) % 3)
+    data = f"npz:{path}"
+
+    # the starting weights: a one-step run whose conv1 is then set to overflow on any lit pixel
+    init = tmp_path / "init"
+    train_from_config(_base(data, val_split=0, steps=1, optimizer="sgd", lr=0.01), run_dir=init, display="quiet")
+    ckpt = init / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt)
+    state["model"]["conv1.weight"] = torch.full_like(state["model"]["conv1.weight"], 3e38)
+    state["model"]["conv1.bias"] = torch.zeros_like(state["model"]["conv1.bias"])
+    save_checkpoint(ckpt, state)
+
+    t0 = time.monotonic()
+    proc = _cli(["--dataset", data, "--val-split", "0", "--batch-size", str(batch), "--steps", "8", "--seed",
+                 str(seed), "--optimizer", "sgd", "--lr", "0.01", "--init-from", str(init), "--checkpoint", "last",
+                 "--nan-check-every", "4", "--checkpoint-every", "2", "--health-every", "0", "--log-every", "0",
+                 "--normalize", "unit", "--nproc", "2", "--quiet", "--no-report", "--out", str(tmp_path / "runs"), *extra],
+                timeout=150)
+    took = time.monotonic() - t0
+    err = proc.stderr
+    assert proc.returncode == EXIT_NONFINITE and took < 120, (proc.returncode, took, err[-3000:])
+    stops = [ln for ln in err.splitlines() if ln.startswith("convdescent: training stopped:")]
+    assert len(stops) == 1 and err.count("training stopped") == 1, err[-3000:]
+    assert "at step 3 on rank 1 " in stops[0] and "conv1" in stops[0], stops[0]
+    assert "Traceback" not in err, err[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")  # the last good state: step 2, finite weights
+    assert saved["step"] == 2, saved["step"]
+    assert all(bool(torch.isfinite(t).all()) for t in saved["model"].values())
+    assert float(saved["model"]["conv1.weight"].max()) == pytest.approx(3e38, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- clear errors
 
 def test_a_batch_size_the_processes_do_not_divide_is_one_clear_error(data, tmp_path):
