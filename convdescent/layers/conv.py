@@ -199,7 +199,7 @@ class Conv2D(Layer):
         cols = self.im2col(xp, ho, wo)
         if self.groups > 1:
             out = self._grouped_forward(cols)
-            self._cache = (cols, shape, pads, (ho, wo), None)
+            self._cache = (cols if self.trainable else None, shape, pads, (ho, wo), None)
             return out.view(shape[0], ho, wo, self.filters).permute(0, 3, 1, 2)
         wmat = self.params["weight"].reshape(self.filters, cols.shape[1])
         if self.use_bias:
@@ -207,8 +207,9 @@ class Conv2D(Layer):
         else:
             out = cols @ wmat.t()
         # the cache: the patches, the shapes, and a padded input to lay the patches out from when they are
-        # None (the fused conv + max-pool node of ``convdescent.plan`` hands over only the input)
-        self._cache = (cols, shape, pads, (ho, wo), None)
+        # None (the fused conv + max-pool node of ``convdescent.plan`` hands over only the input); a frozen
+        # conv's backward needs no patches (dL/dx reads only the weights)
+        self._cache = (cols if self.trainable else None, shape, pads, (ho, wo), None)
         return out.view(shape[0], ho, wo, self.filters).permute(0, 3, 1, 2)
 
     # Fused with a following max-pool when a patch has at most this many entries (C*kh*kw): the product per
@@ -225,24 +226,25 @@ class Conv2D(Layer):
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
         cols, (n, c, h, w), (pt, pb, pl, pr), (ho, wo), xp = self._cache
         self._cache = None
-        if cols is None:  # the fused forward read the patches from the input directly
-            cols = self.im2col(xp, ho, wo)
         kh, kw = self.kernel_size
         sh, sw = self.stride
         dh, dw = self.dilation
         f, g = self.filters, self.groups
-        d = dy.permute(0, 2, 3, 1).reshape(n * ho * wo, f)  # delta, one row per output position
-        if self.use_bias:
-            self.grads["bias"] = d.sum(0)
-        if g == 1:
-            # dW[f, (c,k,l)] = sum_rows delta[row, f] * cols[row, (c,k,l)]
-            self.grads["weight"] = (cols.t() @ d).t().reshape(f, c, kh, kw)
-        else:
-            # the same product within each group: dW[group g] = delta[:, group g]^T cols[:, block g]
-            m, k_g, fg = n * ho * wo, c // g * kh * kw, f // g
-            d_g = d.reshape(m, g, fg).transpose(0, 1)                     # (G, M, Fg)
-            cols_g = cols.t().reshape(g, k_g, m)                          # (G, K, M)
-            self.grads["weight"] = torch.bmm(cols_g, d_g).transpose(1, 2).reshape(f, c // g, kh, kw)
+        m, k_g, fg = n * ho * wo, c // g * kh * kw, f // g
+        d = dy.permute(0, 2, 3, 1).reshape(m, f)  # delta, one row per output position
+        d_g = d.reshape(m, g, fg).transpose(0, 1) if g > 1 else None  # (G, M, Fg)
+        if self.trainable:  # a frozen conv passes dL/dx on and leaves dW, db alone
+            if cols is None:  # the fused forward read the patches from the input directly
+                cols = self.im2col(xp, ho, wo)
+            if self.use_bias:
+                self.grads["bias"] = d.sum(0)
+            if g == 1:
+                # dW[f, (c,k,l)] = sum_rows delta[row, f] * cols[row, (c,k,l)]
+                self.grads["weight"] = (cols.t() @ d).t().reshape(f, c, kh, kw)
+            else:
+                # the same product within each group: dW[group g] = delta[:, group g]^T cols[:, block g]
+                cols_g = cols.t().reshape(g, k_g, m)                          # (G, K, M)
+                self.grads["weight"] = torch.bmm(cols_g, d_g).transpose(1, 2).reshape(f, c // g, kh, kw)
         if not self.needs_input_grad:
             return None
         # dcols[row, (c,k,l)] = sum_f delta[row, f] * w[f, (c,k,l)] over the filters of c's group; then

@@ -43,6 +43,7 @@ from .trainer import NonFiniteError, Trainer, TrainingInterrupted, display_callb
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.toml"  # a model-file run's network, written out
 REPORT_FILE = "report.html"
 
 
@@ -108,8 +109,11 @@ def _cuda_settings(cfg: dict) -> str:
             f"CUDA graph {'on' if cfg['cuda_graph'] else 'off'})")
 
 
-def _build(cfg: dict, dataset=None, normalizer_dict=None):
-    """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration."""
+def _build(cfg: dict, dataset=None, normalizer_dict=None, model_config=None):
+    """Dataset, normalizer, model, loss, optimizer and loader for a resolved configuration.
+
+    ``model_config`` (a resumed checkpoint's) rebuilds a model-file network without reading the file, which
+    may have been edited or deleted since: the checkpoint holds the architecture that was trained."""
     from ..data import BatchLoader, Normalizer, load_dataset, make_augment
     from ..losses import make_loss
     from ..models import make_model
@@ -127,7 +131,12 @@ def _build(cfg: dict, dataset=None, normalizer_dict=None):
         normalizer = Normalizer.from_data(dataset.x_train)
     else:
         normalizer = Normalizer.unit()
-    model = make_model(cfg["model"], dataset.input_shape, dataset.num_classes, seed=cfg["seed"], device=device)
+    if model_config is not None and str(cfg["model"]).startswith("file:"):
+        from ..model import Sequential
+
+        model = Sequential.from_config(model_config, seed=cfg["seed"], device=device)
+    else:
+        model = make_model(cfg["model"], dataset.input_shape, dataset.num_classes, seed=cfg["seed"], device=device)
     if cfg["loss"] == "cross_entropy":
         loss = make_loss("cross_entropy", label_smoothing=cfg["label_smoothing"])
     else:
@@ -163,6 +172,7 @@ def _init_and_freeze(cfg: dict, model, fresh: bool) -> list[str]:
         lines += init_from_run(model, cfg["init_from"], cfg["init_checkpoint"]).lines()
     if cfg["freeze"]:
         names = frozen_params(model, cfg["freeze"])
+        model.freeze(names)  # their layers' backward computes no parameter gradients (see model.plan())
         lines.append(f"Frozen: {len(names)} parameter tensors ({', '.join(names)}) are not updated")
     return lines
 
@@ -231,7 +241,7 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
     torch.manual_seed(cfg["seed"])
     try:
         dataset, normalizer, model, loss, optimizer, loader, val = _build(
-            cfg, dataset, ckpt.get("normalizer") if ckpt else None)
+            cfg, dataset, ckpt.get("normalizer") if ckpt else None, ckpt.get("model_config") if ckpt else None)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
@@ -292,6 +302,15 @@ def train_from_config(config: dict | None = None, callbacks: Iterable[Callback] 
             truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
         header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
         atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+        if ckpt is None and str(cfg["model"]).startswith("file:"):
+            from ..model_file import model_to_toml
+
+            # the trained network in the run itself: resume, evaluate and export read the checkpoint's copy
+            # of it, and this file trains it again after the original was edited or deleted
+            source = cfg["model"][len("file:"):]
+            atomic_write_text(run_path / MODEL_FILE, model_to_toml(model, header=(
+                f"the network of this run, from {source}; train it again with: convdescent train "
+                f"--model-file {MODEL_FILE}")))
     except (OutputWriteError, OSError) as e:
         if ckpt is None and made_dir:
             with contextlib.suppress(OSError):
