@@ -238,7 +238,7 @@ class ConvPool(Node):
         # a frozen conv's backward below computes dL/dx only, without laying out the patches
         n, f = shape[0], self.conv.filters
         dz = backward_by_code(dy, code, (n, f, ho, wo), self.pool.pool_size, self.pool.stride)
-        self.conv.put_cache((None, shape, pads, (ho, wo), xp))  # the conv lays out its patches from xp
+        self.conv.put_cache(("padded", xp, shape, pads, (ho, wo)))  # dW from the padded input
         return self.conv.backward(dz)
 
     def _fused_backward(self, dy, xp, code, shape) -> bool:
@@ -260,7 +260,7 @@ class ConvPool(Node):
                     po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
         if failed:
             return False
-        conv.grads["weight"] = dwt.t().reshape(f, c, kh, kw)  # the layout the conv's backward gives it
+        conv.grads["weight"] = dwt.t().reshape(f, c, kh, kw).contiguous()  # the layout the conv's backward gives
         if db is not None:
             conv.grads["bias"] = db
         return True

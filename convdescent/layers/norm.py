@@ -124,15 +124,16 @@ class _BatchNorm(Layer):
                                  f"training mode, got input of shape {tuple(x.shape)}; use a batch of at least 2")
             mean = x.mean(dim=dims)
             centered = x - self._view(mean, x)
-            var = (centered * centered).mean(dim=dims)
+            # the mean of the squares without writing them out (a norm is one reading pass)
+            var = torch.linalg.vector_norm(centered, dim=dims).square_().div_(m)
             self._update_running(mean, var, m)
         else:
             mean, var = self.running_mean, self.running_var
             centered = x - self._view(mean, x)
         r = torch.rsqrt(var + self.eps)
-        xhat = centered * self._view(r, x)
+        xhat = centered.mul_(self._view(r, x))  # in place: centered is this forward's own tensor
         self._cache = (xhat, r, batch)
-        return xhat * self._view(weight, x) + self._view(bias, x)
+        return torch.addcmul(self._view(bias, x), xhat, self._view(weight, x))
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
@@ -159,11 +160,15 @@ class _BatchNorm(Layer):
         self.grads["bias"] = dbias
         if not self.needs_input_grad:
             return None
-        scale = self._view(weight * r, dy)
+        scale = weight * r
         if not batch:
-            return dy * scale
+            return dy * self._view(scale, dy)
         m = dy.numel() // dy.shape[1]
-        return (scale / m) * (m * dy - self._view(dbias, dy) - xhat * self._view(dweight, dy))
+        # the formula above as dy * scale + xhat * k2 + k3 with per-channel k2, k3: two passes over the map
+        k2 = scale * dweight / -m
+        k3 = scale * dbias / -m
+        dx = torch.addcmul(self._view(k3, dy), xhat, self._view(k2, dy))
+        return dx.addcmul_(dy, self._view(scale, dy))
 
     # -- description -------------------------------------------------------------------------
     def get_config(self):
