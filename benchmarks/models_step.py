@@ -2,7 +2,9 @@
 
 Both sides start from the same weights and train on the same batches: ours with the explicit backward and the
 fused Adam step (``train_step``), PyTorch with autograd and ``torch.optim.Adam``. Rounds alternate between the
-two so a machine whose speed drifts (shared cores) slows both alike; the ratio is the figure to read.
+two so a machine whose speed drifts (shared cores) slows both alike; the ratio is the figure to read. Besides
+the medians it prints the fastest round of each side: on cores shared with other work, the least disturbed
+rounds are the steadier comparison.
 
     python benchmarks/models_step.py --models resnet8,mobilenet_tiny --rounds 3 --steps 3
 """
@@ -74,7 +76,8 @@ def main(argv=None) -> None:
     steps_per_epoch = -(-args.train_images // args.batch_size)
     print(f"batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, torch threads "
           f"{torch.get_num_threads()}; epoch = {steps_per_epoch} steps")
-    print(f"{'model':<16}{'ours s/step':>12}{'torch s/step':>14}{'ours/torch':>12}{'ours s/epoch':>14}")
+    print(f"{'model':<16}{'ours s/step':>12}{'torch s/step':>14}{'ours/torch':>12}{'ours s/epoch':>14}"
+          f"{'ours min':>10}{'torch min':>11}{'min ratio':>11}")
     for name in names:
         ours_model = make_model(name, shape, 10, seed=0)
         net = ours_model.to_torch()
@@ -83,7 +86,9 @@ def main(argv=None) -> None:
             ours.append(time_ours(ours_model, batches))
             theirs.append(time_torch(net, batches))
         o, t = statistics.median(ours), statistics.median(theirs)
-        print(f"{name:<16}{o:>12.3f}{t:>14.3f}{o / t:>12.2f}{o * steps_per_epoch:>14.0f}")
+        lo, lt = min(ours), min(theirs)
+        print(f"{name:<16}{o:>12.3f}{t:>14.3f}{o / t:>12.2f}{o * steps_per_epoch:>14.0f}"
+              f"{lo:>10.3f}{lt:>11.3f}{lo / lt:>11.2f}")
 
 
 if __name__ == "__main__":

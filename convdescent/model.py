@@ -126,6 +126,64 @@ class Sequential:
             visit(layer, "")
         return found
 
+    # -- frozen layers -----------------------------------------------------------------------
+    def select_params(self, patterns, what: str = "freeze") -> list[str]:
+        """The qualified parameter names selected by layer names or prefixes.
+
+        A pattern selects a parameter when it equals its name, a dotted prefix of it (``residual1`` selects
+        ``residual1.conv1.weight``; ``conv1`` selects ``conv1.weight`` and ``conv1.bias``), or, ending in
+        ``*``, when the name starts with the rest (``conv*``). ``patterns`` is a list or a comma-separated
+        string.
+
+        Raises:
+            ValueError: a pattern selects no parameter (the message, which starts with ``what``, lists the
+                layers that have some).
+        """
+        items = patterns.split(",") if isinstance(patterns, str) else list(patterns or [])
+        names = list(self.params())
+        chosen: list[str] = []
+        for pattern in (p.strip() for p in items):
+            if not pattern:
+                continue
+            if pattern.endswith("*"):
+                hits = [n for n in names if n.startswith(pattern[:-1])]
+            else:
+                hits = [n for n in names if n == pattern or n.startswith(pattern + ".")]
+            if not hits:
+                layers = sorted({n.rsplit(".", 1)[0] for n in names})
+                raise ValueError(f"{what} {pattern!r} matches no parameter of model '{self.name}'; its layers "
+                                 f"with parameters are {', '.join(layers)}")
+            chosen += [n for n in hits if n not in chosen]
+        return chosen
+
+    def freeze(self, patterns) -> list[str]:
+        """Freeze the layers whose parameters ``patterns`` select (see ``select_params``); returns the names.
+
+        A layer all of whose parameters are selected gets ``trainable = False``: its backward computes only
+        dL/dx, a batch norm among them normalizes with its running statistics and stops updating them, and
+        the plan's backward stops at the first node with trainable parameters (``plan()`` says where). The
+        optimizer must leave the returned parameters alone: wrap it in ``optim.masked.freeze(opt, names)``
+        (``--freeze`` does), or weight decay would still move them. A layer only some of whose parameters
+        are selected stays trainable (only the optimizer keeps those fixed).
+        """
+        names = self.select_params(patterns)
+        chosen = set(names)
+        for qname, layer in self.all_layers():
+            own = [f"{qname}.{key}" for key in layer.params]
+            if own and all(n in chosen for n in own):
+                layer.trainable = False
+        return names
+
+    def unfreeze(self) -> None:
+        """Make every layer trainable again."""
+        for _, layer in self.all_layers():
+            if not layer.trainable:
+                layer.trainable = True
+
+    def frozen_layers(self) -> list[str]:
+        """Qualified names of the frozen layers that have parameters."""
+        return [name for name, layer in self.all_layers() if layer.params and not layer.trainable]
+
     # -- the execution plan and hooks -------------------------------------------------------
     def set_fusion(self, enabled: bool) -> bool:
         """Turn fused plan nodes (conv+pool passes, the ReLU after max-pool) on or off; returns the old value.
@@ -172,7 +230,7 @@ class Sequential:
         """The execution plan the next forward runs (``print(model.plan())`` describes it)."""
         self._require_built()
         key = (self.hooks.version, self.fusion, self.chunk_size, native.enabled(), self.input_shape,
-               tuple(map(id, self.layers)))
+               tuple(map(id, self.layers)), tuple(layer.trainable for _, layer in self.all_layers()))
         if key != self._plan_key:
             self._plan = compile_plan(self.layers, self.hooks, self.fusion, self.chunk_size)
             self._plan_key = key

@@ -40,8 +40,10 @@ from .layers.residual import Residual
 
 
 def layer_grads(name: str, layer: Layer) -> dict[str, torch.Tensor]:
-    """The layer's own parameter gradients keyed by qualified name (nested layers' are theirs to report)."""
-    return {f"{name}.{key}": layer.grads[key] for key in layer.params if key in layer.grads}
+    """The layer's own parameter gradients keyed by qualified name (nested layers' are theirs to report);
+    a frozen layer's are its zeros."""
+    grads = layer.param_grads()
+    return {f"{name}.{key}": grads[key] for key in layer.params if key in grads}
 
 
 class Node:
@@ -82,6 +84,27 @@ class Node:
         for name, layer, fn in self.backward_hooks:
             fn(name, layer, layer_grads(name, layer))
 
+    def skip_backward(self) -> None:
+        """What a node before the plan's backward stop does instead of its backward: drop its cache and call
+        its after_backward hooks (every member is frozen or has no parameters, so its grads are final)."""
+        self.clear_cache()
+        if self.backward_hooks:
+            self.fire_backward()
+
+    def has_trainable(self) -> bool:
+        """Whether backward computes parameter gradients here (a member with trainable parameters)."""
+        return any(layer.has_trainable() for _, layer in self.members)
+
+    def frozen_note(self) -> str:
+        """", frozen" when every member with parameters is frozen, ", frozen: a, b" when some are."""
+        with_params = [(n, layer) for n, layer in self.members if layer.params]
+        frozen = [n for n, layer in with_params if not layer.trainable]
+        if not frozen:
+            return ""
+        if len(frozen) == len(with_params):
+            return ", frozen (dL/dx only)"
+        return f", frozen: {', '.join(frozen)} (dL/dx only)"
+
     def layers(self) -> list[Layer]:
         return [layer for _, layer in self.members]
 
@@ -97,7 +120,7 @@ class Node:
             layer.clear_cache()
 
     def describe(self) -> str:
-        return f"{self.label}: {self.how}"
+        return f"{self.label}: {self.how}{self.frozen_note()}"
 
 
 class LayerNode(Node):
@@ -209,11 +232,13 @@ class ConvPool(Node):
         if cache[0] == "layers":
             return self.conv.backward(self.pool.backward(dy))
         _, xp, code, shape, pads, (ho, wo) = cache
-        if not self.conv.needs_input_grad and self._fused_backward(dy, xp, code, shape):
-            return None
+        if not self.conv.needs_input_grad:
+            if not self.conv.trainable or self._fused_backward(dy, xp, code, shape):
+                return None
+        # a frozen conv's backward below computes dL/dx only, without laying out the patches
         n, f = shape[0], self.conv.filters
         dz = backward_by_code(dy, code, (n, f, ho, wo), self.pool.pool_size, self.pool.stride)
-        self.conv.put_cache((None, shape, pads, (ho, wo), xp))  # the conv lays out its patches from xp
+        self.conv.put_cache(("padded", xp, shape, pads, (ho, wo)))  # dW from the padded input
         return self.conv.backward(dz)
 
     def _fused_backward(self, dy, xp, code, shape) -> bool:
@@ -235,7 +260,7 @@ class ConvPool(Node):
                     po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
         if failed:
             return False
-        conv.grads["weight"] = dwt.t().reshape(f, c, kh, kw)  # the layout the conv's backward gives it
+        conv.grads["weight"] = dwt.t().reshape(f, c, kh, kw).contiguous()  # the layout the conv's backward gives
         if db is not None:
             conv.grads["bias"] = db
         return True
@@ -284,6 +309,15 @@ class ResidualNode(Node):
     def backward(self, dy):
         skip = self.skip.backward if self.skip is not None else None
         return self.block.backward_through(dy, self.body.backward, skip)
+
+    def skip_backward(self) -> None:
+        self.body.skip_backward()
+        if self.skip is not None:
+            self.skip.skip_backward()
+        super().skip_backward()
+
+    def has_trainable(self) -> bool:
+        return self.block.has_trainable()
 
     def take_cache(self):
         raise RuntimeError("a Residual block never runs in chunks (it is not sample-wise)")
@@ -334,10 +368,17 @@ FUSION_RULES = [_conv_pool, _pool_relu]
 class Plan:
     """The compiled nodes of a list of layers, run forward in order and backward in reverse.
 
+    Frozen layers (``trainable = False``) compute only dL/dx in their backward. When nobody asks for the
+    plan's input gradient (the first layer's ``needs_input_grad`` is False, as in training), backward stops
+    at the first node with trainable parameters (``first_trainable``): that node computes no dL/dx and the
+    nodes before it run forward only (their caches are dropped and their after_backward hooks called with
+    their zero gradients).
+
     Attributes:
         nodes: every node in order; the first ``len(head)`` form the chunked stage (when ``head`` is non-empty).
         head: the nodes that run chunk by chunk for batches larger than ``chunk_size``.
         notes: why a fusion did not happen (a hook that needs a layer's own output).
+        first_trainable: index of the first node with trainable parameters (``len(nodes)`` when none has).
     """
 
     def __init__(self, nodes: list[Node], head_count: int, chunk_size: int, notes: list[str], settings: dict):
@@ -347,7 +388,14 @@ class Plan:
         self.chunk_size = chunk_size
         self.notes = notes
         self.settings = settings
+        self.first_trainable = next((i for i, node in enumerate(nodes) if node.has_trainable()), len(nodes))
         self._chunks = None  # (per-chunk caches, chunk sizes) of a chunked forward
+
+    def backward_start(self) -> int:
+        """Index of the last node the next backward runs (0: all; ``len(nodes)``: none)."""
+        if not self.nodes or self.nodes[0].members[0][1].needs_input_grad:
+            return 0
+        return self.first_trainable
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """Run every node; returns the last node's output. Keeps what ``backward`` needs."""
@@ -364,24 +412,46 @@ class Plan:
         return _run(self.nodes, x, train)
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
-        """Propagate dL/doutput back through every node; after_backward hooks fire as grads become final."""
+        """Propagate dL/doutput back through the nodes from the last to ``backward_start()``; after_backward
+        hooks fire as grads become final (those of the nodes before the start after the start's)."""
         chunks, self._chunks = self._chunks, None
-        if chunks is None:
-            return _run_back(self.nodes, dy)
-        dy = _run_back(self.rest, dy)
+        stop = self.backward_start()
+        if stop >= len(self.nodes):  # nothing trainable and no input gradient wanted
+            self._skip(self.nodes)
+            return None
+        first = self.nodes[stop].members[0][1]
+        wanted = first.needs_input_grad
+        first.needs_input_grad = wanted and stop == 0  # the start node's input gradient has no reader
+        try:
+            if chunks is None:
+                dx = _run_back(self.nodes[stop:], dy)
+            else:
+                k = len(self.head)
+                dx = _run_back(self.rest[max(stop - k, 0):], dy)
+                if stop < k:
+                    dx = self._chunked_backward(dx, chunks, stop)
+        finally:
+            first.needs_input_grad = wanted
+        self._skip(self.nodes[:stop])
+        return dx
+
+    def _chunked_backward(self, dy: torch.Tensor, chunks, stop: int) -> torch.Tensor | None:
+        """The chunked stage's backward from its last node down to node ``stop``, chunk by chunk; the
+        parameter gradients of its trainable layers summed over the chunks."""
+        head = self.head[stop:]
         # Chunks of a gradient laid out batch-innermost (Dense's dx comes transposed) would be read with long
         # strides by every chunked layer; one copy first is cheaper (measured at batch 128).
         dy = dy.contiguous()
-        layers = [layer for node in self.head for layer in node.layers()]
+        layers = [layer for node in head for layer in node.layers() if layer.trainable]
         sums: list[dict[str, torch.Tensor]] = [{} for _ in layers]
         dxs = []
         start = 0
         for cache, size in zip(*chunks):
-            for node, c in zip(self.head, cache):
+            for node, c in zip(head, cache[stop:]):
                 node.put_cache(c)
             d = dy[start:start + size]
             start += size
-            for node in reversed(self.head):
+            for node in reversed(head):
                 d = node.backward(d)
             dxs.append(d)
             for acc, layer in zip(sums, layers):
@@ -392,11 +462,21 @@ class Plan:
                         acc[key] = g
         for acc, layer in zip(sums, layers):
             layer.grads.update(acc)
-        for node in reversed(self.head):
+        for node in reversed(head):
             node.fire_backward()
         if dxs[0] is None:
             return None
         return torch.cat(dxs)
+
+    def skip_backward(self) -> None:
+        """Drop every cache and call every after_backward hook, running no backward (a frozen block)."""
+        self._chunks = None
+        self._skip(self.nodes)
+
+    @staticmethod
+    def _skip(nodes: list[Node]) -> None:
+        for node in reversed(nodes):
+            node.skip_backward()
 
     def clear_cache(self) -> None:
         self._chunks = None
@@ -415,6 +495,13 @@ class Plan:
             lines.append(f"  chunked stage: {', '.join(n.label for n in self.head)} run in chunks of "
                          f"{self.chunk_size} examples when the batch is larger (a conv writes its whole map); "
                          f"after_forward hooks there see one chunk at a time")
+        first = self.first_trainable
+        if first >= len(self.nodes) and self.nodes:
+            lines.append("  no trainable parameters: backward computes nothing unless dL/dinput is asked for")
+        elif first:
+            lines.append(f"  backward stops at {self.nodes[first].label} (the first node with trainable "
+                         f"parameters; no dL/dx there): {', '.join(n.label for n in self.nodes[:first])} "
+                         f"run forward only, unless dL/dinput is asked for")
         lines += [f"  {note}" for note in self.notes]
         return lines
 

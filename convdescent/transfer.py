@@ -94,25 +94,9 @@ def split_names(spec) -> list[str]:
 
 
 def frozen_params(model: Sequential, patterns) -> list[str]:
-    """The qualified parameter names selected by layer names or prefixes.
-
-    A pattern selects a parameter when it equals its name, a dotted prefix of it (``residual1`` selects
-    ``residual1.conv1.weight``; ``conv1`` selects ``conv1.weight`` and ``conv1.bias``), or, ending in ``*``,
-    when the name starts with the rest (``conv*``).
+    """The qualified parameter names selected by layer names or prefixes (``Sequential.select_params``).
 
     Raises:
         ValueError: a pattern selects no parameter (the message lists the layers that have some).
     """
-    names = list(model.params())
-    chosen: list[str] = []
-    for pattern in split_names(patterns):
-        if pattern.endswith("*"):
-            hits = [n for n in names if n.startswith(pattern[:-1])]
-        else:
-            hits = [n for n in names if n == pattern or n.startswith(pattern + ".")]
-        if not hits:
-            layers = sorted({n.rsplit(".", 1)[0] for n in names})
-            raise ValueError(f"--freeze {pattern!r} matches no parameter of model '{model.name}'; its layers with "
-                             f"parameters are {', '.join(layers)}")
-        chosen += [n for n in hits if n not in chosen]
-    return chosen
+    return model.select_params(split_names(patterns), what="--freeze")

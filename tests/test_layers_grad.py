@@ -432,6 +432,11 @@ TORCH_OPS = {f"{name} (torch ops)": name for name in ("MaxPool2D", "Conv2D")}
 for _label, _name in TORCH_OPS.items():
     CASES[_label] = [Case(c.id + "-torchops", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
                           c.seed, c.extra) for c in CASES[_name]]
+# Conv2D runs on torch's convolution primitives; the same cases run again on its patches-only reference.
+PATCHES = {f"{name} (patches)": name for name in ("Conv2D", "Conv2D (groups, dilation)")}
+for _label, _name in PATCHES.items():
+    CASES[_label] = [Case(c.id + "-patches", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
+                          c.seed, c.extra) for c in CASES[_name]]
 # Dense runs its products in native kernels only for large weights; these cases lower that threshold to zero
 # so the same small shapes go through the native path too.
 CASES["Dense (native)"] = [Case(c.id + "-native", c.make, c.input_shape, c.batch, c.train, c.x_kind, c.max_kinks,
@@ -451,6 +456,8 @@ def kernels_for_case(request, monkeypatch):
     params = getattr(request.node, "callspec", None)
     name = params.params.get("layer_name") if params is not None else None
     torch_ops = name in TORCH_OPS
+    if name in PATCHES:
+        monkeypatch.setattr(Conv2D, "USE_PRIMITIVES", False)
     if NATIVE_OFF:
         assert native.library() is None and "CONVDESCENT_NATIVE=0" in native.status()
         if name == "Dense (native)":

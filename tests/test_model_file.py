@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -136,3 +137,44 @@ def test_model_file_trains_exactly_as_the_named_model(tmp_path, capsys):
         assert torch.equal(b.model.state_dict()[key], value), key
     assert convdescent_main(common + ["--model-file", str(tmp_path / "none.toml")]) == 2
     assert "model file" in capsys.readouterr().err
+
+
+def test_a_model_file_run_needs_the_file_no_more(tmp_path, capsys):
+    """Resume, load_run, evaluate and export read the run itself after the model file is deleted or edited."""
+    from convdescent.data.synthetic import write_npz_dataset
+    from convdescent.model_file import load_model_file
+    from convdescent.train.run import load_run
+
+    npz = tmp_path / "syn.npz"
+    write_npz_dataset(npz, n=48, num_classes=3, shape=(1, 10, 10), seed=4)
+    assert convdescent_main(["models", "--show", "resnet8", "--toml", "--input-shape", "1,10,10",
+                             "--classes", "3"]) == 0
+    net = tmp_path / "net.toml"
+    net.write_text(capsys.readouterr().out)
+    common = ["--log-every", "0", "--no-report", "--quiet"]
+    out = tmp_path / "runs"
+    assert convdescent_main(["train", "--dataset", f"npz:{npz}", "--model-file", str(net), "--steps", "2",
+                             "--batch-size", "8", "--val-split", "8", "--out", str(out), *common]) == 0
+    (run,) = out.iterdir()
+    copy = run / "model.toml"
+    assert copy.is_file()
+    assert load_model_file(copy, (1, 10, 10), 3).get_config()["layers"] == load_run(run, "last").model.get_config()["layers"]
+    net.write_text("this is not TOML [")  # edited into something unreadable ...
+    assert convdescent_main(["train", "--resume", str(run), "--steps", "4", *common]) == 0
+    net.unlink()  # ... and deleted
+    capsys.readouterr()
+    assert load_run(run, "last").summary["steps"] == 4
+    assert convdescent_main(["train", "--resume", str(run), "--steps", "5", *common]) == 0
+    assert load_run(run, "last").summary["steps"] == 5
+    capsys.readouterr()
+    assert convdescent_main(["evaluate", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] > 0 and 0.0 <= result["acc"] <= 1.0
+    exported = tmp_path / "m.pt"
+    assert convdescent_main(["export", str(run), "--format", "torchscript", "--out", str(exported)]) == 0
+    pixels = torch.zeros((2, 1, 10, 10))
+    assert torch.jit.load(str(exported))(pixels).shape == (2, 3)
+    # the copy trains the same network again
+    assert convdescent_main(["train", "--dataset", f"npz:{npz}", "--model-file", str(copy), "--steps", "1",
+                             "--batch-size", "8", "--val-split", "8", "--out", str(tmp_path / "again"),
+                             *common]) == 0

@@ -299,7 +299,10 @@ def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, 
     else:
         assert dx1 is None and dx2 is None
     for k in g1:
-        assert g1[k].stride() == g2[k].stride(), k
+        if k.startswith("conv"):  # the weight's own layout on both paths (size-1 axes may differ in stride)
+            assert g1[k].is_contiguous() and g2[k].is_contiguous(), k
+        else:
+            assert g1[k].stride() == g2[k].stride(), k
         torch.testing.assert_close(g1[k], g2[k], rtol=tol, atol=tol)
 
 

@@ -321,7 +321,14 @@ def initial_weights(run, init_seed: int | None = None) -> tuple[dict, str]:
         return {k: state[k] for k in own}, f"checkpoint {init_path}"
     seed = run.config.get("seed", 0) if init_seed is None else init_seed
     name = run.config.get("model")
-    fresh = make_model(name, run.model.input_shape, run.model.output_shape[-1], seed=seed)
+    if str(name).startswith("file:"):
+        # a model file draws its weights as Sequential.from_config of its layers does: the run's own
+        # architecture rebuilds them even when the file has been edited or deleted since
+        from ..model import Sequential
+
+        fresh = Sequential.from_config(run.model.get_config(), seed=seed)
+    else:
+        fresh = make_model(name, run.model.input_shape, run.model.output_shape[-1], seed=seed)
     if fresh.get_config()["layers"] != run.model.get_config()["layers"]:
         raise ValueError(f"rebuilding model {name!r} does not give the run's architecture, so its initial "
                          f"weights cannot be recreated from the seed")

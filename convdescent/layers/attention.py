@@ -147,9 +147,10 @@ class MultiHeadSelfAttention(Layer):
         dq = (ds @ k).mul_(scale)
         dk = (ds.transpose(-1, -2) @ q).mul_(scale)
         dqkv = torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(n * t, 3 * d)
-        self.grads["in_proj_weight"] = dqkv.t() @ x2
-        if self.use_bias:
-            self.grads["in_proj_bias"] = dqkv.sum(0)
+        if self.trainable:  # frozen: dL/dx only (out_proj follows its own flag)
+            self.grads["in_proj_weight"] = dqkv.t() @ x2
+            if self.use_bias:
+                self.grads["in_proj_bias"] = dqkv.sum(0)
         if not self.needs_input_grad:
             return None
         return (dqkv @ self.params["in_proj_weight"]).view(n, t, d)

@@ -27,6 +27,9 @@ class Layer:
         name: unique name inside a model (``conv1``), given by ``Sequential`` when not set.
         needs_input_grad: when False (the first layer of a model), ``backward`` may skip dL/dx
             and return None; this saves the most expensive part of the first conv's backward.
+        trainable: when False (a frozen layer, ``Sequential.freeze``), ``backward`` computes only dL/dx and
+            leaves dL/dparams alone: ``param_grads()`` then gives zeros that no backward overwrites. Layers
+            with statistics of their own (batch norm) also stop updating them and normalize with them.
     """
 
     kind = "layer"
@@ -43,6 +46,7 @@ class Layer:
         self.input_shape: Shape | None = None
         self.output_shape: Shape | None = None
         self.needs_input_grad = True
+        self._trainable = True
         self.training = False
         self._cache = None  # what forward keeps for backward; cleared by backward and clear_cache
 
@@ -73,6 +77,33 @@ class Layer:
 
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         return self.forward(x, train)
+
+    # -- freezing -------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        """Whether ``backward`` computes this layer's own parameter gradients (see the class attributes)."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        self.grads = {}  # a frozen layer's zeros, or a thawed one's next backward, replace what was there
+        if not self._trainable:
+            self.param_grads()
+
+    def param_grads(self) -> dict[str, torch.Tensor]:
+        """This layer's own parameter gradients by key: what the last backward wrote, or for a frozen layer
+        zeros of each parameter's shape, made once and never written by a backward."""
+        if not self._trainable:
+            for key, p in self.params.items():
+                g = self.grads.get(key)
+                if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    self.grads[key] = torch.zeros_like(p)
+        return self.grads
+
+    def has_trainable(self) -> bool:
+        """Whether this layer or a nested one has parameters whose gradients backward computes."""
+        return (bool(self.params) and self._trainable) or any(sub.has_trainable() for sub in self.sublayers())
 
     # -- description ----------------------------------------------------------------------------
     def clear_cache(self) -> None:
@@ -116,8 +147,9 @@ class Layer:
 
     def named_grads(self, prefix: str = ""):
         """Yield (qualified name, gradient) in the same order as ``named_params``."""
+        grads = self.param_grads()
         for key in self.params:
-            yield prefix + key, self.grads[key]
+            yield prefix + key, grads[key]
         for sub in self.sublayers():
             yield from sub.named_grads(f"{prefix}{sub.name}.")
 

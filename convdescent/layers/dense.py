@@ -120,6 +120,8 @@ class Dense(Layer):
             return None if dx is None else dx.reshape(*dy.shape[:2], self.in_features)
         x = self._cache
         self._cache = None
+        if not self.trainable:  # frozen: dL/dx only
+            return self._input_grad(x, dy) if self.needs_input_grad else None
         kernel = self._native("cd_dense_dw", x)
         # the kernels read dy by pointer: anything but an (N, units) tensor like x takes the torch path,
         # which reports a mismatch
@@ -136,6 +138,28 @@ class Dense(Layer):
         # transposed view; Flatten's backward reshapes it without a copy.
         w = self.params["weight"]
         return (w.t() @ dy.t()).t()
+
+    def _input_grad(self, x, dy):
+        """dL/dx = delta W alone (a frozen layer): the native kernel where the backward would use it."""
+        kernel = self._native("cd_dense_dx", x) if x is not None else None
+        if (kernel is None or tuple(dy.shape) != (x.shape[0], self.units) or dy.dtype != x.dtype
+                or dy.device != x.device):
+            w = self.params["weight"]
+            return (w.t() @ dy.t()).t()
+        fn, gemm = kernel
+        return self._native_dx(dy, fn, gemm)
+
+    def _native_dx(self, dy, fn, gemm):
+        n, k, o, threads = dy.shape[0], self.in_features, self.units, native.threads()
+        if dy.is_contiguous():
+            transposed, ld = 0, o
+        elif dy.t().is_contiguous():
+            transposed, ld = 1, n
+        else:
+            dy, transposed, ld = dy.contiguous(), 0, o
+        dx = torch.empty(n, k, dtype=dy.dtype)
+        fn(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dx.data_ptr(), n, k, o, ld, transposed, threads)
+        return dx
 
     def _native_backward(self, x, dy, dw_kernel, gemm):
         """The backward through the native kernels: the same products; dL/dx comes row-major here (each

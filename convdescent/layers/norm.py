@@ -16,6 +16,11 @@ Backward, with delta = dL/dy and the sums over the same M values:
 The last line is the compact form of the chain rule through mu and var (derived in docs/gradients.md).
 In evaluation mode mu and var are the running statistics, constants, so dL/dx = delta * weight * r.
 
+A frozen batch norm (``trainable = False``, ``--freeze``) normalizes with its running statistics in training
+mode too and leaves them as they are, as a module put in ``eval()`` does in PyTorch: its statistics are
+part of what was frozen, and a fine-tuned network then sees the same normalization it was trained with.
+Its backward is the evaluation-mode one, dL/dx = delta * weight * r, without dL/dweight and dL/dbias.
+
 Running statistics follow torch: running = (1 - momentum) * running + momentum * batch, with the unbiased
 variance var * M / (M - 1) for running_var; ``momentum=None`` gives the cumulative average over all batches
 seen so far. Parameter and buffer names (weight, bias, running_mean, running_var, num_batches_tracked) are
@@ -66,6 +71,11 @@ class _BatchNorm(Layer):
         self.running_mean: torch.Tensor | None = None
         self.running_var: torch.Tensor | None = None
         self.num_batches_tracked: torch.Tensor | None = None
+
+    @property
+    def samplewise(self) -> bool:
+        """Frozen, it normalizes each example with constants: then it treats every example on its own."""
+        return not self.trainable
 
     # -- shapes ------------------------------------------------------------------------------
     def compute_output_shape(self, input_shape):
@@ -120,26 +130,28 @@ class _BatchNorm(Layer):
         self._check(x)
         dims = self._dims(x)
         weight, bias = self.params["weight"], self.params["bias"]
-        if train and self.stats_reducer is not None:
+        batch = train and self.trainable  # frozen: the running statistics, left unchanged
+        if batch and self.stats_reducer is not None:
             mean, var, m = self._global_stats(x, dims)
             centered = x - self._view(mean, x)
             self._update_running(mean, var, m)
-        elif train:
+        elif batch:
             m = x.numel() // x.shape[1]
             if m < 2:
                 raise ValueError(f"{type(self).__name__} '{self.name}' needs more than one value per channel in "
                                  f"training mode, got input of shape {tuple(x.shape)}; use a batch of at least 2")
             mean = x.mean(dim=dims)
             centered = x - self._view(mean, x)
-            var = (centered * centered).mean(dim=dims)
+            # the mean of the squares without writing them out (a norm is one reading pass)
+            var = torch.linalg.vector_norm(centered, dim=dims).square_().div_(m)
             self._update_running(mean, var, m)
         else:
             mean, var, m = self.running_mean, self.running_var, None
             centered = x - self._view(mean, x)
         r = torch.rsqrt(var + self.eps)
-        xhat = centered * self._view(r, x)
-        self._cache = (xhat, r, train, m, self.stats_reducer if train else None)
-        return xhat * self._view(weight, x) + self._view(bias, x)
+        xhat = centered.mul_(self._view(r, x))  # in place: centered is this forward's own tensor
+        self._cache = (xhat, r, batch, m, self.stats_reducer if batch else None)
+        return torch.addcmul(self._view(bias, x), xhat, self._view(weight, x))
 
     def _global_stats(self, x: torch.Tensor, dims: tuple[int, ...]):
         """Mean, biased variance (C,) and count M (0-d tensor) over the global batch, in one reduction.
@@ -173,25 +185,31 @@ class _BatchNorm(Layer):
         self.running_var.mul_(1 - factor).add_(var * (factor * m / (m - 1)))
 
     def backward(self, dy):
-        xhat, r, train, m, reducer = self._cache
+        xhat, r, batch, m, reducer = self._cache
         self._cache = None
         dims = self._dims(dy)
         weight = self.params["weight"]
+        if not self.trainable:  # frozen: running statistics (constants) and no parameter gradients
+            return dy * self._view(weight * r, dy) if self.needs_input_grad else None
         dbias = dy.sum(dim=dims)
         dweight = (dy * xhat).sum(dim=dims)
         self.grads["weight"] = dweight
         self.grads["bias"] = dbias
         if not self.needs_input_grad:
             return None
-        scale = self._view(weight * r, dy)
-        if not train:
-            return dy * scale
+        scale = weight * r
+        if not batch:
+            return dy * self._view(scale, dy)
         if reducer is not None:
             # Statistics of the global batch: its two reductions too (grads keep this process's sums).
             c = dbias.shape[0]
             total = reducer(torch.cat([dbias, dweight]).to(m.dtype))
             dbias, dweight, m = total[:c].to(dy.dtype), total[c:].to(dy.dtype), m.to(dy.dtype)
-        return (scale / m) * (m * dy - self._view(dbias, dy) - xhat * self._view(dweight, dy))
+        # the formula above as dy * scale + xhat * k2 + k3 with per-channel k2, k3: two passes over the map
+        k2 = scale * dweight / -m
+        k3 = scale * dbias / -m
+        dx = torch.addcmul(self._view(k3, dy), xhat, self._view(k2, dy))
+        return dx.addcmul_(dy, self._view(scale, dy))
 
     # -- description -------------------------------------------------------------------------
     def get_config(self):
@@ -260,7 +278,8 @@ class LayerNorm(Layer):
         dL/dx      = (r / M) * (M g - sum g - xhat * sum (g * xhat))
 
     the batch-norm formula with the roles of the axes swapped (derived in docs/gradients.md). There are no
-    running statistics: training and evaluation compute the same thing.
+    running statistics: training and evaluation compute the same thing, frozen or not (a frozen LayerNorm
+    only skips dL/dweight and dL/dbias).
 
     Args:
         eps: added to the variance before the square root.
@@ -323,8 +342,9 @@ class LayerNorm(Layer):
         dims = tuple(range(dy.dim() - self.normalized_dims, dy.dim()))
         outer = tuple(range(dy.dim() - self.normalized_dims))
         if self.elementwise_affine:
-            self.grads["weight"] = (dy * xhat).sum(dim=outer)
-            self.grads["bias"] = dy.sum(dim=outer)
+            if self.trainable:
+                self.grads["weight"] = (dy * xhat).sum(dim=outer)
+                self.grads["bias"] = dy.sum(dim=outer)
             g = dy * self.params["weight"]
         else:
             g = dy

@@ -114,9 +114,10 @@ class PatchEmbed(Layer):
         ph, pw = self.patch_size
         gh, gw = h // ph, w // pw
         d = dy.reshape(n * gh * gw, self.dim)
-        self.grads["weight"] = (d.t() @ patches).view(self.dim, c, ph, pw)
-        if self.use_bias:
-            self.grads["bias"] = d.sum(0)
+        if self.trainable:  # frozen: dL/dx only
+            self.grads["weight"] = (d.t() @ patches).view(self.dim, c, ph, pw)
+            if self.use_bias:
+                self.grads["bias"] = d.sum(0)
         if not self.needs_input_grad:
             return None
         dpatches = (d @ self.params["weight"].reshape(self.dim, -1)).view(n, gh, gw, c, ph, pw)
@@ -195,7 +196,8 @@ class PositionEmbedding(Layer):
 
     def backward(self, dy):
         self._cache = None
-        self.grads["weight"] = dy.sum(0)
+        if self.trainable:
+            self.grads["weight"] = dy.sum(0)
         return dy if self.needs_input_grad else None
 
     def get_config(self):
@@ -239,7 +241,8 @@ class ClassToken(Layer):
 
     def backward(self, dy):
         self._cache = None
-        self.grads["token"] = dy[:, :1].sum(0)
+        if self.trainable:
+            self.grads["token"] = dy[:, :1].sum(0)
         return dy[:, 1:] if self.needs_input_grad else None
 
     def get_config(self):

@@ -115,8 +115,9 @@ class TorchModule(Layer):
     def backward(self, dy):
         xin, y = self._cache
         self._cache = None
-        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        tensors = [p for p in self.module.parameters() if p.requires_grad]
+        # a frozen module differentiates only its input
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad and self.trainable]
+        tensors = [p for p in self.module.parameters() if p.requires_grad and self.trainable]
         if self.needs_input_grad:
             tensors = [xin] + tensors
         if not tensors:
@@ -127,7 +128,8 @@ class TorchModule(Layer):
         grads = torch.autograd.grad(y, tensors, grad_outputs=dy, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
         dx = grads.pop(0) if self.needs_input_grad else None
-        self.grads = dict(zip(names, grads))
+        if self.trainable:
+            self.grads = dict(zip(names, grads))
         return dx
 
     def get_config(self):

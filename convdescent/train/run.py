@@ -52,6 +52,7 @@ KNOWN_SETUP_ERRORS = (ConfigError, CheckpointError, DataError, OutputWriteError,
                       FileNotFoundError, ImportError)
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.toml"  # a model-file run's network, written out
 REPORT_FILE = "report.html"
 
 
@@ -117,12 +118,15 @@ def _cuda_settings(cfg: dict) -> str:
             f"CUDA graph {'on' if cfg['cuda_graph'] else 'off'})")
 
 
-def build_run(cfg: dict, dataset=None, normalizer_dict=None, shard: tuple[int, int] = (0, 1)):
+def build_run(cfg: dict, dataset=None, normalizer_dict=None, shard: tuple[int, int] = (0, 1), model_config=None):
     """Dataset, normalizer, model, loss, optimizer, loader and validation tensors of a resolved configuration.
 
     Args:
         shard: this process's (rank, world size) in a data-parallel run: its loader takes that part of every
             global batch.
+        model_config: a resumed checkpoint's model configuration: rebuilds a model-file network without
+            reading the file, which may have been edited or deleted since (the checkpoint holds the
+            architecture that was trained).
 
     Returns:
         ``(dataset, normalizer, model, loss, optimizer, loader, val)``; ``val`` is ``(x, y)`` on the
@@ -145,7 +149,12 @@ def build_run(cfg: dict, dataset=None, normalizer_dict=None, shard: tuple[int, i
         normalizer = Normalizer.from_data(dataset.x_train)
     else:
         normalizer = Normalizer.unit()
-    model = make_model(cfg["model"], dataset.input_shape, dataset.num_classes, seed=cfg["seed"], device=device)
+    if model_config is not None and str(cfg["model"]).startswith("file:"):
+        from ..model import Sequential
+
+        model = Sequential.from_config(model_config, seed=cfg["seed"], device=device)
+    else:
+        model = make_model(cfg["model"], dataset.input_shape, dataset.num_classes, seed=cfg["seed"], device=device)
     if cfg["loss"] == "cross_entropy":
         loss = make_loss("cross_entropy", label_smoothing=cfg["label_smoothing"])
     else:
@@ -180,6 +189,7 @@ def _init_and_freeze(cfg: dict, model, fresh: bool) -> list[str]:
         lines += init_from_run(model, cfg["init_from"], cfg["init_checkpoint"]).lines()
     if cfg["freeze"]:
         names = frozen_params(model, cfg["freeze"])
+        model.freeze(names)  # their layers' backward computes no parameter gradients (see model.plan())
         lines.append(f"Frozen: {len(names)} parameter tensors ({', '.join(names)}) are not updated")
     return lines
 
@@ -333,7 +343,8 @@ def _setup(config, resume, run_dir, dataset, allow_change, out, world, par) -> _
         torch.set_num_threads(1)
     failure, made_dir, parts, init_lines = None, False, None, []
     try:
-        parts = build_run(cfg, dataset, ckpt.get("normalizer") if ckpt else None, shard=(world.rank, world.size))
+        parts = build_run(cfg, dataset, ckpt.get("normalizer") if ckpt else None, shard=(world.rank, world.size),
+                          model_config=ckpt.get("model_config") if ckpt else None)
         init_lines = _init_and_freeze(cfg, parts[2], ckpt is None)
         if ckpt is not None:
             classes = parts[0].classes
@@ -465,6 +476,15 @@ def _train(setup: _Setup, callbacks, display, talk, out_stream, handle_signals, 
                 truncate_metrics(run_path / METRICS_FILE, trainer.step, len(trainer.history))
             header = "convdescent run configuration; rebuild the run with: convdescent train --config config.toml"
             atomic_write_text(run_path / CONFIG_FILE, dump_toml(cfg, header))
+            if ckpt is None and str(cfg["model"]).startswith("file:"):
+                from ..model_file import model_to_toml
+
+                # the trained network in the run itself: resume, evaluate and export read the checkpoint's copy
+                # of it, and this file trains it again after the original was edited or deleted
+                source = cfg["model"][len("file:"):]
+                atomic_write_text(run_path / MODEL_FILE, model_to_toml(model, header=(
+                    f"the network of this run, from {source}; train it again with: convdescent train "
+                    f"--model-file {MODEL_FILE}")))
         except (OutputWriteError, OSError) as e:
             if ckpt is None and made_dir:
                 with contextlib.suppress(OSError):
