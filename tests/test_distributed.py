@@ -461,6 +461,7 @@ def test_cuda_workers_get_a_gpu_each_and_share_them_only_over_gloo(monkeypatch):
     worlds = [World(rank=r, size=3, local_rank=r, local_size=3) for r in range(3)]
     assert [worker_device("cuda", w, "gloo") for w in worlds] == ["cuda:0", "cuda:1", "cuda:0"]
     assert [worker_device("cuda", w, "nccl") for w in worlds[:2]] == ["cuda:0", "cuda:1"]
+    assert [worker_device("cuda:0", w, "nccl") for w in worlds[:2]] == ["cuda:0", "cuda:1"]  # a resumed config
     for backend in ("nccl", "auto"):
         with pytest.raises(DistributedError, match="only 2 CUDA devices.*--backend gloo"):
             worker_device("cuda", worlds[2], backend)

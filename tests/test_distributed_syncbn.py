@@ -226,3 +226,27 @@ def test_sync_batchnorm_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="init_process_group"):
         sync_batchnorm(bn_model())
+
+
+def _peer_gone(rank, world):
+    import os
+    import time
+
+    from convdescent.distributed import DistributedError
+    from convdescent.distributed.syncbn import AllReduceSum
+
+    if rank == 1:
+        os._exit(0)  # leaves without a word: its peer's next reduction fails
+    time.sleep(1.0)
+    try:
+        AllReduceSum()(torch.ones(3))
+    except DistributedError as e:
+        assert "rank 0 lost contact" in str(e) and "synced batch norm" in str(e), str(e)
+    else:
+        raise AssertionError("the reduction succeeded without its peer")
+
+
+def test_a_peer_gone_during_a_synced_reduction_is_the_run_s_one_error_not_a_traceback():
+    """The reductions run inside the forward and backward, outside the step's own collectives: a dead peer
+    there is the same DistributedError as anywhere else in the step."""
+    run_ranks(_peer_gone, 2, timeout=90)

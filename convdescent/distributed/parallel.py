@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import signal
 import time
 
@@ -25,14 +24,7 @@ import torch.distributed as dist
 
 from ..data.loader import shard_bounds
 from .reducer import GradientReducer
-from .world import DistributedError, World
-
-
-def _lost(e: BaseException, what: str, rank: int) -> DistributedError:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0].rstrip(". ")  # gloo's own words
-    return DistributedError(f"rank {rank} lost contact with the other processes during {what} ({text}): a "
-                            f"worker died or stopped answering, so the run stopped")
+from .world import DistributedError, World, lost_contact
 
 
 class DataParallel:
@@ -78,13 +70,15 @@ class DataParallel:
             self.reducer.close()
             self.reducer = None
 
-    def _guard(self, what: str, fn, *args):
+    def guard(self, what: str, fn, *args):
+        """``fn(*args)``; a gloo or NCCL failure (a peer gone, a collective timed out) becomes one
+        DistributedError naming this rank and ``what`` it was doing."""
         try:
             return fn(*args)
         except DistributedError:
             raise
         except RuntimeError as e:  # gloo/NCCL: a peer closed its connection or the collective timed out
-            raise _lost(e, what, self.rank) from None
+            raise lost_contact(e, what, self.rank) from None
 
     # ------------------------------------------------------------------------------------------ steps
     def begin(self, n_global: int, signum: int | None, wants_grads: bool = False) -> None:
@@ -120,7 +114,7 @@ class DataParallel:
         ``grads`` are this rank's gradient (its examples' losses over the global batch size), only read when
         the optimizer is sharded (the reducer has copied them otherwise).
         """
-        return self._guard(f"step {step}", self._finish, grads)
+        return self.guard(f"step {step}", self._finish, grads)
 
     def _finish(self, grads):
         if self._numbers is None:
@@ -168,7 +162,7 @@ class DataParallel:
         """The unsharded optimizer state (collective with a sharded optimizer), for checkpoints."""
         if self.sharded is None:
             return opt_state
-        return self._guard("gathering the optimizer state", self.sharded.full_state, opt_state)
+        return self.guard("gathering the optimizer state", self.sharded.full_state, opt_state)
 
     def shard_state(self, full_state):
         """This rank's part of an unsharded optimizer state (resume on any number of ranks)."""
@@ -179,29 +173,36 @@ class DataParallel:
         if self.sharded is None:
             return None
         t0 = time.perf_counter()
-        state = self._guard(f"the update of step {step}", self.sharded.step, params, grads, opt_state)
+        state = self.guard(f"the update of step {step}", self.sharded.step, params, grads, opt_state)
         self.sharded_s += time.perf_counter() - t0
         return state
 
     # ------------------------------------------------------------------------------------------ agreement
+    def wire(self) -> torch.device:
+        """Where the small tensors of the agreement collectives live: NCCL carries CUDA tensors only (on this
+        process's GPU), gloo takes CPU ones."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def all_true(self, ok: bool, what: str = "a finiteness check") -> bool:
         """True on every rank when ``ok`` holds on every rank."""
-        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
-        self._guard(what, dist.all_reduce, flag, dist.ReduceOp.SUM, self.group)
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=self.wire())
+        self.guard(what, dist.all_reduce, flag, dist.ReduceOp.SUM, self.group)
         return float(flag) == 0.0
 
     def gather_objects(self, obj, what: str) -> list:
         """``obj`` of every rank, in rank order, on every rank."""
         out = [None] * self.size
-        self._guard(what, dist.all_gather_object, out, obj, self.group)
+        self.guard(what, dist.all_gather_object, out, obj, self.group)
         return out
 
     def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
         """Element-wise sums over ranks of float tensors (one collective)."""
         if not tensors:
             return []
-        flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
-        self._guard(what, dist.all_reduce, flat, dist.ReduceOp.SUM, self.group)
+        flat = torch.cat([t.detach().double().reshape(-1).to(self.wire()) for t in tensors])
+        self.guard(what, dist.all_reduce, flat, dist.ReduceOp.SUM, self.group)
         out, off = [], 0
         for t in tensors:
             out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
@@ -212,8 +213,8 @@ class DataParallel:
         """Element-wise maxima over ranks (one collective)."""
         if not tensors:
             return []
-        flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
-        self._guard(what, dist.all_reduce, flat, dist.ReduceOp.MAX, self.group)
+        flat = torch.cat([t.detach().double().reshape(-1).to(self.wire()) for t in tensors])
+        self.guard(what, dist.all_reduce, flat, dist.ReduceOp.MAX, self.group)
         out, off = [], 0
         for t in tensors:
             out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
@@ -229,10 +230,10 @@ class DataParallel:
         lo, hi = shard_bounds(n, self.rank, self.size)
         if hi > lo:
             loss, acc = evaluate_fn(x[lo:hi], y[lo:hi])
-            sums = torch.tensor([loss * (hi - lo), acc * (hi - lo)], dtype=torch.float64)
+            sums = torch.tensor([loss * (hi - lo), acc * (hi - lo)], dtype=torch.float64, device=self.wire())
         else:
-            sums = torch.zeros(2, dtype=torch.float64)
-        self._guard("the validation pass", dist.all_reduce, sums, dist.ReduceOp.SUM, self.group)
+            sums = torch.zeros(2, dtype=torch.float64, device=self.wire())
+        self.guard("the validation pass", dist.all_reduce, sums, dist.ReduceOp.SUM, self.group)
         if n == 0:
             return float("nan"), float("nan")
         total = sums.tolist()
@@ -264,11 +265,11 @@ class DataParallel:
     def broadcast(self, obj, what: str):
         """Rank 0's ``obj`` on every rank."""
         box = [obj if self.rank == 0 else None]
-        self._guard(what, dist.broadcast_object_list, box, 0, self.group)
+        self.guard(what, dist.broadcast_object_list, box, 0, self.group)
         return box[0]
 
     def barrier(self, what: str) -> None:
-        self._guard(what, dist.barrier, self.group)
+        self.guard(what, dist.barrier, self.group)
 
     # ------------------------------------------------------------------------------------------ figures
     def stats(self) -> dict:

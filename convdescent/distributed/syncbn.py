@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .world import lost_contact
+
 
 class AllReduceSum:
     """``reducer(t) -> t``: sums ``t`` in place over the processes of ``group`` (all-reduce) and returns it.
@@ -28,7 +30,10 @@ class AllReduceSum:
         self.group = group
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        except RuntimeError as e:  # a peer gone inside a forward or backward: the run's one message
+            raise lost_contact(e, "a synced batch norm's reduction", dist.get_rank()) from None
         return t
 
     def __repr__(self) -> str:

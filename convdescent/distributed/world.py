@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -104,14 +105,15 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def worker_device(device: str, world: World, backend: str = "auto") -> str:
-    """The device of this worker: each CUDA worker on its own GPU (cuda -> cuda:LOCAL_RANK).
+    """The device of this worker: each CUDA worker on its own GPU (cuda or cuda:N -> cuda:LOCAL_RANK: a
+    resumed run's config records rank 0's cuda:0, which every worker reads).
 
     With NCCL every worker needs a GPU of its own (NCCL refuses two ranks on one device). Gloo moves CUDA
     tensors through host memory, so with ``backend="gloo"`` workers beyond the machine's GPU count share
     them in turn (cuda:LOCAL_RANK % count): slower than one GPU each, but it runs (and it is how two ranks are
     tested on a machine with one GPU).
     """
-    if device == "cuda" and world.distributed:
+    if torch.device(device).type == "cuda" and world.distributed:  # "cuda:0" from a resumed run's config too
         count = torch.cuda.device_count()
         if count == 0:
             raise DistributedError("--device cuda but torch sees no CUDA device; train on --device cpu")
@@ -182,3 +184,12 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def lost_contact(e: BaseException, what: str, rank: int) -> DistributedError:
+    """The error of a collective that failed under gloo or NCCL (a peer gone, a timeout), for ``what`` this
+    rank was doing: one message, gloo's own words shortened."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0].rstrip(". ")  # gloo's own words
+    return DistributedError(f"rank {rank} lost contact with the other processes during {what} ({text}): a "
+                            f"worker died or stopped answering, so the run stopped")
