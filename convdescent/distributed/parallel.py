@@ -199,22 +199,17 @@ class DataParallel:
 
     def sum_tensors(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
         """Element-wise sums over ranks of float tensors (one collective)."""
-        if not tensors:
-            return []
-        flat = torch.cat([t.detach().double().reshape(-1).to(self.wire()) for t in tensors])
-        self.guard(what, dist.all_reduce, flat, dist.ReduceOp.SUM, self.group)
-        out, off = [], 0
-        for t in tensors:
-            out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
-            off += t.numel()
-        return out
+        return self._reduce_tensors(tensors, what, dist.ReduceOp.SUM)
 
     def max_tensors(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
         """Element-wise maxima over ranks (one collective)."""
+        return self._reduce_tensors(tensors, what, dist.ReduceOp.MAX)
+
+    def _reduce_tensors(self, tensors: list[torch.Tensor], what: str, op) -> list[torch.Tensor]:
         if not tensors:
             return []
         flat = torch.cat([t.detach().double().reshape(-1).to(self.wire()) for t in tensors])
-        self.guard(what, dist.all_reduce, flat, dist.ReduceOp.MAX, self.group)
+        self.guard(what, dist.all_reduce, flat, op, self.group)
         out, off = [], 0
         for t in tensors:
             out.append(flat[off:off + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
