@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,3 +322,16 @@ def takers(name: str, optimizers) -> list[str]:
 __all__ = ["ANY", "COUNT", "FRACTION", "HYPERPARAMETERS", "HYPERPARAMETER_BY_NAME", "Hyperparameter",
            "NON_NEGATIVE", "OPTIMIZER_SPECIFIC", "OptionRangeError", "POSITIVE", "POSITIVE_COUNT", "Param",
            "Range", "SEED", "UNIT", "UNIT_OPEN", "check", "given", "label", "number_type", "takers"]
+
+
+def seconds_from_env(name: str, default: float) -> float | None:
+    """A positive number of seconds from the environment variable ``name`` (``default`` when it is unset or
+    empty); None when it is set but is not a positive number, for the caller to refuse in its own words."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..options import seconds_from_env
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -78,15 +80,10 @@ def world_from_env() -> World:
 
 def collective_timeout() -> float:
     """Seconds a collective may wait for a peer: $CONVDESCENT_DIST_TIMEOUT, else 300."""
-    text = os.environ.get("CONVDESCENT_DIST_TIMEOUT")
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise DistributedError(f"CONVDESCENT_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    value = seconds_from_env("CONVDESCENT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    if value is None:
+        raise DistributedError(f"CONVDESCENT_DIST_TIMEOUT must be a positive number of seconds, got "
+                               f"{os.environ['CONVDESCENT_DIST_TIMEOUT']!r}")
     return value
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..options import seconds_from_env
+
 try:
     import fcntl
 except ImportError:  # no flock (Windows): concurrent builds still never load a half-written file
@@ -69,15 +71,10 @@ def compiler() -> list[str] | None:
 
 def timeout() -> float:
     """Seconds a build may take in all (``CONVDESCENT_NATIVE_TIMEOUT``)."""
-    text = os.environ.get("CONVDESCENT_NATIVE_TIMEOUT")
-    if not text:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BuildError(f"CONVDESCENT_NATIVE_TIMEOUT={text!r} is not a positive number of seconds")
+    value = seconds_from_env("CONVDESCENT_NATIVE_TIMEOUT", DEFAULT_TIMEOUT)
+    if value is None:
+        raise BuildError(f"CONVDESCENT_NATIVE_TIMEOUT={os.environ['CONVDESCENT_NATIVE_TIMEOUT']!r} is not a "
+                         f"positive number of seconds")
     return value
 
 
