@@ -195,8 +195,8 @@ class ConvPool(Node):
         if y is None:  # the layers one by one
             y = self.pool.forward(self.conv.forward(x, train), train)
             self._cache = ("layers",)
-        if self.relu is not None:
-            y = self.relu.forward(y, train)
+            if self.relu is not None:
+                y = self.relu.forward(y, train)
         return y
 
     def _fused_forward(self, x):
@@ -210,57 +210,67 @@ class ConvPool(Node):
         n, f = shape[0], conv.filters
         _, po, qo = pool.compute_output_shape((f, ho, wo))
         (ph, pw), (sh, sw) = pool.pool_size, pool.stride
-        wt = conv.params["weight"].reshape(f, -1).t().contiguous()  # (K, F)
+        w = conv.params["weight"].reshape(f, -1).contiguous()  # (F, C*kh*kw)
         bias = conv.params["bias"].contiguous() if conv.use_bias else None
         out = torch.empty((n, f, po, qo), dtype=x.dtype, device=x.device)
-        code = torch.empty((n, po, qo, f), dtype=torch.uint8, device=x.device)
-        # the patches are read from the input itself: no im2col (see the kernel's comment)
-        failed = fn(xp.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
-                    code.data_ptr(), n, f, shape[1], *conv.kernel_size, *xp.stride(), *conv.stride, ho, wo,
-                    po, qo, ph, pw, sh, sw, *out.stride(), native.threads())
-        if failed:  # out of memory for the patch offsets: nothing was written
+        code = torch.empty((n, f, po, qo), dtype=torch.uint8, device=x.device)
+        # the patches are read from the input itself: no im2col (see the kernel's comment); the ReLU, when
+        # there is one, is applied to the pooled values in the same pass
+        failed = fn(xp.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                    code.data_ptr(), n, f, shape[1], *conv.kernel_size, *xp.stride(), *xp.shape[2:],
+                    *conv.stride, po, qo, ph, pw, sh, sw, *out.stride(), int(self.relu is not None),
+                    native.threads())
+        if failed:  # out of memory for the kernel's buffers: the layers run instead
             return None
-        self._cache = ("fused", xp, code, shape, pads, (ho, wo))
+        self._cache = ("fused", xp, code, shape, pads, (ho, wo), out if self.relu is not None else None)
         return out
 
     def backward(self, dy):
         cache, self._cache = self._cache, None
         if cache is None:
             raise RuntimeError(f"{self.label}: backward needs a forward first")
-        if self.relu is not None:
-            dy = self.relu.backward(dy)
         if cache[0] == "layers":
+            if self.relu is not None:
+                dy = self.relu.backward(dy)
             return self.conv.backward(self.pool.backward(dy))
-        _, xp, code, shape, pads, (ho, wo) = cache
+        _, xp, code, shape, pads, (ho, wo), y = cache
         if not self.conv.needs_input_grad:
-            if not self.conv.trainable or self._fused_backward(dy, xp, code, shape):
+            if not self.conv.trainable or self._fused_backward(dy, xp, code, shape, y):
                 return None
+        if y is not None:  # the ReLU's backward, from the output the fused pass kept
+            self.relu.put_cache(y)
+            dy = self.relu.backward(dy)
         # a frozen conv's backward below computes dL/dx only, without laying out the patches
         n, f = shape[0], self.conv.filters
-        dz = backward_by_code(dy, code, (n, f, ho, wo), self.pool.pool_size, self.pool.stride)
+        # the fused forward writes the codes (N, F, Po, Qo), the pool's backward reads them (N, Po, Qo, F)
+        dz = backward_by_code(dy, code.permute(0, 2, 3, 1).contiguous(), (n, f, ho, wo), self.pool.pool_size,
+                              self.pool.stride)
         self.conv.put_cache(("padded", xp, shape, pads, (ho, wo)))  # dW from the padded input
         return self.conv.backward(dz)
 
-    def _fused_backward(self, dy, xp, code, shape) -> bool:
+    def _fused_backward(self, dy, xp, code, shape, y) -> bool:
+        """dW and db in one native pass for a first layer (through the ReLU too, from its output ``y``, when
+        the node has one); False when the kernel cannot run (the caller takes the layers' backwards)."""
         conv, pool = self.conv, self.pool
         n, c = shape[0], shape[1]
         f = conv.filters
-        po, qo = code.shape[1], code.shape[2]
+        po, qo = code.shape[2], code.shape[3]
         if tuple(dy.shape) != (n, f, po, qo):
             return False
         fn = native.kernel("cd_pool_conv_bwd", dy, xp)
         if fn is None:
             return False
         kh, kw = conv.kernel_size
-        dwt = torch.empty((c * kh * kw, f), dtype=dy.dtype, device=dy.device)
+        dw = torch.empty((f, c, kh, kw), dtype=dy.dtype, device=dy.device)
         db = torch.empty((f,), dtype=dy.dtype, device=dy.device) if conv.use_bias else None
         (ph, pw), (sh, sw) = pool.pool_size, pool.stride
-        failed = fn(dy.data_ptr(), code.data_ptr(), xp.data_ptr(), dwt.data_ptr(),
-                    db.data_ptr() if db is not None else None, n, f, c, kh, kw, *xp.stride(), *conv.stride,
-                    po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
+        failed = fn(dy.data_ptr(), code.data_ptr(), y.data_ptr() if y is not None else None, xp.data_ptr(),
+                    dw.data_ptr(),
+                    db.data_ptr() if db is not None else None, n, f, c, kh, kw, *xp.stride(), *xp.shape[2:],
+                    *conv.stride, po, qo, ph, pw, sh, sw, *dy.stride(), native.threads())
         if failed:
             return False
-        conv.grads["weight"] = dwt.t().reshape(f, c, kh, kw).contiguous()  # the layout the conv's backward gives
+        conv.grads["weight"] = dw
         if db is not None:
             conv.grads["bias"] = db
         return True

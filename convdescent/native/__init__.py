@@ -41,12 +41,13 @@ _SIGNATURES = {
     "cd_maxpool_bwd": [_PTR, _PTR, _PTR] + [_I64] * 6 + [_I64] * 4 + [_I64] * 4 + [ctypes.c_int],
     # x, cols, N, C, Ho, Wo, kh, kw, sh, sw, x strides (4), threads
     "cd_im2col": [_PTR, _PTR] + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
-    # x, wt, bias (or None), out, code, N, F, C, kh, kw, x strides (4), conv strides (2), Ho, Wo, Po, Qo,
-    # ph, pw, sh, sw, out strides (4), threads
-    "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
-    # dy, code, x, dWt, db (or None), N, F, C, kh, kw, x strides (4), conv strides (2), Po, Qo, ph, pw, sh, sw,
-    # dy strides (4), threads
-    "cd_pool_conv_bwd": [_PTR] * 5 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 6 + [_I64] * 4 + [ctypes.c_int],
+    # x, w (F, K), bias (or None), out, code, N, F, C, kh, kw, x strides (4), H, W, conv strides (2), Po, Qo,
+    # ph, pw, sh, sw, out strides (4), relu (0/1), threads
+    "cd_conv_pool_fwd": [_PTR] * 5 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 8 + [_I64] * 4
+                        + [ctypes.c_int, ctypes.c_int],
+    # dy, code, y (the ReLU's output, contiguous, or None), x, dW (F, K), db (or None), N, F, C, kh, kw,
+    # x strides (4), H, W, conv strides (2), Po, Qo, ph, pw, sh, sw, dy strides (4), threads
+    "cd_pool_conv_bwd": [_PTR] * 6 + [_I64] * 5 + [_I64] * 4 + [_I64] * 2 + [_I64] * 8 + [_I64] * 4 + [ctypes.c_int],
     # gemm, x, wt, bias (or None), y, scratch (threads, N, O), N, K, O, ldx, threads
     "cd_dense_fwd": [_PTR] * 6 + [_I64] * 4 + [ctypes.c_int],
     # gemm, x, dy, dwt, N, K, O, ldx, ldy, dy transposed, threads

@@ -22,6 +22,14 @@ static int omp_get_num_threads(void) { return 1; }
 
 #define BLOCK 256
 
+/* [k0, k1): thread t's part of K items split into nt nearly equal runs */
+static inline void cd_split(int64_t K, int t, int nt, int64_t *k0, int64_t *k1)
+{
+    const int64_t chunk = (K + nt - 1) / nt;
+    *k0 = t * chunk < K ? t * chunk : K;
+    *k1 = (t + 1) * chunk < K ? (t + 1) * chunk : K;
+}
+
 #define DEFINE_MAXPOOL(T, SUF)                                                                          \
 void cd_maxpool_fwd_##SUF(const T *x, T *out, uint8_t *code, int64_t N, int64_t C, int64_t Ho,         \
                           int64_t Wo, int64_t xn, int64_t xc, int64_t xh, int64_t xw, int64_t on,      \
@@ -178,215 +186,352 @@ void cd_im2col_##SUF(const T *x, T *cols, int64_t N, int64_t C, int64_t Ho, int6
 DEFINE_IM2COL(float, f32)
 DEFINE_IM2COL(double, f64)
 
-/* Conv2D followed by MaxPool2D, forward, without writing the convolution's output: for each pooling
- * window the conv outputs of its positions are computed from the input's patches, and only their maximum
- * and the winner's code are written (the same values and codes as cd_maxpool_fwd on the conv output, up to
- * the rounding of the dot products).
- *   conv[n, f, i, j] = bias[f] + sum_q x[n, c, i*csh + k, j*csw + l] * wt[q, f],   q = (c, k, l)
- *   out[n, f, a, b]  = max over the window's (k, l) of conv[n, f, a*sh + k, b*sw + l]
- * The patches are read straight from x (already padded, any strides; C*kh*kw = K): for the small patches
- * this kernel serves, im2col's columns were 9x the input's size to write and read back (measured: 0.55 ->
- * 0.29 ms at batch 32, 2.3 -> 1.8 ms at batch 128, im2col included). wt is (K, F) contiguous, bias F
- * values or NULL, code (N, Po, Qo, F). Returns 0, or 1 when out of memory (nothing written). */
-/* The filters are taken 4 vector registers at a time (32 floats or 16 doubles), the accumulators held in
-   GNU C vector variables so that they stay in registers across the patch loop; a last partial block runs
-   the same formula with scalars. */
-/* Offsets of a patch's entries (c, k, l) in the input, c*xc + k*xh + l*xw, for kernels that read patches
- * straight from the (padded) input instead of from im2col's columns; NULL when out of memory. */
-static int64_t *cd_patch_offsets(int64_t C, int64_t kh, int64_t kw, int64_t xc, int64_t xh, int64_t xw)
-{
-    int64_t *q = (int64_t *)malloc(sizeof(int64_t) * (size_t)(C * kh * kw > 0 ? C * kh * kw : 1));
-    if (q != NULL)
-        for (int64_t c = 0; c < C; c++)
-            for (int64_t k = 0; k < kh; k++)
-                for (int64_t l = 0; l < kw; l++) q[(c * kh + k) * kw + l] = c * xc + k * xh + l * xw;
-    return q;
-}
+/* A Conv2D (no groups, no dilation) and the MaxPool2D after it, vectorized along the pooled output's width.
+ *
+ * Lanes of one vector are L neighbouring windows of one pooled row (n, a, b0 .. b0+L-1); for a fixed
+ * filter f, window offset (k, l) and patch element q = (c, i, j) the L inputs they read are
+ *   x[n, c, (a*sh + k)*csh + i, (b*sw + l)*csw + j] = x[n, c, row, (b + s)*S + ph]   with S = sw*csw,
+ * t = l*csw + j, ph = t % S, s = t / S: a contiguous run once each input row is split into its S phases.
+ * So each pooled row first copies the R = (ph-1)*csh + kh input rows it reads, phase by phase, into a
+ * small buffer (zero past the input's end: those lanes are never stored), and then every multiply-add is
+ * one vector of L windows. This suits a first layer (few input channels, a short patch), where
+ * vectorizing along the filters would leave a dot product of only C*kh*kw terms per output.
+ *
+ * forward: out[n, f, a, b] = max over (k, l) of bias[f] + sum_q w[f, q] * x[...] (q in (c, i, j) order),
+ *          code[n, f, a, b] = k*pw + l of the first maximum in row-major window order (a NaN wins);
+ *          out and code are (N, F, Po, Qo) through their strides / contiguous.
+ * backward (a first layer: no dL/dx): with g = dy[n, f, a, b] routed to its window's winner,
+ *          dW[f, q] = sum over windows of g * x[winner's patch element q],  db[f] = sum of g;
+ *          each thread sums its rows into its own accumulators, added up in thread order (deterministic).
+ */
+#if defined(__AVX512F__)
+#define CDL_BYTES 64
+#define CDL_FB 8
+#else
+#define CDL_BYTES 32
+#define CDL_FB 4
+#endif
 
-#define DEFINE_CONV_POOL(T, SUF, IT)                                                                    \
-typedef T cdv_##SUF __attribute__((vector_size(32)));                                                  \
-typedef IT cdi_##SUF __attribute__((vector_size(32)));                                                 \
-static inline cdv_##SUF cd_load_##SUF(const T *p) { cdv_##SUF v; memcpy(&v, p, sizeof v); return v; }  \
-static inline cdv_##SUF cd_take_##SUF(cdi_##SUF m, cdv_##SUF a, cdv_##SUF b)                           \
-{ return (cdv_##SUF)(((cdi_##SUF)a & m) | ((cdi_##SUF)b & ~m)); }                                      \
-int cd_conv_pool_fwd_##SUF(const T *x, const T *wt, const T *bias, T *out, uint8_t *code, int64_t N,    \
-                           int64_t F, int64_t C, int64_t kh, int64_t kw, int64_t xn, int64_t xc,       \
-                           int64_t xh, int64_t xw, int64_t csh, int64_t csw, int64_t Ho, int64_t Wo,   \
-                           int64_t Po, int64_t Qo, int64_t ph, int64_t pw, int64_t sh, int64_t sw,     \
-                           int64_t on, int64_t oc, int64_t oh, int64_t ow, int threads)                \
+typedef float cdl_f32 __attribute__((vector_size(CDL_BYTES)));
+typedef int32_t cdm_f32 __attribute__((vector_size(CDL_BYTES)));
+typedef double cdl_f64 __attribute__((vector_size(CDL_BYTES)));
+typedef int64_t cdm_f64 __attribute__((vector_size(CDL_BYTES)));
+#if CDL_BYTES == 64
+#include <immintrin.h>
+#endif
+/* The first cnt lanes of a vector to memory and back (zeros in the other lanes): single masked
+ * instructions with AVX-512, element loops elsewhere. Codes are stored as bytes. */
+#define DEFINE_LANE_IO(T, SUF, IT, STORE, LOAD, CSTORE, CLOAD)                                    \
+static inline void cdl_put_##SUF(T *dst, int64_t stride, cdl_##SUF v, int64_t cnt)                     \
 {                                                                                                      \
-    enum { L = 32 / sizeof(T), FB = 4 * (32 / sizeof(T)) };                                            \
-    const int64_t K = C * kh * kw, rows = N * Po, ry = csh * xh, rx = csw * xw;                        \
-    int64_t *qoff = cd_patch_offsets(C, kh, kw, xc, xh, xw);                                           \
-    if (qoff == NULL) return 1;                                                                        \
-    (void)Ho; (void)Wo;                                                                                \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                  \
-    for (int64_t r = 0; r < rows; r++) {                                                               \
-        const int64_t n = r / Po, a = r % Po;                                                          \
-        T vals[FB];                                                                                    \
-        IT args[FB];                                                                                   \
-        for (int64_t b = 0; b < Qo; b++) {                                                             \
-            T *o = out + n * on + a * oh + b * ow;                                                     \
-            uint8_t *cd = code + (r * Qo + b) * F;                                                     \
-            for (int64_t f0 = 0; f0 < F; f0 += FB) {                                                   \
-                const int64_t fb = F - f0 < FB ? F - f0 : FB;                                          \
-                if (fb == FB) {                                                                        \
-                    cdv_##SUF b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                  \
-                    cdi_##SUF g0 = {0}, g1 = {0}, g2 = {0}, g3 = {0};                                  \
-                    cdv_##SUF z0 = {0}, z1 = {0}, z2 = {0}, z3 = {0};                                  \
-                    if (bias != NULL) {                                                                \
-                        z0 = cd_load_##SUF(bias + f0); z1 = cd_load_##SUF(bias + f0 + L);              \
-                        z2 = cd_load_##SUF(bias + f0 + 2 * L); z3 = cd_load_##SUF(bias + f0 + 3 * L);  \
+    if (STORE && stride == 1) { CDL_STORE_##SUF(dst, v, cnt); return; }                                \
+    T tmp[sizeof v / sizeof(T)];                                                                       \
+    memcpy(tmp, &v, sizeof v);                                                                         \
+    for (int64_t e = 0; e < cnt; e++) dst[e * stride] = tmp[e];                                        \
+}                                                                                                      \
+static inline cdl_##SUF cdl_get_##SUF(const T *src, int64_t stride, int64_t cnt)                       \
+{                                                                                                      \
+    if (LOAD && stride == 1) return CDL_LOAD_##SUF(src, cnt);                                          \
+    T tmp[sizeof(cdl_##SUF) / sizeof(T)] = {0};                                                        \
+    for (int64_t e = 0; e < cnt; e++) tmp[e] = src[e * stride];                                        \
+    cdl_##SUF v;                                                                                       \
+    memcpy(&v, tmp, sizeof v);                                                                         \
+    return v;                                                                                          \
+}                                                                                                      \
+static inline void cdl_put_code_##SUF(uint8_t *dst, cdm_##SUF v, int64_t cnt)                          \
+{                                                                                                      \
+    if (CSTORE) { CDL_CSTORE_##SUF(dst, v, cnt); return; }                                             \
+    IT tmp[sizeof v / sizeof(IT)];                                                                     \
+    memcpy(tmp, &v, sizeof v);                                                                         \
+    for (int64_t e = 0; e < cnt; e++) dst[e] = (uint8_t)tmp[e];                                        \
+}                                                                                                      \
+static inline cdm_##SUF cdl_get_code_##SUF(const uint8_t *src, int64_t cnt)                            \
+{                                                                                                      \
+    if (CLOAD) return CDL_CLOAD_##SUF(src, cnt);                                                       \
+    IT tmp[sizeof(cdm_##SUF) / sizeof(IT)] = {0};                                                      \
+    for (int64_t e = 0; e < cnt; e++) tmp[e] = (IT)src[e];                                             \
+    cdm_##SUF v;                                                                                       \
+    memcpy(&v, tmp, sizeof v);                                                                         \
+    return v;                                                                                          \
+}
+#if CDL_BYTES == 64
+#define CDL_M16(cnt) ((__mmask16)((1u << (cnt)) - 1u))
+#define CDL_M8(cnt) ((__mmask8)((1u << (cnt)) - 1u))
+#define CDL_STORE_f32(d, v, cnt) _mm512_mask_storeu_ps((d), CDL_M16(cnt), (__m512)(v))
+#define CDL_LOAD_f32(s, cnt) ((cdl_f32)_mm512_maskz_loadu_ps(CDL_M16(cnt), (s)))
+#define CDL_CSTORE_f32(d, v, cnt) _mm512_mask_cvtepi32_storeu_epi8((d), CDL_M16(cnt), (__m512i)(v))
+#define CDL_STORE_f64(d, v, cnt) _mm512_mask_storeu_pd((d), CDL_M8(cnt), (__m512d)(v))
+#define CDL_LOAD_f64(s, cnt) ((cdl_f64)_mm512_maskz_loadu_pd(CDL_M8(cnt), (s)))
+#define CDL_CSTORE_f64(d, v, cnt) _mm512_mask_cvtepi64_storeu_epi8((d), CDL_M8(cnt), (__m512i)(v))
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CDL_CLOADS 1
+#define CDL_CLOAD_f32(s, cnt) ((cdm_f32)_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(CDL_M16(cnt), (s))))
+#define CDL_CLOAD_f64(s, cnt) ((cdm_f64)_mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(CDL_M16(cnt), (s))))
+#else
+#define CDL_CLOADS 0
+#endif
+DEFINE_LANE_IO(float, f32, int32_t, 1, 1, 1, CDL_CLOADS)
+DEFINE_LANE_IO(double, f64, int64_t, 1, 1, 1, CDL_CLOADS)
+#else
+#define CDL_STORE_f32(d, v, cnt) ((void)0)
+#define CDL_LOAD_f32(s, cnt) ((cdl_f32){0})
+#define CDL_CSTORE_f32(d, v, cnt) ((void)0)
+#define CDL_CLOAD_f32(s, cnt) ((cdm_f32){0})
+#define CDL_STORE_f64(d, v, cnt) ((void)0)
+#define CDL_LOAD_f64(s, cnt) ((cdl_f64){0})
+#define CDL_CSTORE_f64(d, v, cnt) ((void)0)
+#define CDL_CLOAD_f64(s, cnt) ((cdm_f64){0})
+DEFINE_LANE_IO(float, f32, int32_t, 0, 0, 0, 0)
+DEFINE_LANE_IO(double, f64, int64_t, 0, 0, 0, 0)
+#endif
+#ifndef CDL_CLOAD_f32
+#define CDL_CLOAD_f32(s, cnt) ((cdm_f32){0})
+#define CDL_CLOAD_f64(s, cnt) ((cdm_f64){0})
+#endif
+#define CDL_QB 9  /* patch elements summed at once in the backward (accumulators in registers) */
+#define CDL_BFB 2  /* filters the backward takes at once */
+#define CDL_RC 32  /* pooled rows whose inputs the backward lays out together */
+#define DEFINE_CONV_POOL_LANES(T, SUF, IT)                                                              \
+enum { LANES_##SUF = CDL_BYTES / sizeof(T) };                                                                 \
+static inline cdl_##SUF cdl_load_##SUF(const T *p) { cdl_##SUF v; memcpy(&v, p, sizeof v); return v; } \
+/* the sum of a vector's lanes, pairwise */                                                            \
+static inline T cdl_sum_##SUF(cdl_##SUF v)                                                             \
+{                                                                                                      \
+    T t[LANES_##SUF];                                                                                  \
+    memcpy(t, &v, sizeof t);                                                                           \
+    for (int w = LANES_##SUF / 2; w > 0; w /= 2)                                                       \
+        for (int e = 0; e < w; e++) t[e] += t[e + w];                                                  \
+    return t[0];                                                                                       \
+}                                                                                                      \
+typedef struct {                                                                                       \
+    int64_t N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw;                                         \
+    int64_t R, S, Z, M, K, P;                                                                          \
+} cdl_geom_##SUF;                                                                                      \
+static void cdl_geom_init_##SUF(cdl_geom_##SUF *g)                                                     \
+{                                                                                                      \
+    const int64_t L = LANES_##SUF;                                                                     \
+    g->R = (g->ph - 1) * g->csh + g->kh;                                                               \
+    g->S = g->sw * g->csw;                                                                             \
+    g->Z = ((g->pw - 1) * g->csw + g->kw - 1) / g->S + 1;                                              \
+    g->M = (g->Qo + L - 1) / L * L;                                                                    \
+    g->K = g->C * g->kh * g->kw;                                                                       \
+    g->P = g->ph * g->pw;                                                                              \
+}                                                                                                      \
+/* buffer offsets of (window offset p, patch element q) at lane 0 of b0 = 0 */                         \
+static int64_t *cdl_offsets_##SUF(const cdl_geom_##SUF *g)                                             \
+{                                                                                                      \
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(g->P * g->K));                        \
+    if (off == NULL) return NULL;                                                                      \
+    for (int64_t k = 0; k < g->ph; k++)                                                                \
+        for (int64_t l = 0; l < g->pw; l++)                                                            \
+            for (int64_t c = 0; c < g->C; c++)                                                         \
+                for (int64_t i = 0; i < g->kh; i++)                                                    \
+                    for (int64_t j = 0; j < g->kw; j++) {                                              \
+                        const int64_t t = l * g->csw + j, r = k * g->csh + i;                          \
+                        off[(k * g->pw + l) * g->K + (c * g->kh + i) * g->kw + j] =                    \
+                            (((c * g->R + r) * g->S + t % g->S) * g->Z + t / g->S) * g->M;             \
                     }                                                                                  \
-                    for (int64_t k = 0; k < ph; k++) {                                                 \
-                        for (int64_t l = 0; l < pw; l++) {                                             \
-                            const int64_t p = n * xn + (a * sh + k) * ry + (b * sw + l) * rx;          \
-                            cdv_##SUF s0 = z0, s1 = z1, s2 = z2, s3 = z3;                              \
-                            for (int64_t q = 0; q < K; q++) {                                          \
-                                const T v = x[qoff[q] + p];                                            \
-                                const T *wq = wt + q * F + f0;                                         \
-                                s0 += v * cd_load_##SUF(wq);                                           \
-                                s1 += v * cd_load_##SUF(wq + L);                                       \
-                                s2 += v * cd_load_##SUF(wq + 2 * L);                                   \
-                                s3 += v * cd_load_##SUF(wq + 3 * L);                                   \
-                            }                                                                          \
-                            const IT here = (IT)(k * pw + l);                                          \
-                            if (here == 0) {                                                           \
-                                b0 = s0; b1 = s1; b2 = s2; b3 = s3;                                    \
-                            } else {                                                                   \
-                                cdi_##SUF m;                                                           \
-                                m = (cdi_##SUF)((s0 > b0) | (s0 != s0));                               \
-                                b0 = cd_take_##SUF(m, s0, b0); g0 = (m & here) | (~m & g0);            \
-                                m = (cdi_##SUF)((s1 > b1) | (s1 != s1));                               \
-                                b1 = cd_take_##SUF(m, s1, b1); g1 = (m & here) | (~m & g1);            \
-                                m = (cdi_##SUF)((s2 > b2) | (s2 != s2));                               \
-                                b2 = cd_take_##SUF(m, s2, b2); g2 = (m & here) | (~m & g2);            \
-                                m = (cdi_##SUF)((s3 > b3) | (s3 != s3));                               \
-                                b3 = cd_take_##SUF(m, s3, b3); g3 = (m & here) | (~m & g3);            \
-                            }                                                                          \
-                        }                                                                              \
-                    }                                                                                  \
-                    memcpy(vals, &b0, sizeof b0); memcpy(vals + L, &b1, sizeof b1);                    \
-                    memcpy(vals + 2 * L, &b2, sizeof b2); memcpy(vals + 3 * L, &b3, sizeof b3);        \
-                    memcpy(args, &g0, sizeof g0); memcpy(args + L, &g1, sizeof g1);                    \
-                    memcpy(args + 2 * L, &g2, sizeof g2); memcpy(args + 3 * L, &g3, sizeof g3);        \
-                } else {                                                                               \
-                    for (int64_t k = 0; k < ph; k++) {                                                 \
-                        for (int64_t l = 0; l < pw; l++) {                                             \
-                            const int64_t p = n * xn + (a * sh + k) * ry + (b * sw + l) * rx;          \
-                            const IT here = (IT)(k * pw + l);                                          \
-                            for (int64_t f = 0; f < fb; f++) {                                         \
-                                T s = bias != NULL ? bias[f0 + f] : (T)0;                              \
-                                for (int64_t q = 0; q < K; q++) s += x[qoff[q] + p] * wt[q * F + f0 + f];  \
-                                if (here == 0 || s > vals[f] || s != s) { vals[f] = s; args[f] = here; } \
-                            }                                                                          \
-                        }                                                                              \
+    return off;                                                                                        \
+}                                                                                                      \
+/* the R input rows of pooled row a of sample n, split into phases: buf[c][r][phase][m] */             \
+static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int64_t xc, int64_t xh,    \
+                           int64_t xw, int64_t H, int64_t W, int64_t n, int64_t a, T *buf)             \
+{                                                                                                      \
+    const int64_t top = a * g->sh * g->csh;                                                            \
+    for (int64_t c = 0; c < g->C; c++)                                                                 \
+        for (int64_t r = 0; r < g->R; r++) {                                                           \
+            const int64_t row = top + r;                                                               \
+            const T *src = x + n * xn + c * xc + row * xh;                                             \
+            for (int64_t e = 0; e < g->S; e++)                                                         \
+                for (int64_t z = 0; z < g->Z; z++) {                                                   \
+                    T *dst = buf + (((c * g->R + r) * g->S + e) * g->Z + z) * g->M;                    \
+                    for (int64_t m = 0; m < g->M; m++) {                                               \
+                        const int64_t col = (m + z) * g->S + e;                                        \
+                        dst[m] = (row < H && col < W) ? src[col * xw] : (T)0;                          \
                     }                                                                                  \
                 }                                                                                      \
-                for (int64_t f = 0; f < fb; f++) o[(f0 + f) * oc] = vals[f];                           \
-                for (int64_t f = 0; f < fb; f++) cd[f0 + f] = (uint8_t)args[f];                        \
-            }                                                                                          \
         }                                                                                              \
-    }                                                                                                  \
-    free(qoff);                                                                                        \
-    return 0;                                                                                          \
-}
-
-DEFINE_CONV_POOL(float, f32, int32_t)
-DEFINE_CONV_POOL(double, f64, int64_t)
-
-/* MaxPool2D's backward and the weight and bias gradients of the Conv2D before it, in one pass, for a conv
- * whose input needs no gradient (the first layer). Returns 0, or 1 when scratch memory ran out (nothing
- * usable written). The pool's backward would write the conv's whole
- * output gradient, zero except at each window's winner, for the conv to read twice (dW = cols^T delta and
- * db = sum delta); here each window's gradient goes straight to its winner's patch:
- *   dWt[q, f] = sum over windows (n, a, b) of dy[n, f, a, b] * (patch q of the winner of f, read from x)
- *   db[f]     = sum over windows (n, a, b) of dy[n, f, a, b]
- * which is the same sum (windows that overlap simply add). dy and the padded input x are read through their
- * strides, as in the forward; dWt (K, F) and db (F) are overwritten. Per row of windows, the gradient routed to each
- * window offset is laid out first (buffer gk), then the patch loop accumulates in vector registers. */
-#define DEFINE_POOL_CONV_BWD(T, SUF)                                                                    \
-int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *x, T *dwt, T *db, int64_t N,     \
-                            int64_t F, int64_t C, int64_t kh, int64_t kw, int64_t xn, int64_t xc,      \
-                            int64_t xh, int64_t xw, int64_t csh, int64_t csw, int64_t Po, int64_t Qo,  \
-                            int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t dn, int64_t dc,    \
-                            int64_t dh, int64_t dw, int threads)                                       \
+}                                                                                                      \
+int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_t *code,         \
+                                 int64_t N, int64_t F, int64_t C, int64_t kh, int64_t kw, int64_t xn,  \
+                                 int64_t xc, int64_t xh, int64_t xw, int64_t H, int64_t W,            \
+                                 int64_t csh, int64_t csw, int64_t Po, int64_t Qo, int64_t ph,        \
+                                 int64_t pw, int64_t sh, int64_t sw, int64_t on, int64_t oc,          \
+                                 int64_t oh, int64_t ow, int relu, int threads)                        \
 {                                                                                                      \
-    enum { L = 32 / sizeof(T), FB = 4 * (32 / sizeof(T)) };                                            \
-    const int64_t K = C * kh * kw, rows = N * Po, P = ph * pw, ry = csh * xh, rx = csw * xw;           \
+    const int64_t L = LANES_##SUF;                                                                     \
+    cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
+    cdl_geom_init_##SUF(&g);                                                                           \
+    int64_t *off = cdl_offsets_##SUF(&g);                                                              \
+    if (off == NULL) return 1;                                                                         \
+    const int64_t K = g.K, P = g.P, bufsize = C * g.R * g.S * g.Z * g.M;                                     \
+    /* the weights and biases by blocks of CDL_FB filters, zero past the last filter */                \
+    const int64_t Fp = (F + CDL_FB - 1) / CDL_FB * CDL_FB;                                             \
+    T *wblk = (T *)calloc((size_t)(Fp * K + Fp), sizeof(T)), *zb = wblk + Fp * K;                      \
+    if (wblk == NULL) { free(off); return 1; }                                                         \
+    for (int64_t f = 0; f < F; f++) {                                                                  \
+        for (int64_t q = 0; q < K; q++)                                                                \
+            wblk[(f / CDL_FB * K + q) * CDL_FB + f % CDL_FB] = w[f * K + q];                           \
+        zb[f] = bias != NULL ? bias[f] : (T)0;                                                         \
+    }                                                                                                  \
     int failed = 0;                                                                                    \
-    int64_t *qoff = cd_patch_offsets(C, kh, kw, xc, xh, xw);                                           \
-    if (qoff == NULL) return 1;                                                                        \
-    memset(dwt, 0, sizeof(T) * (size_t)(K * F));                                                       \
-    if (db != NULL) memset(db, 0, sizeof(T) * (size_t)F);                                              \
     _Pragma("omp parallel num_threads(threads)")                                                       \
     {                                                                                                  \
-        T *accw = (T *)calloc((size_t)(K * F), sizeof(T));                                             \
-        T *accb = (T *)calloc((size_t)F, sizeof(T));                                                   \
-        T *gk = (T *)malloc(sizeof(T) * (size_t)(Qo * P * F));  /* [b][offset][f] */                   \
-        int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Qo * P));                          \
-        int ok = accw != NULL && accb != NULL && gk != NULL && pos != NULL;                            \
+        T *buf = (T *)aligned_alloc(CDL_BYTES, sizeof(T) * (size_t)bufsize);                           \
+        if (buf == NULL) {                                                                             \
+            _Pragma("omp atomic write")                                                                \
+            failed = 1;                                                                                \
+        }                                                                                              \
         _Pragma("omp for schedule(static)")                                                            \
-        for (int64_t r = 0; r < rows; r++) {                                                           \
-            if (!ok) continue;                                                                         \
+        for (int64_t r = 0; r < N * Po; r++) {                                                         \
+            if (buf == NULL) continue;                                                                 \
             const int64_t n = r / Po, a = r % Po;                                                      \
-            for (int64_t b = 0; b < Qo; b++) {                                                         \
-                const uint8_t *cd = code + (r * Qo + b) * F;                                           \
-                const T *g = dy + n * dn + a * dh + b * dw;                                            \
-                T *row = gk + b * P * F;                                                               \
-                memset(row, 0, sizeof(T) * (size_t)(P * F));                                           \
-                for (int64_t f = 0; f < F; f++) {                                                      \
-                    const T v = g[f * dc];                                                             \
-                    row[cd[f] * F + f] = v;                                                            \
-                    accb[f] += v;                                                                      \
-                }                                                                                      \
-                for (int64_t k = 0; k < ph; k++)                                                       \
-                    for (int64_t l = 0; l < pw; l++)                                                   \
-                        pos[b * P + k * pw + l] = n * xn + (a * sh + k) * ry + (b * sw + l) * rx;      \
-            }                                                                                          \
-            for (int64_t q = 0; q < K; q++) {                                                          \
-                const T *cq = x + qoff[q];                                                             \
-                int64_t f0 = 0;                                                                        \
-                for (; f0 + FB <= F; f0 += FB) {                                                       \
-                    cdv_##SUF s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                  \
-                    for (int64_t e = 0; e < Qo * P; e++) {                                             \
-                        const T v = cq[pos[e]];                                                        \
-                        const T *w = gk + e * F + f0;                                                  \
-                        s0 += v * cd_load_##SUF(w);                                                    \
-                        s1 += v * cd_load_##SUF(w + L);                                                \
-                        s2 += v * cd_load_##SUF(w + 2 * L);                                            \
-                        s3 += v * cd_load_##SUF(w + 3 * L);                                            \
+            cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, n, a, buf);                                    \
+            for (int64_t b0 = 0; b0 < Qo; b0 += L) {                                                   \
+                const int64_t cnt = Qo - b0 < L ? Qo - b0 : L;                                         \
+                const T *base = buf + b0;                                                              \
+                for (int64_t f0 = 0; f0 < F; f0 += CDL_FB) {                                           \
+                    const T *wb = wblk + f0 * K;  /* [q][filter of the block] */                       \
+                    cdl_##SUF best[CDL_FB], s[CDL_FB];                                                 \
+                    cdm_##SUF arg[CDL_FB];                                                             \
+                    for (int u = 0; u < CDL_FB; u++) { best[u] = (cdl_##SUF){0}; arg[u] = (cdm_##SUF){0}; } \
+                    for (int64_t p = 0; p < P; p++) {                                                  \
+                        const int64_t *o = off + p * K;                                                \
+                        for (int u = 0; u < CDL_FB; u++) s[u] = zb[f0 + u] - (cdl_##SUF){0};           \
+                        for (int64_t q = 0; q < K; q++) {                                              \
+                            const cdl_##SUF v = cdl_load_##SUF(base + o[q]);                           \
+                            for (int u = 0; u < CDL_FB; u++) s[u] += wb[q * CDL_FB + u] * v;           \
+                        }                                                                              \
+                        for (int u = 0; u < CDL_FB; u++) {                                             \
+                            if (p == 0) { best[u] = s[u]; continue; }                                  \
+                            const cdm_##SUF m = (cdm_##SUF)((s[u] > best[u]) | (s[u] != s[u]));        \
+                            best[u] = (cdl_##SUF)(((cdm_##SUF)s[u] & m) | ((cdm_##SUF)best[u] & ~m));  \
+                            arg[u] = (m & (IT)p) | (~m & arg[u]);                                      \
+                        }                                                                              \
                     }                                                                                  \
-                    T *o = accw + q * F + f0;                                                          \
-                    T tmp[FB];                                                                         \
-                    memcpy(tmp, &s0, sizeof s0); memcpy(tmp + L, &s1, sizeof s1);                      \
-                    memcpy(tmp + 2 * L, &s2, sizeof s2); memcpy(tmp + 3 * L, &s3, sizeof s3);          \
-                    for (int64_t f = 0; f < FB; f++) o[f] += tmp[f];                                   \
-                }                                                                                      \
-                for (; f0 < F; f0++) {                                                                 \
-                    T s = 0;                                                                           \
-                    for (int64_t e = 0; e < Qo * P; e++) s += cq[pos[e]] * gk[e * F + f0];             \
-                    accw[q * F + f0] += s;                                                             \
+                    for (int u = 0; u < CDL_FB && f0 + u < F; u++) {                                  \
+                        const int64_t f = f0 + u;                                                      \
+                        if (relu) { /* max(v, 0), a NaN kept */                                        \
+                            const cdm_##SUF keep = (cdm_##SUF)((best[u] > 0) | (best[u] != best[u]));  \
+                            best[u] = (cdl_##SUF)((cdm_##SUF)best[u] & keep);                          \
+                        }                                                                              \
+                        cdl_put_##SUF(out + n * on + f * oc + a * oh + b0 * ow, ow, best[u], cnt);    \
+                        cdl_put_code_##SUF(code + ((n * F + f) * Po + a) * Qo + b0, arg[u], cnt);      \
+                    }                                                                                  \
                 }                                                                                      \
             }                                                                                          \
         }                                                                                              \
-        _Pragma("omp critical")                                                                        \
-        {                                                                                              \
-            if (ok) {                                                                                  \
-                for (int64_t i = 0; i < K * F; i++) dwt[i] += accw[i];                                 \
-                if (db != NULL) for (int64_t f = 0; f < F; f++) db[f] += accb[f];                      \
-            } else {                                                                                   \
-                failed = 1; /* out of memory: the caller runs the two backwards instead */             \
-            }                                                                                          \
-        }                                                                                              \
-        free(accw); free(accb); free(gk); free(pos);                                                   \
+        free(buf);                                                                                     \
     }                                                                                                  \
-    free(qoff);                                                                                        \
+    free(off);                                                                                         \
+    free(wblk);                                                                                        \
+    return failed;                                                                                     \
+}                                                                                                      \
+int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T *x, T *dw, T *db,  \
+                                 int64_t N, int64_t F, int64_t C, int64_t kh, int64_t kw, int64_t xn,  \
+                                 int64_t xc, int64_t xh, int64_t xw, int64_t H, int64_t W,            \
+                                 int64_t csh, int64_t csw, int64_t Po, int64_t Qo, int64_t ph,        \
+                                 int64_t pw, int64_t sh, int64_t sw, int64_t dn, int64_t dc,          \
+                                 int64_t dh, int64_t dwd, int threads)                                 \
+{                                                                                                      \
+    const int64_t L = LANES_##SUF;                                                                     \
+    cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
+    cdl_geom_init_##SUF(&g);                                                                           \
+    const int64_t K = g.K, P = g.P, bufsize = C * g.R * g.S * g.Z * g.M;                      \
+    /* patch elements in blocks of CDL_QB, the last block padded with element 0 (computed, not kept) */ \
+    const int64_t Kp = (K + CDL_QB - 1) / CDL_QB * CDL_QB, acc = F * (K + 1);                          \
+    int64_t *off0 = cdl_offsets_##SUF(&g), *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(P * Kp)); \
+    int nt = threads > 0 ? threads : 1;                                                                \
+    T *sums = (T *)calloc((size_t)(nt * acc), sizeof(T));  /* per thread: [f][q], then [f] (bias) */  \
+    int failed = off0 == NULL || off == NULL || sums == NULL, used = 1;                                \
+    if (!failed)                                                                                       \
+        for (int64_t p = 0; p < P; p++)                                                                \
+            for (int64_t q = 0; q < Kp; q++) off[p * Kp + q] = off0[p * K + (q < K ? q : 0)];          \
+    if (!failed) {                                                                                     \
+    _Pragma("omp parallel num_threads(nt)")                                                            \
+    {                                                                                                  \
+        const int t = omp_get_thread_num();                                                            \
+        _Pragma("omp single")                                                                          \
+        used = omp_get_num_threads();                                                                  \
+        T *mine = sums + (int64_t)t * acc;                                                             \
+        T *buf = (T *)aligned_alloc(CDL_BYTES, sizeof(T) * (size_t)(bufsize * (CDL_RC > Po ? CDL_RC : Po)));                                  \
+        if (buf == NULL) {                                                                             \
+            _Pragma("omp atomic write")                                                                \
+            failed = 1;                                                                                \
+        }                                                                                              \
+        /* whole samples per thread and per chunk, so that dy and the codes are read in memory order */ \
+        int64_t n0, n1;                                                                                \
+        cd_split(N, t, omp_get_num_threads(), &n0, &n1);                                               \
+        const int64_t r0 = n0 * Po, r1 = n1 * Po, span = (CDL_RC / Po > 0 ? CDL_RC / Po : 1) * Po;     \
+        for (int64_t c0 = r0; c0 < r1 && buf != NULL; c0 += span) {                     \
+            const int64_t c1 = c0 + span < r1 ? c0 + span : r1;                                        \
+            for (int64_t r = c0; r < c1; r++)                                                          \
+                cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, r / Po, r % Po, buf + (r - c0) * bufsize); \
+            for (int64_t f0 = 0; f0 < F; f0 += CDL_BFB) {                                              \
+                cdl_##SUF bsum[CDL_BFB];                                                               \
+                for (int v = 0; v < CDL_BFB; v++) bsum[v] = (cdl_##SUF){0};                            \
+                for (int64_t q0 = 0; q0 < Kp; q0 += CDL_QB) {                                          \
+                    cdl_##SUF s[CDL_BFB][CDL_QB];                                                      \
+                    for (int v = 0; v < CDL_BFB; v++)                                                  \
+                        for (int u = 0; u < CDL_QB; u++) s[v][u] = (cdl_##SUF){0};                     \
+                    for (int64_t r = c0; r < c1; r++) {                                                \
+                        const int64_t n = r / Po, a = r % Po;                                          \
+                        const T *rowbuf = buf + (r - c0) * bufsize;                                    \
+                        for (int64_t b0 = 0; b0 < Qo; b0 += L) {                                       \
+                            const int64_t cnt = Qo - b0 < L ? Qo - b0 : L;                             \
+                            cdl_##SUF gv[CDL_BFB];                                                     \
+                            cdm_##SUF cv[CDL_BFB];                                                     \
+                            for (int v = 0; v < CDL_BFB; v++) {                                        \
+                                const int64_t f = f0 + v < F ? f0 + v : f0;                            \
+                                gv[v] = cdl_get_##SUF(dy + n * dn + f * dc + a * dh + b0 * dwd, dwd, cnt); \
+                                if (y != NULL) { /* through the ReLU: times sign(y) (y >= 0 or NaN) */  \
+                                    const cdl_##SUF yv = cdl_get_##SUF(y + ((n * F + f) * Po + a) * Qo + b0, 1, cnt); \
+                                    const cdm_##SUF pos = (cdm_##SUF)(yv > 0), nan = (cdm_##SUF)(yv != yv); \
+                                    const cdl_##SUF one = (cdl_##SUF){0} + (T)1;                       \
+                                    gv[v] *= (cdl_##SUF)(((cdm_##SUF)one & pos) | ((cdm_##SUF)yv & nan)); \
+                                }                                                                      \
+                                if (f0 + v >= F) gv[v] = (cdl_##SUF){0};  /* past the last filter */   \
+                                cv[v] = cdl_get_code_##SUF(code + ((n * F + f) * Po + a) * Qo + b0, cnt); \
+                                if (q0 == 0) bsum[v] += gv[v];                                         \
+                            }                                                                          \
+                            const T *base = rowbuf + b0;                                               \
+                            for (int64_t p = 0; p < P; p++) {                                          \
+                                cdl_##SUF gq[CDL_BFB];                                                 \
+                                for (int v = 0; v < CDL_BFB; v++)                                      \
+                                    gq[v] = (cdl_##SUF)((cdm_##SUF)gv[v] & (cdm_##SUF)(cv[v] == (IT)p)); \
+                                const int64_t *o = off + p * Kp + q0;                                  \
+                                for (int u = 0; u < CDL_QB; u++) {                                     \
+                                    const cdl_##SUF in = cdl_load_##SUF(base + o[u]);                  \
+                                    for (int v = 0; v < CDL_BFB; v++) s[v][u] += gq[v] * in;           \
+                                }                                                                      \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                    for (int v = 0; v < CDL_BFB && f0 + v < F; v++)                                    \
+                        for (int u = 0; u < CDL_QB && q0 + u < K; u++)                                 \
+                            mine[(f0 + v) * K + q0 + u] += cdl_sum_##SUF(s[v][u]);                     \
+                }                                                                                      \
+                for (int v = 0; v < CDL_BFB && f0 + v < F; v++) mine[F * K + f0 + v] += cdl_sum_##SUF(bsum[v]); \
+            }                                                                                          \
+        }                                                                                              \
+        free(buf);                                                                                     \
+    }                                                                                                  \
+    }                                                                                                  \
+    if (!failed)                                                                                       \
+        for (int64_t i = 0; i < acc; i++) {                                                            \
+            T v = 0;                                                                                   \
+            for (int u = 0; u < used; u++) v += sums[(int64_t)u * acc + i];                            \
+            if (i < F * K) dw[i] = v;                                                                  \
+            else if (db != NULL) db[i - F * K] = v;                                                    \
+        }                                                                                              \
+    free(sums);                                                                                        \
+    free(off);                                                                                         \
+    free(off0);                                                                                        \
     return failed;                                                                                     \
 }
 
-DEFINE_POOL_CONV_BWD(float, f32)
-DEFINE_POOL_CONV_BWD(double, f64)
+DEFINE_CONV_POOL_LANES(float, f32, int32_t)
+DEFINE_CONV_POOL_LANES(double, f64, int64_t)
 
 /* Dense (fully connected) products with a fixed split of the input features over threads.
  *
@@ -409,12 +554,6 @@ typedef void (*cd_gemm_fn)(const char *, const char *, const int64_t *, const in
                            const void *, const void *, const int64_t *, const void *, const int64_t *,
                            const void *, void *, const int64_t *, size_t, size_t);
 
-static inline void cd_split(int64_t K, int t, int nt, int64_t *k0, int64_t *k1)
-{
-    const int64_t chunk = (K + nt - 1) / nt;
-    *k0 = t * chunk < K ? t * chunk : K;
-    *k1 = (t + 1) * chunk < K ? (t + 1) * chunk : K;
-}
 
 #define DEFINE_DENSE(T, SUF)                                                                            \
 void cd_dense_fwd_##SUF(cd_gemm_fn gemm, const T *x, const T *wt, const T *bias, T *y, T *scratch,     \
