@@ -35,19 +35,24 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..layout import view_like
+
 EXTRA = 5  # loss sum, correct count, SIGINT count, SIGTERM count, ranks whose callbacks read the gradients
 
 
 class _Bucket:
-    def __init__(self, names: list[str], shapes: dict, dtype, device, extra: int):
-        numel = sum(int(torch.Size(shapes[n]).numel()) for n in names)
+    """One flat buffer holding the gradients of ``names``; each slot is laid out in memory as its parameter
+    is (``orders``), so the gradient is copied in and handed to the optimizer without a transposition."""
+
+    def __init__(self, names: list[str], params: dict, dtype, device, extra: int):
+        numel = sum(params[n].numel() for n in names)
         self.names = names
         self.buffer = torch.zeros(numel + extra, dtype=dtype, device=device)
         self.views: dict[str, torch.Tensor] = {}
         off = 0
         for n in names:
-            size = int(torch.Size(shapes[n]).numel())
-            self.views[n] = self.buffer[off:off + size].view(shapes[n])
+            size = params[n].numel()
+            self.views[n] = view_like(self.buffer[off:off + size], params[n])
             off += size
         self.extra = self.buffer[off:] if extra else None
         self.pending = len(names)
@@ -80,7 +85,7 @@ class GradientReducer:
         self.group = group
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
         params = model.params()
-        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self._params = params  # shapes and memory layouts of the slots (column-major Dense weights stay so)
         self._dtype = next(iter(params.values())).dtype if params else torch.float32
         self._device = next(iter(params.values())).device if params else torch.device("cpu")
         self._names = list(params)
@@ -106,8 +111,8 @@ class GradientReducer:
                 groups.append([])
                 size = 0
             groups[-1].append(n)
-            size += int(torch.Size(self._shapes[n]).numel()) * item
-        self.buckets = [_Bucket(g, self._shapes, self._dtype, self._device, EXTRA if i == 0 else 0)
+            size += self._params[n].numel() * item
+        self.buckets = [_Bucket(g, self._params, self._dtype, self._device, EXTRA if i == 0 else 0)
                         for i, g in enumerate(groups)]
         self._where = {n: b for b in self.buckets for n in b.names}
         self.order = list(order)

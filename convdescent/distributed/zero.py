@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim import GradientTransformation, load_state_dict, state_dict, update_and_apply
+from ..layout import dense_order, view_like
 from ..optim.sharding import across_shards, row_block_blockers
 
 
@@ -136,22 +137,9 @@ def state_nbytes(state: Any) -> int:
     return sum(seen.values())
 
 
-def _memory_order(t: Tensor) -> tuple[int, ...]:
-    """The dimension order in which ``t``'s memory runs (identity for a contiguous or non-dense tensor)."""
-    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
-    return order if t.permute(order).is_contiguous() else tuple(range(t.dim()))
-
-
 def _flat(t: Tensor) -> Tensor:
     """``t`` as one vector in its memory order (a view where it can be)."""
-    return t.permute(_memory_order(t)).reshape(-1)
-
-
-def _like(flat: Tensor, t: Tensor) -> Tensor:
-    """The vector ``flat`` (from :func:`_flat`) viewed with ``t``'s shape and strides."""
-    order = _memory_order(t)
-    inverse = sorted(range(t.dim()), key=lambda d: order[d])
-    return flat.view([t.shape[d] for d in order]).permute(inverse)
+    return t.permute(dense_order(t)).reshape(-1)
 
 
 def _flat_piece(t: Tensor, piece: Piece) -> Tensor:
@@ -162,7 +150,7 @@ def _flat_piece(t: Tensor, piece: Piece) -> Tensor:
 def _shaped_piece(flat: Tensor, t: Tensor, piece: Piece) -> Tensor:
     """The vector ``flat`` (from :func:`_flat_piece`) viewed as ``piece`` of ``t``."""
     if piece.whole:
-        return _like(flat, t)
+        return view_like(flat, t)
     return flat.view((piece.stop - piece.start, *t.shape[1:]))
 
 

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..layout import memory_order
 from .base import GradientTransformation, apply_updates
 
 # Set CONVDESCENT_FUSED=0 to run every step through update() + apply_updates() (for comparisons).
@@ -38,12 +39,6 @@ def _fusion_kernels():
     adam = getattr(torch, "_fused_adam_", None)
     adamw = getattr(torch, "_fused_adamw_", None)
     return adam, adamw
-
-
-def _memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
-    """The dimension order in which ``t``'s memory runs (its permutation to a contiguous view), or None."""
-    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
-    return order if t.permute(order).is_contiguous() else None
 
 
 def _name(tx) -> str | None:
@@ -125,7 +120,7 @@ class FusedAdam:
         # hand it each parameter in the order its memory runs, every tensor of the group the same way.
         for i, t in enumerate(p):
             if not t.is_contiguous():
-                order = _memory_order(t)
+                order = memory_order(t)
                 if order is None:
                     return None
                 p[i], g[i], mu[i], nu[i] = (x.permute(order) for x in (p[i], g[i], mu[i], nu[i]))
