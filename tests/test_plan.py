@@ -260,6 +260,73 @@ def test_conv_pool_node_gradients_against_finite_differences_and_autograd(k, c, 
         native.set_enabled(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c,f,k,pool,pstride,cstride,width", [
+    (1, 32, 3, 2, 2, 1, 70),   # the tutorial's first layer on a wide input: several vectors per pooled row
+    (3, 13, 3, 3, 2, 1, 61),   # overlapping windows, a filter count that is no multiple of a block
+    (2, 9, 2, 2, 3, 2, 75),    # windows with gaps between them, a strided conv
+    (1, 5, 5, 4, 4, 1, 40),    # a 4x4 window: 16 positions per window
+])
+def test_conv_pool_node_on_wide_inputs_against_autograd(dtype, c, f, k, pool, pstride, cstride, width):
+    """The fused pass lays each pooled row's windows along vector lanes; rows wider than one vector, every
+    lane count left over at the end, odd filter counts and both dtypes give torch's values and gradients."""
+    assert native.library() is not None, native.status()
+    previous = native.set_enabled(True)
+    try:
+        gen = torch.Generator().manual_seed(c * 100 + f + width)
+        conv, pool_layer = Conv2D(f, k, cstride), MaxPool2D(pool, pstride)
+        conv.build((c, 11, width), generator=gen, dtype=dtype)
+        pool_layer.build(conv.output_shape)
+        conv.params["bias"].normal_(generator=gen)
+        conv.needs_input_grad = False
+        node = ConvPool(("conv1", conv), ("relu1", ReLU()), ("pool1", pool_layer))
+        x = torch.randn(3, c, 11, width, generator=gen, dtype=dtype)
+        out = node.forward(x, True)
+        assert node._cache[0] == "fused"
+        r = torch.randn(out.shape, generator=gen, dtype=dtype)
+        assert node.backward(r) is None
+        w = conv.params["weight"].clone().requires_grad_()
+        b = conv.params["bias"].clone().requires_grad_()
+        with torch.enable_grad():
+            z = F.max_pool2d(torch.relu(F.conv2d(x, w, b, stride=cstride)), pool, pstride)
+            (z * r).sum().backward()
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, z.detach(), **tol)
+        torch.testing.assert_close(conv.grads["weight"], w.grad, **tol)
+        torch.testing.assert_close(conv.grads["bias"], b.grad, **tol)
+    finally:
+        native.set_enabled(previous)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+def test_conv_pool_node_passes_a_nan_on_as_the_layers_do(relu):
+    """A NaN in the input wins its window (as torch's max pool), survives the ReLU, and reaches the
+    gradients, in the fused pass as in the layers run one by one."""
+    results = []
+    for fused in (True, False):
+        conv, pool = Conv2D(3, 3), MaxPool2D(2)
+        conv.build((1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        pool.build(conv.output_shape)
+        conv.needs_input_grad = False
+        node = ConvPool(("conv1", conv), ("relu1", ReLU()) if relu else None, ("pool1", pool))
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        x[1, 0, 4, 5] = float("nan")
+        previous = native.set_enabled(fused)
+        try:
+            y = node.forward(x, True)
+            assert node._cache[0] == ("fused" if fused else "layers")
+            node.backward(torch.ones_like(y))
+        finally:
+            native.set_enabled(previous)
+        results.append((y, conv.grads["weight"].clone(), conv.grads["bias"].clone()))
+    (y1, w1, b1), (y2, w2, b2) = results
+    assert torch.isnan(y1).any() and torch.equal(torch.isnan(y1), torch.isnan(y2))
+    torch.testing.assert_close(y1, y2, equal_nan=True, rtol=1e-12, atol=1e-12)
+    assert torch.isnan(w1).any()  # a window's NaN input reaches the weight gradient
+    torch.testing.assert_close(w1, w2, equal_nan=True, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b1, b2, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
 def test_pool_relu_node_equals_the_written_order():
     relu, pool = ReLU(), MaxPool2D(2)
     node = PoolReLU(("relu1", relu), ("pool1", pool))

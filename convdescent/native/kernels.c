@@ -198,11 +198,15 @@ DEFINE_IM2COL(double, f64)
  * vectorizing along the filters would leave a dot product of only C*kh*kw terms per output.
  *
  * forward: out[n, f, a, b] = max over (k, l) of bias[f] + sum_q w[f, q] * x[...] (q in (c, i, j) order),
+ *          then max(out, 0) when relu is set (a NaN kept, as torch.relu);
  *          code[n, f, a, b] = k*pw + l of the first maximum in row-major window order (a NaN wins);
  *          out and code are (N, F, Po, Qo) through their strides / contiguous.
- * backward (a first layer: no dL/dx): with g = dy[n, f, a, b] routed to its window's winner,
+ * backward (a first layer: no dL/dx): with g = dy[n, f, a, b] (times [y > 0] when y, the forward's
+ *          ReLU output, is given: ReLU's own backward) routed to its window's winner,
  *          dW[f, q] = sum over windows of g * x[winner's patch element q],  db[f] = sum of g;
- *          each thread sums its rows into its own accumulators, added up in thread order (deterministic).
+ *          each thread sums whole samples into its own accumulators, added up in thread order
+ *          (deterministic for a given thread count). Both return 0, or 1 when out of memory (nothing usable
+ *          written: the caller runs the layers instead).
  */
 #if defined(__AVX512F__)
 #define CDL_BYTES 64
@@ -484,11 +488,10 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
                             for (int v = 0; v < CDL_BFB; v++) {                                        \
                                 const int64_t f = f0 + v < F ? f0 + v : f0;                            \
                                 gv[v] = cdl_get_##SUF(dy + n * dn + f * dc + a * dh + b0 * dwd, dwd, cnt); \
-                                if (y != NULL) { /* through the ReLU: times sign(y) (y >= 0 or NaN) */  \
+                                if (y != NULL) { /* through the ReLU: times [y > 0], as its backward */ \
                                     const cdl_##SUF yv = cdl_get_##SUF(y + ((n * F + f) * Po + a) * Qo + b0, 1, cnt); \
-                                    const cdm_##SUF pos = (cdm_##SUF)(yv > 0), nan = (cdm_##SUF)(yv != yv); \
                                     const cdl_##SUF one = (cdl_##SUF){0} + (T)1;                       \
-                                    gv[v] *= (cdl_##SUF)(((cdm_##SUF)one & pos) | ((cdm_##SUF)yv & nan)); \
+                                    gv[v] *= (cdl_##SUF)((cdm_##SUF)one & (cdm_##SUF)(yv > 0));        \
                                 }                                                                      \
                                 if (f0 + v >= F) gv[v] = (cdl_##SUF){0};  /* past the last filter */   \
                                 cv[v] = cdl_get_code_##SUF(code + ((n * F + f) * Po + a) * Qo + b0, cnt); \
