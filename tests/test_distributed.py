@@ -470,3 +470,28 @@ def test_cuda_workers_get_a_gpu_each_and_share_them_only_over_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(DistributedError, match="no CUDA device"):
         worker_device("cuda", worlds[0], "gloo")
+
+
+def test_gradient_bucket_slots_are_laid_out_as_their_parameters():
+    """Each slot of a bucket has its parameter's strides (a Dense weight is column-major), the slots tile the
+    buffer without overlap, and a gradient copied in comes back equal: no transposing copy on either side."""
+    from convdescent import Conv2D, Dense, Flatten, Sequential
+    from convdescent.distributed.reducer import _Bucket
+
+    model = Sequential([Conv2D(3, 3), Flatten(), Dense(7), Dense(4)], input_shape=(2, 6, 5), seed=0)
+    params = model.params()
+    assert not params["dense1.weight"].is_contiguous()  # the layout this test is about
+    bucket = _Bucket(list(params), params, torch.float32, torch.device("cpu"), extra=2)
+    base = bucket.buffer.data_ptr()
+    spans = []
+    for name, p in params.items():
+        view = bucket.views[name]
+        assert view.shape == p.shape and view.stride() == p.stride(), name
+        start = (view.data_ptr() - base) // view.element_size()
+        spans.append((start, start + p.numel()))
+        g = torch.randn(p.shape).t().contiguous().t() if p.dim() == 2 else torch.randn(p.shape)
+        view.copy_(g)
+        assert torch.equal(view, g)
+    spans.sort()
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] + 2 == bucket.buffer.numel()
