@@ -42,7 +42,7 @@ EXTRA = 5  # loss sum, correct count, SIGINT count, SIGTERM count, ranks whose c
 
 class _Bucket:
     """One flat buffer holding the gradients of ``names``; each slot is laid out in memory as its parameter
-    is (``orders``), so the gradient is copied in and handed to the optimizer without a transposition."""
+    in ``params`` is, so the gradient is copied in and handed to the optimizer without a transposition."""
 
     def __init__(self, names: list[str], params: dict, dtype, device, extra: int):
         numel = sum(params[n].numel() for n in names)

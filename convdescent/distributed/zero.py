@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim import GradientTransformation, load_state_dict, state_dict, update_and_apply
 from ..layout import dense_order, view_like
+from ..optim import GradientTransformation, load_state_dict, state_dict, update_and_apply
 from ..optim.sharding import across_shards, row_block_blockers
 
 

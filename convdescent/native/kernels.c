@@ -190,11 +190,11 @@ DEFINE_IM2COL(double, f64)
  *
  * Lanes of one vector are L neighbouring windows of one pooled row (n, a, b0 .. b0+L-1); for a fixed
  * filter f, window offset (k, l) and patch element q = (c, i, j) the L inputs they read are
- *   x[n, c, (a*sh + k)*csh + i, (b*sw + l)*csw + j] = x[n, c, row, (b + s)*S + ph]   with S = sw*csw,
- * t = l*csw + j, ph = t % S, s = t / S: a contiguous run once each input row is split into its S phases.
- * So each pooled row first copies the R = (ph-1)*csh + kh input rows it reads, phase by phase, into a
- * small buffer (zero past the input's end: those lanes are never stored), and then every multiply-add is
- * one vector of L windows. This suits a first layer (few input channels, a short patch), where
+ *   x[n, c, (a*sh + k)*csh + i, (b*sw + l)*csw + j] = x[n, c, row, (b + z)*S + e]   with S = sw*csw,
+ * t = l*csw + j, phase e = t % S, shift z = t / S: a contiguous run once each input row is split into its
+ * S phases. So each pooled row first copies the R = (ph-1)*csh + kh input rows it reads into a small
+ * aligned buffer, one line per (row, phase, shift) starting at lane 0 (zero past the input's end: those
+ * lanes are never stored), and then every multiply-add is one aligned vector load of L windows. This suits a first layer (few input channels, a short patch), where
  * vectorizing along the filters would leave a dot product of only C*kh*kw terms per output.
  *
  * forward: out[n, f, a, b] = max over (k, l) of bias[f] + sum_q w[f, q] * x[...] (q in (c, i, j) order),
@@ -337,7 +337,7 @@ static int64_t *cdl_offsets_##SUF(const cdl_geom_##SUF *g)                      
                     }                                                                                  \
     return off;                                                                                        \
 }                                                                                                      \
-/* the R input rows of pooled row a of sample n, split into phases: buf[c][r][phase][m] */             \
+/* the R input rows of pooled row a of sample n, by phase and shift: buf[c][r][e][z][m] */            \
 static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int64_t xc, int64_t xh,    \
                            int64_t xw, int64_t H, int64_t W, int64_t n, int64_t a, T *buf)             \
 {                                                                                                      \
