@@ -198,7 +198,7 @@ def test_a_point_whose_worker_always_dies_is_failed_after_its_retries(tmp_path):
 def test_convdescent_search_finishes_the_grid_when_one_of_its_workers_is_killed(bands_npz, tmp_path):
     storage = tmp_path / "study.db"
     argv = [sys.executable, "-m", "convdescent.cli", "search", "--dataset", bands_npz, "--val-split", "40",
-            "--epochs", "6", "--lr", "1e-3,3e-3,1e-2", "--optimizer", "adam", "--sampler", "grid",
+            "--epochs", "40", "--lr", "1e-3,3e-3,1e-2", "--optimizer", "adam", "--sampler", "grid",
             "--pruner", "none", "--storage", str(storage), "--study", "killed", "--workers", "2",
             "--heartbeat", "1", "--grace-period", "3", "--out", str(tmp_path / "out"), "--json"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
