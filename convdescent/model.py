@@ -59,6 +59,7 @@ class Sequential:
         self._plan: Plan | None = None
         self._plan_key = None
         self._pending: Plan | None = None  # the plan of the last training forward, until its backward
+        self._updated: frozenset = frozenset()  # parameters the last backward updated itself (no gradient)
         self.dtype = dtype
         self.device = torch.device(device)
         assign_names(self.layers)
@@ -97,12 +98,18 @@ class Sequential:
     def grads(self) -> "OrderedDict[str, torch.Tensor]":
         """The gradients written by the last ``backward``, keyed like ``params()``."""
         out = OrderedDict()
+        updated = self._updated
         for layer in self.layers:
             try:
-                out.update(layer.named_grads(f"{layer.name}."))
+                out.update(layer.named_grads(f"{layer.name}.", updated))
             except KeyError:
                 raise RuntimeError("no gradients yet: run forward and backward first") from None
         return out
+
+    def updated_in_backward(self) -> frozenset:
+        """Names of the parameters the last backward updated itself (``backward(dy, update=...)``): their
+        gradients were never written out, so ``grads()`` leaves them out."""
+        return self._updated
 
     def buffers(self) -> "OrderedDict[str, torch.Tensor]":
         out = OrderedDict()
@@ -259,12 +266,20 @@ class Sequential:
 
     __call__ = forward
 
-    def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
-        """Propagate dL/doutput back; fills every layer's grads and returns dL/dinput (or None)."""
+    def backward(self, dy: torch.Tensor, update=None) -> torch.Tensor | None:
+        """Propagate dL/doutput back; fills every layer's grads and returns dL/dinput (or None).
+
+        ``update``: the optimizer's coming step (an ``optim.InlineAdam``), for the layers that can apply it to
+        their own parameters inside their backward (see ``Plan.backward``); those parameters are updated and
+        get no gradient (``updated_in_backward()`` names them)."""
         plan, self._pending = self._pending, None
         if plan is None:
             raise RuntimeError("backward needs a forward first (each forward allows one backward)")
-        return plan.backward(dy)
+        self._updated = frozenset()
+        dx = plan.backward(dy, update)
+        if update is not None:
+            self._updated = frozenset(update.taken)
+        return dx
 
     def clear_cache(self) -> None:
         """Drop what the last forward kept (after evaluation, when no backward follows)."""

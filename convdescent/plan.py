@@ -80,6 +80,11 @@ class Node:
         return [n for n, _ in self.members
                 if (n != self.output_of and want("after_forward", n)) or (n != self.input_of and want("before_forward", n))]
 
+    def backward_and_update(self, dy, update):
+        """``backward``, where the node may apply the optimizer's coming step (``update``) to its parameters
+        inside it (only a single layer that knows how: ``Layer.backward_and_update``)."""
+        return self.backward(dy)
+
     def fire_backward(self) -> None:
         for name, layer, fn in self.backward_hooks:
             fn(name, layer, layer_grads(name, layer))
@@ -136,6 +141,9 @@ class LayerNode(Node):
 
     def backward(self, dy):
         return self.layer.backward(dy)
+
+    def backward_and_update(self, dy, update):
+        return self.layer.backward_and_update(dy, update, f"{self.members[0][0]}.")
 
     def take_cache(self):
         return self.layer.take_cache()
@@ -421,9 +429,14 @@ class Plan:
             return _run(self.rest, x, train)
         return _run(self.nodes, x, train)
 
-    def backward(self, dy: torch.Tensor) -> torch.Tensor | None:
+    def backward(self, dy: torch.Tensor, update=None) -> torch.Tensor | None:
         """Propagate dL/doutput back through the nodes from the last to ``backward_start()``; after_backward
-        hooks fire as grads become final (those of the nodes before the start after the start's)."""
+        hooks fire as grads become final (those of the nodes before the start after the start's).
+
+        ``update`` (an ``optim.InlineAdam`` or None): the optimizer's coming step, offered to each node that
+        runs its backward on the whole batch and has no after_backward hook (a hook reads the gradients a
+        node that updates its weight itself never writes); the chunked stage's nodes, whose gradients are
+        sums over chunks, are not offered it."""
         chunks, self._chunks = self._chunks, None
         stop = self.backward_start()
         if stop >= len(self.nodes):  # nothing trainable and no input gradient wanted
@@ -434,10 +447,10 @@ class Plan:
         first.needs_input_grad = wanted and stop == 0  # the start node's input gradient has no reader
         try:
             if chunks is None:
-                dx = _run_back(self.nodes[stop:], dy)
+                dx = _run_back(self.nodes[stop:], dy, update)
             else:
                 k = len(self.head)
-                dx = _run_back(self.rest[max(stop - k, 0):], dy)
+                dx = _run_back(self.rest[max(stop - k, 0):], dy, update)
                 if stop < k:
                     dx = self._chunked_backward(dx, chunks, stop)
         finally:
@@ -531,11 +544,15 @@ def _run(nodes: list[Node], x: torch.Tensor, train: bool) -> torch.Tensor:
     return x
 
 
-def _run_back(nodes: list[Node], dy):
+def _run_back(nodes: list[Node], dy, update=None):
     for node in reversed(nodes):
-        dy = node.backward(dy)
         if node.backward_hooks:
+            dy = node.backward(dy)
             node.fire_backward()
+        elif update is not None:
+            dy = node.backward_and_update(dy, update)
+        else:
+            dy = node.backward(dy)
     return dy
 
 

@@ -75,6 +75,13 @@ class Layer:
         """Given dL/dy, write dL/dparams into ``grads`` and return dL/dx (None if not needed)."""
         raise TypeError(f"{type(self).__name__} does not define backward")
 
+    def backward_and_update(self, dy: torch.Tensor, update, prefix: str) -> torch.Tensor | None:
+        """``backward``, given the chance to apply the optimizer's coming step to this layer's own parameters
+        in the same pass (``update`` is an ``optim.InlineAdam``; parameter ``key`` is ``prefix + key`` there).
+        A parameter the layer updates itself gets no entry in ``grads``. This default takes no part of the
+        update and runs ``backward``: the step then updates every parameter after the backward."""
+        return self.backward(dy)
+
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         return self.forward(x, train)
 
@@ -145,13 +152,15 @@ class Layer:
         for sub in self.sublayers():
             yield from sub.named_params(f"{prefix}{sub.name}.")
 
-    def named_grads(self, prefix: str = ""):
-        """Yield (qualified name, gradient) in the same order as ``named_params``."""
+    def named_grads(self, prefix: str = "", skip=frozenset()):
+        """Yield (qualified name, gradient) in the same order as ``named_params``, leaving out the names in
+        ``skip``."""
         grads = self.param_grads()
         for key in self.params:
-            yield prefix + key, grads[key]
+            if prefix + key not in skip:
+                yield prefix + key, grads[key]
         for sub in self.sublayers():
-            yield from sub.named_grads(f"{prefix}{sub.name}.")
+            yield from sub.named_grads(f"{prefix}{sub.name}.", skip)
 
     def named_buffers(self, prefix: str = ""):
         """Yield (qualified name, tensor) for non-trainable state, nested layers included."""

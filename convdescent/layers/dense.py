@@ -174,6 +174,40 @@ class Dense(Layer):
                                         n, k, o, ld, transposed, threads)
         return dx
 
+    def backward_and_update(self, dy, update, prefix):
+        """The backward with the optimizer's coming Adam step on the weight done inside it (``update.take``
+        hands over the weight's moments): one native pass computes dL/dx with the weight as it was, the
+        weight's gradient a block at a time, and the update of that block while its gradient is in the cache
+        (``cd_dense_bwd_adam``). The weight's gradient is never written out and ``grads`` gets none; the
+        bias's gradient is computed as usual for the step to update. Anything the native backward would not
+        take runs the plain backward."""
+        x = self._cache
+        if x is None or not self.trainable or dy.dim() != 2:
+            return self.backward(dy)
+        kernel = self._native("cd_dense_bwd_adam", x)
+        if (kernel is None or tuple(dy.shape) != (x.shape[0], self.units) or dy.dtype != x.dtype
+                or dy.device != x.device):
+            return self.backward(dy)
+        w = self.params["weight"]
+        moments = update.take(prefix + "weight", w)
+        if moments is None:
+            return self.backward(dy)
+        mu, nu, nu_max = moments
+        self._cache = None
+        fn, gemm = kernel
+        n, k, o, threads = x.shape[0], self.in_features, self.units, native.threads()
+        dy, transposed, ld = _dy_layout(dy, n, o)
+        dx = torch.empty(n, k, dtype=x.dtype) if self.needs_input_grad else None
+        rows = native.dense_update_rows(o)
+        scratch = torch.empty(threads, rows, o, dtype=x.dtype)
+        fn(gemm, x.data_ptr(), dy.data_ptr(), w.data_ptr(), mu.data_ptr(), nu.data_ptr(),
+           None if nu_max is None else nu_max.data_ptr(), None if dx is None else dx.data_ptr(),
+           scratch.data_ptr(), n, k, o, k, ld, transposed, rows, native.doubles(update.hyper), threads)
+        self.grads.pop("weight", None)
+        if self.use_bias:
+            self.grads["bias"] = dy.sum(0)
+        return dx
+
     def get_config(self):
         return {"units": self.units, "use_bias": self.use_bias,
                 "kernel_init": initializers.initializer_name(self.kernel_init),

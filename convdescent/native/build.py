@@ -269,7 +269,9 @@ def build_library(source: Path) -> Path:
     if openmp is not None:
         st = os.stat(openmp)
         openmp_tag = f"{os.path.realpath(openmp)}:{st.st_size}:{st.st_mtime_ns}"
-    settings = [(["-O3", "-march=native"], openmp), (["-O3"], openmp), (["-O3"], None)]
+    # -fno-math-errno: sqrt sets no errno (nothing reads it), so loops that take a square root vectorize
+    settings = [(["-O3", "-fno-math-errno", "-march=native"], openmp), (["-O3", "-fno-math-errno"], openmp),
+                (["-O3", "-fno-math-errno"], None)]
     if openmp is None:
         settings = settings[2:]
     source_bytes = source.read_bytes()

@@ -617,6 +617,74 @@ void cd_dense_dx_##SUF(cd_gemm_fn gemm, const T *wt, const T *dy, T *dx, int64_t
 DEFINE_DENSE(float, f32)
 DEFINE_DENSE(double, f64)
 
+/* The backward of a Dense layer with the Adam step on its weight done inside it (the training step uses it
+ * when nobody reads the weight's gradient: no hook, clipping or gradient reduction in between).
+ *
+ * Thread t takes the same rows [k0, k1) of wt as the kernels above and walks them in blocks of `rows` rows.
+ * For each block it computes, in this order, dx[:, block] = dy wt[block]^T with the weight as it was, the
+ * block's weight gradient x[:, block]^T dy into a small per-thread scratch, and the Adam (or AdamW) update of
+ * wt, mt, vt (and vmaxt with AMSGrad) on that block. The gradient never leaves the cache, and the weight and
+ * moments are read from memory once a step instead of three times (backward, then the separate step).
+ *
+ * The update is the formula of torch.optim.Adam, in the order torch's fused CPU kernel computes it:
+ *   mode 1 (L2):    g += weight_decay * w          mode 2 (decoupled): w -= lr * weight_decay * w
+ *   m = m + (1 - beta1) (g - m);   v = beta2 v + (1 - beta2) g^2;   (AMSGrad: vmax = max(vmax, v), read vmax)
+ *   w -= (lr / bias_correction1) m / (sqrt(v) / sqrt(bias_correction2) + eps)
+ * hyper holds lr, beta1, beta2, eps, weight_decay, mode, bias_correction1, sqrt(bias_correction2) as doubles.
+ * dx may be NULL (no input gradient wanted); scratch holds threads * rows * O elements. */
+#define DEFINE_DENSE_ADAM(T, SUF)                                                                       \
+static void cd_adam_rows_##SUF(T *restrict p, T *restrict m, T *restrict v, T *restrict vmax,           \
+                               const T *restrict g, int64_t n, const double *h)                        \
+{                                                                                                      \
+    const T lr = (T)h[0], c1 = (T)(1.0 - h[1]), b2 = (T)h[2], c2 = (T)(1.0 - h[2]), eps = (T)h[3];     \
+    const T wd = (T)h[4], lrwd = (T)(h[0] * h[4]), step = (T)(h[0] / h[6]), bc2s = (T)h[7];            \
+    const int mode = (int)h[5];                                                                        \
+    (void)lr;                                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                                  \
+        T gi = g[i], pi = p[i];                                                                        \
+        if (mode == 1) gi += pi * wd;                                                                  \
+        else if (mode == 2) pi = pi - lrwd * pi;                                                       \
+        const T mi = m[i] + c1 * (gi - m[i]);                                                          \
+        const T vi = v[i] * b2 + c2 * gi * gi;                                                         \
+        m[i] = mi;                                                                                     \
+        v[i] = vi;                                                                                     \
+        T r = vi;                                                                                      \
+        if (vmax != NULL) {                                                                            \
+            r = (vi > vmax[i] || vi != vi) ? vi : vmax[i];                                             \
+            vmax[i] = r;                                                                               \
+        }                                                                                              \
+        const T denom = cd_sqrt_##SUF(r) / bc2s + eps;                                                 \
+        p[i] = pi - step * mi / denom;                                                                 \
+    }                                                                                                  \
+}                                                                                                      \
+void cd_dense_bwd_adam_##SUF(cd_gemm_fn gemm, const T *x, const T *dy, T *wt, T *mt, T *vt, T *vmaxt,  \
+                             T *dx, T *scratch, int64_t N, int64_t K, int64_t O, int64_t ldx,          \
+                             int64_t ldy, int dyt, int64_t rows, const double *hyper, int threads)     \
+{                                                                                                      \
+    _Pragma("omp parallel num_threads(threads)")                                                       \
+    {                                                                                                  \
+        const int t = omp_get_thread_num();                                                            \
+        int64_t k0, k1;                                                                                \
+        cd_split(K, t, omp_get_num_threads(), &k0, &k1);                                               \
+        T *g = scratch + (int64_t)t * rows * O;                                                        \
+        const T one = 1, zero = 0;                                                                     \
+        for (int64_t kb = k0; kb < k1; kb += rows) {                                                   \
+            const int64_t kk = k1 - kb < rows ? k1 - kb : rows;                                        \
+            if (dx != NULL)                                                                            \
+                gemm("T", dyt ? "T" : "N", &kk, &N, &O, &one, wt + kb * O, &O, dy, &ldy, &zero,        \
+                     dx + kb, &K, 1, 1);                                                               \
+            gemm(dyt ? "T" : "N", "T", &O, &kk, &N, &one, dy, &ldy, x + kb, &ldx, &zero, g, &O, 1, 1); \
+            cd_adam_rows_##SUF(wt + kb * O, mt + kb * O, vt + kb * O,                                  \
+                               vmaxt != NULL ? vmaxt + kb * O : NULL, g, kk * O, hyper);               \
+        }                                                                                              \
+    }                                                                                                  \
+}
+
+static inline float cd_sqrt_f32(float v) { return __builtin_sqrtf(v); }
+static inline double cd_sqrt_f64(double v) { return __builtin_sqrt(v); }
+DEFINE_DENSE_ADAM(float, f32)
+DEFINE_DENSE_ADAM(double, f64)
+
 /* Subnormal floats: flush-to-zero for the threads that run a training step.
  *
  * The floating-point control register (MXCSR on x86, FPCR on AArch64) is per thread, and torch's

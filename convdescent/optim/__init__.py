@@ -52,7 +52,7 @@ from .clipping import (
     global_norm,
     unitwise_norm,
 )
-from .fused import fused_step, update_and_apply
+from .fused import InlineAdam, fused_step, inline_step, update_and_apply
 from .record import RecordState, optimizer_stats, record_norms
 from .schedules import (
     SCHEDULES,
@@ -117,5 +117,5 @@ __all__ = [
     "TraceState", "add_decayed_weights", "coupled_weight_decay", "decoupled_weight_decay", "scale",
     "scale_by_adadelta", "scale_by_adagrad", "scale_by_adam", "scale_by_adamax", "scale_by_radam",
     "scale_by_learning_rate", "scale_by_lion", "scale_by_nadam", "scale_by_rms", "trace",
-    "LazyUpdates", "fused_step", "update_and_apply", "walk_infos", "across_shards", "shard_any", "shard_sum",
+    "LazyUpdates", "fused_step", "update_and_apply", "InlineAdam", "inline_step", "walk_infos", "across_shards", "shard_any", "shard_sum",
 ]

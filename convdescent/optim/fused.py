@@ -23,6 +23,7 @@ rounding (the kernel divides where the chain multiplies by reciprocals), and bit
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -162,6 +163,14 @@ class FusedAdam:
         self._run(lists, lr, beta1, steps)
         return self.advance(state)
 
+    def inline(self, params: dict, state: tuple) -> "InlineAdam | None":
+        """The coming step as an :class:`InlineAdam` for a backward to share, or None where the fused step
+        would not run (the kernel or the state does not fit; then use ``update_and_apply``)."""
+        # the parameters stand in for the gradients still to come: the same dtype, device and layout
+        if not all(p.device.type == "cpu" for p in params.values()) or self._lists(params, params, state) is None:
+            return None
+        return InlineAdam(self, state)
+
     def apply_static(self, params: dict, grads: dict, state: tuple, lr: torch.Tensor, count: torch.Tensor) -> bool:
         """The update with the learning rate and step count read from device scalars ``lr`` and ``count``
         (filled by the caller), so that a recording of it stays right at every replay; the counters in the
@@ -171,6 +180,72 @@ class FusedAdam:
             return False
         self._run(lists, lr, self.b1, [count] * len(lists[0]))
         return True
+
+
+class InlineAdam:
+    """One coming Adam/AdamW step, offered to the backward before it runs, so that a layer whose backward can
+    also update its weight (Dense with the native kernels: ``cd_dense_bwd_adam``) does it there, while the
+    weight's gradient is still in the cache, and never writes that gradient out.
+
+    A layer calls :meth:`take` for the parameter it will update (and then must update it); :meth:`finish`,
+    after the backward, runs the ordinary fused step on every other parameter and returns the state, the same
+    state (counts, moments) :meth:`FusedAdam.__call__` leaves.
+
+    Attributes:
+        hyper: the step's numbers as the native kernel reads them: (lr, beta1, beta2, eps, weight_decay, mode
+            (0: none, 1: L2 added to the gradient, 2: decoupled), 1 - beta1^t, sqrt(1 - beta2^t)), each
+            computed as torch's fused kernel computes it.
+        taken: the names of the parameters a layer has updated.
+    """
+
+    def __init__(self, fused: FusedAdam, state: tuple):
+        self.fused, self.state = fused, state
+        lr, count = fused.next_lr_and_count(state)
+        adam_state = state[fused.i_adam]
+        self.beta1 = float(fused.b1(adam_state.count)) if callable(fused.b1) else float(fused.b1)
+        self.lr, self.count = float(lr), count
+        mode = 0 if not fused.wd else (2 if fused.decoupled else 1)
+        self.hyper = (self.lr, self.beta1, float(fused.b2), float(fused.eps), float(fused.wd), float(mode),
+                      1.0 - self.beta1 ** count, math.sqrt(1.0 - float(fused.b2) ** count))
+        self.taken: set[str] = set()
+
+    def take(self, name: str, param: torch.Tensor):
+        """The moments of parameter ``name`` for a layer that will apply this step to it in its backward:
+        (mu, nu, nu_max or None), each laid out as ``param``; None (the layer runs its plain backward) when
+        this step does not cover it or its moments are laid out otherwise. A taken parameter is left out
+        of :meth:`finish`."""
+        adam_state = self.state[self.fused.i_adam]
+        mu, nu = adam_state.mu.get(name), adam_state.nu.get(name)
+        nu_max = adam_state.nu_max.get(name) if self.fused.amsgrad else None
+        if name in self.taken or mu is None or nu is None or (self.fused.amsgrad and nu_max is None):
+            return None
+        if any(t.stride() != param.stride() or t.shape != param.shape for t in (mu, nu, *(() if nu_max is None else (nu_max,)))):
+            return None
+        self.taken.add(name)
+        return mu, nu, nu_max
+
+    def finish(self, params: dict, grads: dict) -> tuple:
+        """Run the step on every parameter not taken (``grads`` holds exactly those) and return the new state."""
+        rest = {k: params[k] for k in grads}
+        if set(rest) | self.taken != set(params):
+            missing = sorted(set(params) - set(rest) - self.taken)
+            raise RuntimeError(f"the fused Adam step has no gradient for {', '.join(missing)}")
+        if rest:
+            lists = self.fused._lists(rest, grads, self.state)
+            if lists is None:  # inline() checked every parameter; only a gradient of another dtype lands here
+                raise RuntimeError("a gradient does not match its parameter's dtype or device")
+            steps = [torch.full((), float(self.count), dtype=torch.float32) for _ in lists[0]]
+            self.fused._run(lists, self.lr, self.beta1, steps)
+        return self.fused.advance(self.state)
+
+
+def inline_step(optimizer: GradientTransformation, params: dict, state) -> InlineAdam | None:
+    """The optimizer's coming step as an :class:`InlineAdam` a backward can share, or None (the optimizer
+    is not one the fused Adam step computes, or that step would not run here)."""
+    fused = fused_step(optimizer)
+    if not isinstance(fused, FusedAdam):
+        return None
+    return fused.inline(params, state)
 
 
 _FUSED_ATTR = "fused_step_of_chain"

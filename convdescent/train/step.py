@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from ..native import flush_subnormals
-from ..optim import update_and_apply
+from ..optim import inline_step, update_and_apply
 
 
 @flush_subnormals
@@ -37,8 +37,15 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
     """
     logits = model.forward(xb, train=True)
     loss, dlogits = loss_fn(logits, yb)
-    model.backward(dlogits)
-    opt_state = update_and_apply(optimizer, model.params(), model.grads(), opt_state)
+    params = model.params()
+    # Nobody reads this step's gradients: the layers that can apply an Adam step inside their backward do
+    # (Dense's native pass updates its weight while the weight's gradient is in the cache), the rest after.
+    inline = inline_step(optimizer, params, opt_state)
+    model.backward(dlogits, update=inline)
+    if inline is not None:
+        opt_state = inline.finish(params, model.grads())
+    else:
+        opt_state = update_and_apply(optimizer, params, model.grads(), opt_state)
     correct = (logits.argmax(dim=1) == yb).sum()
     return loss, correct, opt_state
 

@@ -1,0 +1,220 @@
+"""The Adam step done inside Dense's backward (``cd_dense_bwd_adam``, ``optim.InlineAdam``).
+
+The training step hands the coming Adam/AdamW step to the backward; a Dense layer on the native path then
+updates its weight block by block while the block's gradient is in the cache. Checked here: the kernel
+against torch.optim's Adam on the same gradient; whole training steps against the step that writes every
+gradient and then runs the fused optimizer step (itself checked against torch.optim in test_optim_fused.py);
+and every case that must not take the inline path (a hook reading the gradients, a frozen layer, a chunked
+backward, other optimizers, the kernels off).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convdescent import Dense, Flatten, ReLU, Sequential, SoftmaxCrossEntropy, native, optim, seed_cnn
+from convdescent.data.synthetic import synthetic_images
+from convdescent.optim import inline_step, make_optimizer, update_and_apply
+from convdescent.train.step import train_step
+
+needs_kernels = pytest.mark.skipif(native.library() is None or native.gemm(torch.float32) is None,
+                                   reason="the native kernels do not build here")
+
+CONFIGS = [
+    ("adam", {}, "Adam", {}),
+    ("adam", {"weight_decay": 0.1}, "Adam", {"weight_decay": 0.1}),
+    ("adam", {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}, "Adam",
+     {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("adamw", {}, "AdamW", {}),
+    ("adamw", {"weight_decay": 0.3, "amsgrad": True}, "AdamW", {"weight_decay": 0.3, "amsgrad": True}),
+]
+CONFIG_IDS = [f"{c[0]}{i}" for i, c in enumerate(CONFIGS)]
+
+
+def _dense(k, o, dtype, seed):
+    layer = Dense(o, name="fc")
+    layer.build((k,), torch.Generator().manual_seed(seed), dtype=dtype)
+    return layer
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,kwargs,torch_name,torch_kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_dense_backward_with_adam_equals_torch_optim(name, kwargs, torch_name, torch_kwargs, dtype, threads):
+    """Several steps on shapes whose rows do not fill the kernel's blocks (K not a multiple of 64, a K
+    smaller than the threads' split, several blocks a thread), with dy in both layouts: the weight, the moments and dL/dx against
+    torch.optim on the gradient x^T dy, and the bias's gradient left for the step after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        # blocks of native.dense_update_rows(o) rows: 1024 for the narrow layers (2050 rows: full blocks and
+        # a short one), 87 for the wide one (300 rows: three blocks and a short one per thread)
+        for n, k, o, transposed_dy in [(5, 600, 110, False), (3, 1030, 64, True), (17, 700, 97, False),
+                                       (1, 2050, 40, True), (4, 300, 1500, False)]:
+            layer = _dense(k, o, dtype, seed=n)
+            w = layer.params["weight"]
+            ref = torch.nn.Parameter(w.detach().clone())
+            ref_opt = getattr(torch.optim, torch_name)([ref], lr=3e-3, **torch_kwargs)
+            opt = make_optimizer(name, lr=3e-3, **kwargs)
+            params = {"fc.weight": w}
+            state = opt.init(params)
+            for step in range(4):
+                x = torch.randn(n, k, generator=gen, dtype=dtype)
+                dy = torch.randn(n, o, generator=gen, dtype=dtype)
+                if transposed_dy:
+                    dy = dy.t().contiguous().t()
+                layer.forward(x, train=True)
+                inline = inline_step(opt, params, state)
+                assert inline is not None
+                dx = layer.backward_and_update(dy, inline, "fc.")
+                assert inline.taken == {"fc.weight"} and "weight" not in layer.grads
+                torch.testing.assert_close(layer.grads["bias"], dy.sum(0))
+                tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+                torch.testing.assert_close(dx, dy @ ref.detach(), **tol)  # with the weight before the step
+                state = inline.finish(params, {})
+                ref.grad = dy.t() @ x
+                ref_opt.step()
+                torch.testing.assert_close(w, ref.detach(), **tol)
+            adam = next(s for s in state if hasattr(s, "mu"))
+            assert adam.count == 4
+            torch.testing.assert_close(adam.mu["fc.weight"], ref_opt.state[ref]["exp_avg"], **tol)
+            torch.testing.assert_close(adam.nu["fc.weight"], ref_opt.state[ref]["exp_avg_sq"], **tol)
+            assert w.t().is_contiguous()  # updated in place, layout kept
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _data(n=40, seed=1):
+    x, y = synthetic_images(n, 10, (1, 12, 12), seed=seed)
+    return (x.float() / 255.0), y
+
+
+def _pair(dtype=torch.float32, model_fn=seed_cnn):
+    a = model_fn(input_shape=(1, 12, 12), seed=2, dtype=dtype)
+    b = model_fn(input_shape=(1, 12, 12), seed=2, dtype=dtype)
+    return a, b
+
+
+def _reference_step(model, opt, state, xb, yb):
+    """The step without the inline update: every gradient written, then the fused optimizer step."""
+    logits = model.forward(xb, train=True)
+    _, dlogits = SoftmaxCrossEntropy()(logits, yb)
+    model.backward(dlogits)
+    return update_and_apply(opt, model.params(), model.grads(), state)
+
+
+def _train_both(a, b, opt_a, opt_b, steps=5, batch=8, dtype=torch.float32):
+    x, y = _data()
+    x = x.to(dtype)
+    sa, sb = opt_a.init(a.params()), opt_b.init(b.params())
+    for i in range(steps):
+        xb, yb = x[i * batch % 40:][:batch], y[i * batch % 40:][:batch]
+        _, _, sa = train_step(a, SoftmaxCrossEntropy(), opt_a, sa, xb, yb)
+        sb = _reference_step(b, opt_b, sb, xb, yb)
+    return sa, sb
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,kwargs", [
+    ("adam", {}), ("adam", {"weight_decay": 0.05}), ("adamw", {"weight_decay": 0.1, "amsgrad": True}),
+    ("adam-cosine", {}),
+], ids=["adam", "adam-l2", "adamw-amsgrad", "adam-cosine"])
+def test_train_step_with_the_inline_update_equals_the_step_that_writes_every_gradient(name, kwargs, dtype):
+    a, b = _pair(dtype)
+    if name == "adam-cosine":  # a scheduled learning rate and first-moment decay, read at every step
+        opt_a, opt_b = (optim.chain(optim.scale_by_adam(lambda t: 0.95 - 0.01 * t, 0.999, 1e-8),
+                                    optim.scale_by_learning_rate(optim.cosine_decay(1e-2, 6))) for _ in range(2))
+    else:
+        opt_a, opt_b = make_optimizer(name, lr=3e-3, **kwargs), make_optimizer(name, lr=3e-3, **kwargs)
+    sa, sb = _train_both(a, b, opt_a, opt_b, dtype=dtype)
+    assert a.updated_in_backward() == {"dense1.weight"}  # the tutorial CNN's big Dense (800 x 128 here)
+    assert "dense1.weight" not in a.grads() and "dense1.bias" in a.grads()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for k, p in b.params().items():
+        torch.testing.assert_close(a.params()[k], p, **tol, msg=lambda m: f"{k}: {m}")
+    ma, mb = next(s for s in sa if hasattr(s, "mu")), next(s for s in sb if hasattr(s, "mu"))
+    assert ma.count == mb.count == 5
+    for k in ma.mu:
+        torch.testing.assert_close(ma.mu[k], mb.mu[k], **tol)
+        torch.testing.assert_close(ma.nu[k], mb.nu[k], **tol)
+    assert optim.current_lr(opt_a, sa) == optim.current_lr(opt_b, sb)
+
+
+@needs_kernels
+def test_a_dense_layer_first_in_the_model_updates_without_an_input_gradient():
+    """The first trainable node computes no dL/dx: the kernel is called without one."""
+    model = Sequential([Flatten(), Dense(500), ReLU(), Dense(10)], input_shape=(1, 12, 12), seed=4)
+    ref = Sequential([Flatten(), Dense(500), ReLU(), Dense(10)], input_shape=(1, 12, 12), seed=4)
+    opt_a, opt_b = make_optimizer("adam", lr=1e-2), make_optimizer("adam", lr=1e-2)
+    _train_both(model, ref, opt_a, opt_b, steps=3)
+    first = model.layers[1].name
+    assert model.updated_in_backward() == {f"{first}.weight"}
+    for k, p in ref.params().items():
+        torch.testing.assert_close(model.params()[k], p, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_the_inline_update_is_not_taken_where_a_hook_reads_the_gradient_or_the_layer_is_frozen():
+    x, y = _data()
+    opt = make_optimizer("adam", lr=1e-3)
+    # an after_backward hook on the Dense reads its gradients
+    model = seed_cnn(input_shape=(1, 12, 12), seed=2)
+    seen = []
+    model.register_hook("after_backward", lambda name, layer, grads: seen.append(grads["dense1.weight"].clone()), "dense1")
+    state = opt.init(model.params())
+    train_step(model, SoftmaxCrossEntropy(), opt, state, x[:8], y[:8])
+    assert model.updated_in_backward() == frozenset() and len(seen) == 1
+    assert "dense1.weight" in model.grads()
+    # a frozen Dense computes no weight gradient and takes no update
+    model = seed_cnn(input_shape=(1, 12, 12), seed=2)
+    model.layers[4].trainable = False
+    before = model.layers[4].params["weight"].clone()
+    state = opt.init(model.params())
+    train_step(model, SoftmaxCrossEntropy(), opt, state, x[:8], y[:8])
+    assert model.updated_in_backward() == frozenset()
+    assert torch.equal(model.layers[4].params["weight"], before)
+
+
+
+@needs_kernels
+def test_with_fusion_off_and_a_chunked_stage_the_dense_after_it_still_updates_inline():
+    """The chunked stage (conv, ReLU, pool, flatten run in chunks of 4) is never offered the update (its
+    gradients are sums over chunks); the Dense after it runs on the whole batch and takes it."""
+    a, b = _pair()
+    for m in (a, b):
+        m.set_fusion(False)
+        m.chunk_size = 4
+    plan = a.plan()
+    assert plan.head and all(node.members[0][0] != "dense1" for node in plan.head)
+    _train_both(a, b, make_optimizer("adam", lr=3e-3), make_optimizer("adam", lr=3e-3), steps=3)
+    assert a.updated_in_backward() == {"dense1.weight"}
+    for k, p in b.params().items():
+        torch.testing.assert_close(a.params()[k], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_optimizer("sgd", lr=1e-2, momentum=0.9),
+    lambda: make_optimizer("adam", lr=1e-3, clip_norm=1.0),
+    lambda: make_optimizer("nadam", lr=1e-3),
+], ids=["sgd", "clipped-adam", "nadam"])
+def test_other_optimizers_get_no_inline_step(make):
+    model = seed_cnn(input_shape=(1, 12, 12), seed=2)
+    opt = make()
+    assert inline_step(opt, model.params(), opt.init(model.params())) is None
+
+
+def test_without_the_kernels_the_step_writes_every_gradient():
+    previous = native.set_enabled(False)
+    try:
+        a, b = _pair()
+        _train_both(a, b, make_optimizer("adam", lr=3e-3), make_optimizer("adam", lr=3e-3), steps=3)
+        assert a.updated_in_backward() == frozenset()
+        assert "dense1.weight" in a.grads()
+        for k, p in b.params().items():
+            assert torch.equal(a.params()[k], p)
+    finally:
+        native.set_enabled(previous)
