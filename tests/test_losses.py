@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from convdescent import native
 from convdescent.losses import MSE, SoftmaxCrossEntropy, make_loss
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -24,7 +25,16 @@ def torch_ce(logits, labels, smoothing):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.35])
 @pytest.mark.parametrize("n,k", [(1, 2), (7, 10), (32, 3)])
-def test_cross_entropy_matches_torch(n, k, smoothing, dtype):
+@pytest.mark.parametrize("kernels", [True, False], ids=["native", "torch-ops"])
+def test_cross_entropy_matches_torch(n, k, smoothing, dtype, kernels):
+    previous = native.set_enabled(kernels)
+    try:
+        _cross_entropy_matches_torch(n, k, smoothing, dtype)
+    finally:
+        native.set_enabled(previous)
+
+
+def _cross_entropy_matches_torch(n, k, smoothing, dtype):
     gen = torch.Generator().manual_seed(n * 100 + k)
     logits = torch.randn(n, k, generator=gen, dtype=dtype) * 3
     labels = torch.randint(0, k, (n,), generator=gen)
@@ -108,3 +118,50 @@ def test_loss_errors():
         make_loss("hinge")
     assert make_loss("cross_entropy", label_smoothing=0.1).get_config() == {"name": "cross_entropy",
                                                                           "label_smoothing": 0.1}
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native kernels do not build here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.25])
+def test_cross_entropy_native_pass_equals_the_torch_operations(dtype, smoothing):
+    """The one-pass kernel and the torch-op formula on the same inputs: logits that are a strided slice (rows
+    of a wider tensor), a denominator larger than the batch, rows with an inf, a NaN and -inf everywhere."""
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(9, 13, generator=gen, dtype=dtype) * 4
+    logits = wide[:, 2:9]  # row stride 13, 7 classes
+    labels = torch.randint(0, 7, (9,), generator=gen)
+    special = logits.clone()
+    special[1, 3] = float("inf")
+    special[2, 0] = float("nan")
+    special[3, :] = float("-inf")
+    special[4, 5] = 80.0  # exp overflows float32 without the max shift
+    fn = SoftmaxCrossEntropy(label_smoothing=smoothing)
+    for z in (logits, special):
+        for denom in (None, 20):
+            assert native.kernel("cd_softmax_xent", z) is not None
+            loss, grad = fn(z, labels, denominator=denom)
+            previous = native.set_enabled(False)
+            try:
+                ref_loss, ref_grad = fn(z, labels, denominator=denom)
+            finally:
+                native.set_enabled(previous)
+            tol = TOL[dtype]
+            torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol, equal_nan=True)
+            torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol, equal_nan=True)
+            finite = torch.isfinite(z).all(1)
+            assert torch.isfinite(grad[finite]).all()
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["native", "torch-ops"])
+@pytest.mark.parametrize("bad", [5, -1, 99])
+def test_a_label_outside_the_classes_is_one_clear_error(kernels, bad):
+    labels = torch.tensor([0, 1, bad, 2])
+    message = f"label {bad} (example 2 of the batch) is not a class of a model with 5 outputs: labels must be in [0, 5)"
+    previous = native.set_enabled(kernels)
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SoftmaxCrossEntropy()(torch.randn(4, 5), labels)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SoftmaxCrossEntropy().value(torch.randn(4, 5), labels)
+    finally:
+        native.set_enabled(previous)

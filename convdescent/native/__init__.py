@@ -57,8 +57,10 @@ _SIGNATURES = {
     # gemm, x, dy, wt, mt, vt, vmaxt (or None), dx (or None), scratch (threads, rows, O), N, K, O, ldx, ldy,
     # dy transposed, rows, hyperparameters (8 doubles), threads
     "cd_dense_bwd_adam": [_PTR] * 9 + [_I64] * 5 + [ctypes.c_int, _I64, _PTR, ctypes.c_int],
+    # logits, row stride, labels (int64), N, K, denominator, label smoothing, grad (N, K), loss (one element)
+    "cd_softmax_xent": [_PTR, _I64, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR],
 }
-_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int}
+_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int, "cd_softmax_xent": ctypes.c_int}
 # functions without a dtype suffix: name -> (argument types, return type)
 _PLAIN = {
     "cd_flush_subnormals": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),  # on, threads

@@ -227,13 +227,13 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
 def _compile(cc, flags, openmp, source: Path, out: Path, deadline: _Deadline) -> str | None:
     """Compile (and link) into ``out``; returns None on success, else the compiler's complaint."""
     if openmp is None:
-        steps = [[*cc, *flags, "-shared", "-fPIC", "-o", str(out), str(source)]]
+        steps = [[*cc, *flags, "-shared", "-fPIC", "-o", str(out), str(source), "-lm"]]
     else:
         # Compile with OpenMP but link by hand: the driver's -fopenmp link would pull in the compiler's
         # own runtime, a second thread pool next to torch's whenever the two differ.
         obj = out.with_name(out.name[:-len(".so")] + ".o")
         steps = [[*cc, *flags, "-fopenmp", "-fPIC", "-c", "-o", str(obj), str(source)],
-                 [*cc, "-shared", "-o", str(out), str(obj), openmp, "-Wl,-rpath," + os.path.dirname(openmp)]]
+                 [*cc, "-shared", "-o", str(out), str(obj), openmp, "-Wl,-rpath," + os.path.dirname(openmp), "-lm"]]
     try:
         for cmd in steps:
             proc = _run(cmd, deadline)

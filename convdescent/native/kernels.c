@@ -10,6 +10,7 @@
  *             last NaN of a window, as in torch)
  *   backward: dx[n, c, p, q] = sum over windows (i, j) whose code points at (p, q) of dy[n, c, i, j]
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -684,6 +685,47 @@ static inline float cd_sqrt_f32(float v) { return __builtin_sqrtf(v); }
 static inline double cd_sqrt_f64(double v) { return __builtin_sqrt(v); }
 DEFINE_DENSE_ADAM(float, f32)
 DEFINE_DENSE_ADAM(double, f64)
+
+/* Softmax cross-entropy on integer labels, value and gradient in one pass over the logits (N, K), rows of
+ * stride ld, as losses.SoftmaxCrossEntropy computes them with torch operations:
+ *   m_n = max_j z_nj,  r_n = log sum_j exp(z_nj - m_n);   logp_nj = (z_nj - m_n) - r_n
+ *   loss  = -(1/D) sum_n [(1 - s) logp_n,y_n + (s/K) sum_j logp_nj]
+ *   grad_nj = (exp(logp_nj) - s/K - (1 - s) [j = y_n]) / D
+ * with D the mean's denominator and s the label smoothing (subtracting m_n first keeps the digits of a large
+ * logit, as torch's log_softmax does). The loss is summed in double. One thread: a batch's
+ * logits are a few kilobytes. Returns 0, or 1 + the first row whose label is outside [0, K) (nothing else is
+ * then to be trusted). */
+#define DEFINE_XENT(T, SUF, EXP, LOG)                                                                   \
+int cd_softmax_xent_##SUF(const T *z, int64_t ld, const int64_t *labels, int64_t N, int64_t K, double denom,  \
+                          double smoothing, T *grad, T *loss)                                           \
+{                                                                                                      \
+    double total = 0;                                                                                  \
+    const T inv = (T)(1.0 / denom), off = (T)(smoothing / (double)K), hit = (T)(1.0 - smoothing);      \
+    for (int64_t n = 0; n < N; n++) {                                                                  \
+        const T *row = z + n * ld;                                                                     \
+        T *g = grad + n * K;                                                                           \
+        const int64_t y = labels[n];                                                                   \
+        if (y < 0 || y >= K) return (int)(n < 0x7ffffffe ? n + 1 : 0x7fffffff);                        \
+        T m = row[0];                                                                                  \
+        for (int64_t j = 1; j < K; j++) m = (row[j] > m || row[j] != row[j]) ? row[j] : m;             \
+        T sum = 0;                                                                                     \
+        for (int64_t j = 0; j < K; j++) sum += EXP(row[j] - m);                                        \
+        const T r = LOG(sum);                                                                          \
+        double row_logp = 0;                                                                           \
+        for (int64_t j = 0; j < K; j++) {                                                              \
+            const T lp = (row[j] - m) - r;                                                             \
+            row_logp += lp;                                                                            \
+            g[j] = (EXP(lp) - off) * inv;                                                              \
+        }                                                                                              \
+        g[y] -= hit * inv;                                                                             \
+        total += (double)hit * (double)((row[y] - m) - r) + (smoothing / (double)K) * row_logp;        \
+    }                                                                                                  \
+    *loss = (T)(-total / denom);                                                                       \
+    return 0;                                                                                          \
+}
+
+DEFINE_XENT(float, f32, expf, logf)
+DEFINE_XENT(double, f64, exp, log)
 
 /* Subnormal floats: flush-to-zero for the threads that run a training step.
  *
