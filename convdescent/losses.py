@@ -45,10 +45,17 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"cross-entropy expects labels of shape ({logits.shape[0]},), "
                              f"got {tuple(labels.shape)}")
 
-    def _label_error(self, labels: torch.Tensor, k: int, row: int | None = None) -> ValueError:
+    def _label_error(self, labels: torch.Tensor, k: int, row: int | None = None) -> ValueError | None:
+        """The error for the first label outside [0, k) (at ``row`` when known); None when every label is a
+        class (the failure was something else)."""
         if row is None:
-            bad = ((labels < 0) | (labels >= k)).nonzero()
-            row = int(bad[0, 0]) if bad.numel() else 0
+            try:
+                bad = ((labels < 0) | (labels >= k)).nonzero()
+            except (RuntimeError, TypeError):
+                return None
+            if not bad.numel():
+                return None
+            row = int(bad[0, 0])
         return ValueError(f"label {int(labels[row])} (example {row} of the batch) is not a class of a model with "
                           f"{k} outputs: labels must be in [0, {k}); check the dataset's classes against the "
                           f"model's num_classes")
@@ -82,7 +89,10 @@ class SoftmaxCrossEntropy:
         try:
             picked = logp.gather(1, labels.view(-1, 1))
         except RuntimeError:
-            raise self._label_error(labels, k) from None
+            error = self._label_error(labels, k)
+            if error is None:
+                raise
+            raise error from None
         s = self.label_smoothing
         if s:
             loss = -((1 - s) * picked.sum() + (s / k) * logp.sum()) / denom
@@ -105,7 +115,10 @@ class SoftmaxCrossEntropy:
         try:
             picked = logp.gather(1, labels.view(-1, 1)).mean()
         except RuntimeError:
-            raise self._label_error(labels, k) from None
+            error = self._label_error(labels, k)
+            if error is None:
+                raise
+            raise error from None
         if s:
             return -((1 - s) * picked + (s / k) * logp.sum(1).mean())
         return -picked

@@ -226,6 +226,8 @@ class InlineAdam:
 
     def finish(self, params: dict, grads: dict) -> tuple:
         """Run the step on every parameter not taken (``grads`` holds exactly those) and return the new state."""
+        if self.taken & set(grads):
+            raise RuntimeError(f"{', '.join(sorted(self.taken & set(grads)))} was updated in the backward already")
         rest = {k: params[k] for k in grads}
         if set(rest) | self.taken != set(params):
             missing = sorted(set(params) - set(rest) - self.taken)
