@@ -10,6 +10,8 @@ from convdescent.optim import fused as fused_mod
 from convdescent.optim import make_optimizer, update_and_apply
 from convdescent.optim.fused import fused_step
 
+from adam_configs import CONFIG_IDS, CONFIGS
+
 SHAPES = [(7, 5), (5,), (3, 2, 3, 3), (11, 4), (1,)]
 
 
@@ -37,20 +39,9 @@ def _grads(params, step, transposed_grads: bool):
     return out
 
 
-CONFIGS = [
-    ("adam", {}, "Adam", {}),
-    ("adam", {"weight_decay": 0.1}, "Adam", {"weight_decay": 0.1}),
-    ("adam", {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}, "Adam",
-     {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}),
-    ("adamw", {}, "AdamW", {}),
-    ("adamw", {"weight_decay": 0.3, "amsgrad": True}, "AdamW", {"weight_decay": 0.3, "amsgrad": True}),
-]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "grads-transposed"])
-@pytest.mark.parametrize("name,kwargs,torch_name,torch_kwargs", CONFIGS, ids=[f"{c[0]}{i}" for i, c in
-                                                                               enumerate(CONFIGS)])
+@pytest.mark.parametrize("name,kwargs,torch_name,torch_kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_fused_step_equals_torch_fused_and_the_chain(name, kwargs, torch_name, torch_kwargs, layout, dtype):
     lr = 3e-3
     opt = make_optimizer(name, lr=lr, **kwargs)
