@@ -76,6 +76,34 @@ def test_fused_step_equals_torch_fused_and_the_chain(name, kwargs, torch_name, t
         torch.testing.assert_close(adam_f.nu[k], adam_c.nu[k], rtol=1e-6, atol=1e-9)
 
 
+def test_fused_step_follows_parameters_and_moments_given_new_memory():
+    """The fused step works out a parameter set's layout once and remembers it; a parameter given other
+    memory (``p.data = ...``) or moments replaced by new tensors (a restored state) are seen, and every step
+    still updates the tensors the caller holds, as the chain does."""
+    opt = make_optimizer("adam", lr=3e-3, amsgrad=True)
+    fused = fused_step(opt)
+    params = _params(torch.float64, transposed=True)
+    chain_params = {k: p.clone() for k, p in params.items()}
+    state, chain_state = opt.init(params), opt.init(chain_params)
+    for step in range(6):
+        if step == 2:
+            for p in params.values():
+                p.data = p.detach().clone()  # same layout, other memory
+        if step == 4:
+            i = next(i for i, s in enumerate(state) if hasattr(s, "mu"))
+            adam = state[i]
+            copies = [{k: t.clone() for k, t in d.items()} for d in (adam.mu, adam.nu, adam.nu_max)]
+            state = state[:i] + (type(adam)(adam.count, *copies),) + state[i + 1:]
+        grads = _grads(params, step, False)
+        new_state = fused(params, {k: g.clone() for k, g in grads.items()}, state)
+        assert new_state is not None, "the fused kernel did not run"
+        state = new_state
+        updates, chain_state = opt.update(dict(grads), chain_state, chain_params)
+        optim.apply_updates(chain_params, updates)
+    for k in params:
+        torch.testing.assert_close(params[k], chain_params[k], rtol=1e-12, atol=1e-12)
+
+
 def test_fused_step_follows_schedules():
     """A scheduled learning rate and first-moment decay are read at each step, as the chain reads them."""
     lr = optim.cosine_decay(1e-2, 10)

@@ -90,53 +90,93 @@ class FusedAdam:
         self.lr_of, self.wd, self.decoupled = lr_of, wd, decoupled
         # A scheduled first-moment decay changes a kernel argument every step: it cannot be replayed.
         self.static_blocker = "a scheduled Adam b1 cannot be recorded once" if callable(b1) else None
+        self._layouts: dict = {}  # see _layout
 
     def _kernel(self):
         kernel_adam, kernel_adamw = _fusion_kernels()
         return kernel_adamw if self.decoupled else kernel_adam
 
-    def _lists(self, params: dict, grads: dict, state: tuple):
-        """Parameter, gradient and moment lists in the kernel's orientation (see the module doc), or None."""
-        if not _ENABLED or self._kernel() is None or len(state) != self.n_parts:
-            return None
-        keys = list(grads)
-        adam_state = state[self.i_adam]
-        try:
-            p = [params[k] for k in keys]
-            g = [grads[k] for k in keys]
-            mu = [adam_state.mu[k] for k in keys]
-            nu = [adam_state.nu[k] for k in keys]
-            nu_max = [adam_state.nu_max[k] for k in keys] if self.amsgrad else []
-        except KeyError:
-            return None  # let update() report the mismatch in its own words
-        if not keys or params.keys() != grads.keys():
-            return None
-        first = p[0]
+    def _layout(self, params: dict, keys: list, adam_state):
+        """The parameters and moments of ``keys`` in the kernel's orientation and each one's permutation
+        (None where it is contiguous already): ``(p, mu, nu, nu_max, orders)``, or None where the kernel does
+        not take them. Worked out once for the same tensors and remembered (raises KeyError for a name with
+        no moments)."""
+        groups = [(params[k], adam_state.mu[k], adam_state.nu[k]) + ((adam_state.nu_max[k],) if self.amsgrad else ())
+                  for k in keys]
+        # the tensors are remembered with their layout, so their ids cannot be reused while it is; the data
+        # pointers change when a tensor is given other memory (``p.data = ...``)
+        signature = tuple((id(t), t.data_ptr()) for group in groups for t in group)
+        found = self._layouts.get(signature)
+        if found is None:
+            found = (groups, self._work_out_layout(groups))
+            if len(self._layouts) >= 4:  # a model's full set and the set finish() steps; others are rare
+                self._layouts.clear()
+            self._layouts[signature] = found
+        return found[1]
+
+    def _work_out_layout(self, groups: list):
+        first = groups[0][0]
         if first.device.type not in ("cpu", "cuda") or first.dtype not in (torch.float32, torch.float64):
             return None
-        for t in (*p, *g, *mu, *nu, *nu_max):
-            if t.device != first.device or t.dtype != first.dtype:
-                return None
+        if any(t.device != first.device or t.dtype != first.dtype for group in groups for t in group):
+            return None
         # The kernel is several times slower on strided tensors (the Dense weights are stored transposed):
-        # hand it each parameter in the order its memory runs, every tensor of the group the same way.
-        for i, t in enumerate(p):
-            if not t.is_contiguous():
-                order = memory_order(t)
+        # hand it each parameter in the order its memory runs, its moments (and gradient) the same way.
+        orders, views = [], []
+        for group in groups:
+            order = None
+            if not group[0].is_contiguous():
+                order = memory_order(group[0])
                 if order is None:
                     return None
-                p[i], g[i], mu[i], nu[i] = (x.permute(order) for x in (p[i], g[i], mu[i], nu[i]))
-                if self.amsgrad:
-                    nu_max[i] = nu_max[i].permute(order)
-            if not g[i].is_contiguous():
-                g[i] = g[i].contiguous()  # read only
-        if not all(t.is_contiguous() for t in (*p, *mu, *nu, *nu_max)):
+                group = tuple(t.permute(order) for t in group)
+            if not all(t.is_contiguous() for t in group):
+                return None
+            orders.append(order)
+            views.append(group)
+        p, mu, nu = ([group[i] for group in views] for i in range(3))
+        nu_max = [group[3] for group in views] if self.amsgrad else []
+        return p, mu, nu, nu_max, orders
+
+    def _layout_of(self, params: dict, keys: list, state: tuple):
+        """:meth:`_layout` for the parameters ``keys`` of ``state``, or None where the fused step does not run."""
+        if not _ENABLED or not keys or self._kernel() is None or len(state) != self.n_parts:
             return None
+        try:
+            return self._layout(params, keys, state[self.i_adam])
+        except KeyError:
+            return None  # let update() report the mismatch in its own words
+
+    def _lists(self, params: dict, grads: dict, state: tuple):
+        """Parameter, gradient and moment lists in the kernel's orientation (see the module doc), or None."""
+        keys = list(grads)
+        layout = self._layout_of(params, keys, state) if params.keys() == grads.keys() else None
+        if layout is None:
+            return None
+        p, mu, nu, nu_max, orders = layout
+        device, dtype = p[0].device, p[0].dtype
+        g = []
+        for k, order in zip(keys, orders):
+            t = grads[k]
+            if t.device != device or t.dtype != dtype:
+                return None
+            if order is not None:
+                t = t.permute(order)
+            g.append(t if t.is_contiguous() else t.contiguous())  # read only
         return p, g, mu, nu, nu_max
 
-    def _run(self, lists, lr, beta1, steps) -> None:
+    def _run(self, lists, lr, beta1, count) -> None:
+        """One kernel call; ``count`` is the 1-based step, or a device scalar holding it (a recorded step)."""
         p, g, mu, nu, nu_max = lists
-        self._kernel()(p, g, mu, nu, nu_max, steps, lr=lr, beta1=beta1, beta2=self.b2, weight_decay=self.wd,
-                       eps=self.eps, amsgrad=self.amsgrad, maximize=False)
+        if not isinstance(count, torch.Tensor):
+            # the kernel reads each parameter's step from a float32 tensor (as torch keeps them), only reads it
+            count = torch.full((), float(count), dtype=torch.float32, device=p[0].device)
+        self._kernel()(p, g, mu, nu, nu_max, [count] * len(p), lr=lr, beta1=beta1, beta2=self.b2,
+                       weight_decay=self.wd, eps=self.eps, amsgrad=self.amsgrad, maximize=False)
+
+    def next_beta1(self, state: tuple) -> float:
+        """The first-moment decay of the coming update (a scheduled one is read at the current count)."""
+        return float(self.b1(state[self.i_adam].count)) if callable(self.b1) else float(self.b1)
 
     def next_lr_and_count(self, state: tuple) -> tuple[float, int]:
         """The learning rate and the (1-based) step count of the coming update."""
@@ -155,19 +195,14 @@ class FusedAdam:
         if lists is None:
             return None
         lr, count = self.next_lr_and_count(state)
-        adam_state = state[self.i_adam]
-        beta1 = float(self.b1(adam_state.count)) if callable(self.b1) else self.b1
-        # The kernel reads each parameter's step from a tensor (torch keeps them in float32); one each.
-        device = lists[0][0].device
-        steps = [torch.full((), float(count), dtype=torch.float32, device=device) for _ in lists[0]]
-        self._run(lists, lr, beta1, steps)
+        self._run(lists, lr, self.next_beta1(state), count)
         return self.advance(state)
 
     def inline(self, params: dict, state: tuple) -> "InlineAdam | None":
         """The coming step as an :class:`InlineAdam` for a backward to share, or None where the fused step
         would not run (the kernel or the state does not fit; then use ``update_and_apply``)."""
-        # the parameters stand in for the gradients still to come: the same dtype, device and layout
-        if not all(p.device.type == "cpu" for p in params.values()) or self._lists(params, params, state) is None:
+        layout = self._layout_of(params, list(params), state)  # the gradients will come in the same layout
+        if layout is None or layout[0][0].device.type != "cpu":
             return None
         return InlineAdam(self, state)
 
@@ -178,7 +213,7 @@ class FusedAdam:
         lists = self._lists(params, grads, state)
         if lists is None:
             return False
-        self._run(lists, lr, self.b1, [count] * len(lists[0]))
+        self._run(lists, lr, self.b1, count)
         return True
 
 
@@ -201,8 +236,7 @@ class InlineAdam:
     def __init__(self, fused: FusedAdam, state: tuple):
         self.fused, self.state = fused, state
         lr, count = fused.next_lr_and_count(state)
-        adam_state = state[fused.i_adam]
-        self.beta1 = float(fused.b1(adam_state.count)) if callable(fused.b1) else float(fused.b1)
+        self.beta1 = fused.next_beta1(state)
         self.lr, self.count = float(lr), count
         mode = 0 if not fused.wd else (2 if fused.decoupled else 1)
         self.hyper = (self.lr, self.beta1, float(fused.b2), float(fused.eps), float(fused.wd), float(mode),
@@ -236,8 +270,7 @@ class InlineAdam:
             lists = self.fused._lists(rest, grads, self.state)
             if lists is None:  # inline() checked every parameter; only a gradient of another dtype lands here
                 raise RuntimeError("a gradient does not match its parameter's dtype or device")
-            steps = [torch.full((), float(self.count), dtype=torch.float32) for _ in lists[0]]
-            self.fused._run(lists, self.lr, self.beta1, steps)
+            self.fused._run(lists, self.lr, self.beta1, self.count)
         return self.fused.advance(self.state)
 
 
