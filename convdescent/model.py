@@ -96,7 +96,8 @@ class Sequential:
         return out
 
     def grads(self) -> "OrderedDict[str, torch.Tensor]":
-        """The gradients written by the last ``backward``, keyed like ``params()``."""
+        """The gradients written by the last ``backward``, keyed like ``params()``, less the parameters that
+        backward updated itself (``updated_in_backward()``), whose gradients were never written out."""
         out = OrderedDict()
         updated = self._updated
         for layer in self.layers:
@@ -276,9 +277,11 @@ class Sequential:
         if plan is None:
             raise RuntimeError("backward needs a forward first (each forward allows one backward)")
         self._updated = frozenset()
-        dx = plan.backward(dy, update)
-        if update is not None:
-            self._updated = frozenset(update.taken)
+        try:
+            dx = plan.backward(dy, update)
+        finally:  # also when a later layer's backward raised: what was updated already stays named
+            if update is not None:
+                self._updated = frozenset(update.taken)
         return dx
 
     def clear_cache(self) -> None:

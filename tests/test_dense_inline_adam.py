@@ -215,3 +215,26 @@ def test_without_the_kernels_the_step_writes_every_gradient():
             assert torch.equal(a.params()[k], p)
     finally:
         native.set_enabled(previous)
+
+
+class _FailingBackward(Flatten):
+    """A layer whose backward raises, placed before a Dense so that it runs after the Dense's update."""
+
+    def backward(self, dy):
+        raise RuntimeError("backward failed here")
+
+
+@needs_kernels
+def test_a_backward_that_fails_after_the_inline_update_says_which_weights_took_it():
+    model = Sequential([Flatten(), Dense(300), _FailingBackward(), Dense(500), ReLU(), Dense(10)],
+                       input_shape=(1, 12, 12), seed=4)
+    opt = make_optimizer("adam", lr=1e-2)
+    state = opt.init(model.params())
+    x, y = _data()
+    last = model.layers[3].name  # the 300 x 500 Dense after the failing layer
+    with pytest.raises(RuntimeError, match="backward failed here") as failure:
+        train_step(model, SoftmaxCrossEntropy(), opt, state, x[:8], y[:8])
+    assert model.updated_in_backward() == {f"{last}.weight"}
+    notes = getattr(failure.value, "__notes__", [])
+    if hasattr(failure.value, "add_note"):  # Python 3.11 and later
+        assert any(f"{last}.weight had already taken this step's update" in n for n in notes), notes

@@ -32,6 +32,9 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
         optimizer: a ``GradientTransformation``; ``opt_state`` its state.
         xb: inputs (B, C, H, W), already normalized; yb: labels (B,) int64.
 
+    Where the optimizer is Adam or AdamW on the fused path, the layers that can take the update inside their
+    backward do (``model.updated_in_backward()`` names them; ``model.grads()`` then has no gradient for them).
+
     Returns:
         (loss tensor (), number of correct predictions tensor (), new optimizer state).
     """
@@ -41,7 +44,13 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
     # Nobody reads this step's gradients: the layers that can apply an Adam step inside their backward do
     # (Dense's native pass updates its weight while the weight's gradient is in the cache), the rest after.
     inline = inline_step(optimizer, params, opt_state)
-    model.backward(dlogits, update=inline)
+    try:
+        model.backward(dlogits, update=inline)
+    except Exception as exc:
+        if inline is not None and inline.taken and hasattr(exc, "add_note"):
+            exc.add_note(f"{', '.join(sorted(inline.taken))} had already taken this step's update in the backward "
+                         "(weights and moments); the optimizer state's step count was not advanced")
+        raise
     if inline is not None:
         opt_state = inline.finish(params, model.grads())
     else:

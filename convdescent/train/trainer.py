@@ -17,7 +17,8 @@ the host. Everything else happens at coarser boundaries:
 Why not check every step: reading a value back costs a sync per step (and on a GPU, the pipelining of the
 whole step); the epoch loss sum turns non-finite as soon as one step's loss does, and a non-finite gradient
 makes the parameters non-finite at the update, so the periodic check misses nothing, and the replay
-recovers the exact step.
+recomputes the same steps (to float rounding where the fast step updated a Dense weight inside its backward:
+the replay reads every gradient, so it writes them all and updates after).
 """
 
 from __future__ import annotations
