@@ -1,7 +1,9 @@
 """Time `convdescent train` (the CLI's path) against idiomatic and tuned PyTorch, epochs alternating, in one run.
 
 Every side trains the tutorial's CNN (Conv2D 32 3x3 + ReLU -> MaxPool 2x2 -> Flatten -> Dense 128 + ReLU ->
-Dense 10) with Adam(1e-3) on all 60,000 Fashion-MNIST training images, from the same initial weights.
+Dense 10) with Adam(1e-3) on all 60,000 Fashion-MNIST training images, from the same initial weights and in
+the same order: each PyTorch side takes its epoch's batches in the order convdescent's loader took them, so
+the test accuracies differ by the arithmetic alone, not by which images fell into which batch.
 
 - convdescent: ``train_from_config`` with the train command's defaults (progress bar drawn to a null terminal,
   metrics.jsonl, gradient-health checks every 50 steps, non-finite checks, last/best checkpoints at every
@@ -61,16 +63,16 @@ def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: b
     torch.manual_seed(seed)
     x_train = data.x_train.float().div_(255)
     x_test = data.x_test.float().div_(255)
-    loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=batch_size, shuffle=True)
+    images = TensorDataset(x_train, data.y_train)
     criterion = nn.CrossEntropyLoss()
     net, opt = torch_cnn(data)
     with _flushing(flush):
-        run_torch(net, opt, criterion, loader, limit=warmup_steps)
+        run_torch(net, opt, criterion, DataLoader(images, batch_size=batch_size, shuffle=True), limit=warmup_steps)
     net, opt = torch_cnn(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
 
-    def epoch() -> float:
+    def epoch(order: torch.Tensor) -> float:
         with _flushing(flush):
-            return run_torch(net, opt, criterion, loader)
+            return run_torch(net, opt, criterion, DataLoader(images, batch_size=batch_size, sampler=order.tolist()))
 
     return epoch, lambda: _accuracy(net, x_test, data.y_test)
 
@@ -82,11 +84,11 @@ def tuned_net(data, start_from=None):
     return net, torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
 
-def run_tuned(net, opt, x, y, batch_size: int, gen: torch.Generator, limit: int | None = None) -> float:
-    """Seconds for one epoch of tuned PyTorch: one shuffle of the in-memory tensors, then slices of it."""
+def run_tuned(net, opt, x, y, batch_size: int, perm: torch.Tensor, limit: int | None = None) -> float:
+    """Seconds for one epoch of tuned PyTorch: one shuffle of the in-memory tensors (in the order ``perm``),
+    then slices of it."""
     t0 = time.perf_counter()
     net.train()
-    perm = torch.randperm(len(x), generator=gen)
     xs = x[perm].contiguous(memory_format=torch.channels_last)
     ys = y[perm]
     for i, start in enumerate(range(0, len(xs), batch_size)):
@@ -107,12 +109,13 @@ def tuned_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool)
     gen = torch.Generator().manual_seed(seed)
     net, opt = tuned_net(data)
     with _flushing(flush):
-        run_tuned(net, opt, x_train, data.y_train, batch_size, gen, limit=warmup_steps)
+        run_tuned(net, opt, x_train, data.y_train, batch_size, torch.randperm(len(x_train), generator=gen),
+                  limit=warmup_steps)
     net, opt = tuned_net(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
 
-    def epoch() -> float:
+    def epoch(order: torch.Tensor) -> float:
         with _flushing(flush):
-            return run_tuned(net, opt, x_train, data.y_train, batch_size, gen)
+            return run_tuned(net, opt, x_train, data.y_train, batch_size, order)
 
     return epoch, lambda: _accuracy(net, x_test, data.y_test)
 
@@ -130,19 +133,22 @@ def _flushing(flush: bool):
 
 
 class Alternate(Callback):
-    """Times convdescent's epochs from one start to the next and, between them, runs one epoch of every peer."""
+    """Times convdescent's epochs from one start to the next and, between them, runs one epoch of every peer
+    in the order convdescent's loader took that epoch's images."""
 
     def __init__(self, peers: dict, data):
         self.peers = peers
         self.data = data
         self.norm = Normalizer.unit()
         self.t0 = None
+        self.order = None
         self.times = {"convdescent": [], **{name: [] for name in peers}}
         self.accs = {name: [] for name in self.times}
 
     def on_epoch_begin(self, trainer, epoch):
         if self.t0 is not None:
             self._between(trainer)
+        self.order = trainer.loader.order(trainer.loader.epoch).cpu()  # outside the timed span
         self.t0 = time.perf_counter()
 
     def on_train_end(self, trainer):
@@ -153,7 +159,7 @@ class Alternate(Callback):
         self.accs["convdescent"].append(evaluate(trainer.model, trainer.loss_fn, self.data.x_test, self.data.y_test,
                                                  normalizer=self.norm)[1])
         for name, (epoch, accuracy) in self.peers.items():
-            self.times[name].append(epoch())
+            self.times[name].append(epoch(self.order))
             self.accs[name].append(accuracy())
 
 
