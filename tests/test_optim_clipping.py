@@ -68,6 +68,32 @@ def test_value_clip_bounds_every_element(bound):
     assert bool(state.fired) == any((g.abs() > bound).any().item() for g in grads.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_peak_magnitudes_equal_the_infinity_norm(dtype):
+    """max |x| of each tensor, as torch's infinity norm gives it: signs, NaN, +-inf, empty, 0-d, strided."""
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(7, 5, generator=g), torch.randn(4, generator=g) - 10, torch.randn(3, 6, generator=g).t(),
+            torch.randn(2, 3, 4, 4, generator=g).contiguous(memory_format=torch.channels_last), torch.tensor(-2.5),
+            torch.empty(0, 3), torch.zeros(6)]
+    special = []
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 9):
+            t = torch.randn(12, generator=g)
+            t[pos] = value
+            special.append(t)
+    mixed = torch.randn(8, generator=g)
+    mixed[1], mixed[5] = float("inf"), float("nan")
+    values = [t.to(dtype) for t in base + special + [mixed]]
+    got = optim.peak_magnitudes(values)
+    assert len(got) == len(values) and all(a.shape == () and a.dtype == dtype for a in got)
+    assert got[5] == 0  # the empty tensor, which torch's infinity norm refuses
+    nonempty = [i for i, t in enumerate(values) if t.numel()]
+    want = torch._foreach_norm([values[i] for i in nonempty], ord=float("inf"))
+    for i, b in zip(nonempty, want):
+        torch.testing.assert_close(got[i], b.reshape(()), equal_nan=True, rtol=0, atol=0,
+                                   msg=lambda m: f"{values[i]}: {m}")
+
+
 def test_per_tensor_norm_clip():
     grads = rand(4)
     grads["conv1.bias"] *= 1e-3

@@ -35,6 +35,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from ..layers.activations import ReLU
+from ..optim import peak_magnitudes
 from ..train.callbacks import Callback
 
 # Layer kinds whose outputs are summarized (activation mean/std); pure reshapes and dropout are skipped.
@@ -494,7 +495,7 @@ class HealthMonitor(Callback):
         g = [grads[k] for k in names]
         p = [params[k] for k in names]
         norms = torch._foreach_norm(g)
-        maxs = torch._foreach_norm(g, ord=float("inf"))
+        maxs = peak_magnitudes(g)
         mins = [t.abs().amin() for t in g]
         clips = clipped_fractions(names, g, p, norms, self._clips)
         acts = self._probe.take(getattr(trainer, "parallel", None)) if self._probe is not None else []

@@ -50,6 +50,7 @@ from .clipping import (
     clip_by_norm,
     clip_by_value,
     global_norm,
+    peak_magnitudes,
     unitwise_norm,
 )
 from .fused import InlineAdam, fused_step, inline_step, update_and_apply
@@ -106,7 +107,7 @@ __all__ = [
     "list_optimizers_text", "make_optimizer", "nadam", "optimizer_from_args", "radam", "rmsprop", "sgd",
     "EmptyState", "GradientTransformation", "TransformInfo", "apply_updates", "chain", "current_lr", "describe",
     "find_plateau", "identity", "load_state_dict", "state_dict",
-    "ClipState", "adaptive_grad_clip", "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm",
+    "ClipState", "adaptive_grad_clip", "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "peak_magnitudes",
     "unitwise_norm",
     "RecordState", "optimizer_stats", "record_norms",
     "SCHEDULES", "ReduceOnPlateau", "Schedule", "ScheduleEntry", "constant_schedule", "cosine_decay",

@@ -78,7 +78,7 @@ def _first_nonfinite(tensors: dict) -> str | None:
     names = list(tensors)
     if not names:
         return None
-    peaks = torch.stack(torch._foreach_norm([t.float() for t in tensors.values()], ord=math.inf))
+    peaks = torch.stack(optim.peak_magnitudes([t.float() for t in tensors.values()]))
     bad = (~torch.isfinite(peaks)).nonzero()
     return names[int(bad[0])] if len(bad) else None
 
@@ -296,7 +296,7 @@ class Trainer:
         tensors += [b for b in self.model.buffers().values() if b.is_floating_point()]
         parts = [self._loss_sum.float().view(1)]
         if tensors:
-            parts.append(torch.stack(torch._foreach_norm([t.float() for t in tensors], ord=math.inf)))
+            parts.append(torch.stack(optim.peak_magnitudes([t.float() for t in tensors])))
         return bool(torch.isfinite(torch.cat(parts)).all())
 
     def _verify(self) -> bool:
@@ -428,7 +428,7 @@ class Trainer:
             head = (f"non-finite loss or gradient at step {diag['step']}{on_rank} (epoch {diag['epoch']}, batch "
                     f"{diag['batch']}; loss {diag['loss']:.4g}): {where}")
         params = self.model.params()
-        peaks = torch.stack(torch._foreach_norm([p.float() for p in params.values()], ord=math.inf)).tolist()
+        peaks = torch.stack(optim.peak_magnitudes([p.float() for p in params.values()])).tolist()
         name, peak = max(zip(params, peaks), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -1.0)
         return (f"{head}. Before that step the largest parameter magnitude was {peak:.3g} ({name}); the "
                 f"learning rate is {lr:.3g}. Lower the learning rate, clip gradients (--clip-norm 1.0), or "
