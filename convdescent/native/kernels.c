@@ -342,18 +342,20 @@ static int64_t *cdl_offsets_##SUF(const cdl_geom_##SUF *g)                      
 static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int64_t xc, int64_t xh,    \
                            int64_t xw, int64_t H, int64_t W, int64_t n, int64_t a, T *buf)             \
 {                                                                                                      \
-    const int64_t top = a * g->sh * g->csh;                                                            \
+    const int64_t top = a * g->sh * g->csh, S = g->S, M = g->M;                                        \
     for (int64_t c = 0; c < g->C; c++)                                                                 \
         for (int64_t r = 0; r < g->R; r++) {                                                           \
             const int64_t row = top + r;                                                               \
             const T *src = x + n * xn + c * xc + row * xh;                                             \
-            for (int64_t e = 0; e < g->S; e++)                                                         \
+            for (int64_t e = 0; e < S; e++)                                                            \
                 for (int64_t z = 0; z < g->Z; z++) {                                                   \
-                    T *dst = buf + (((c * g->R + r) * g->S + e) * g->Z + z) * g->M;                    \
-                    for (int64_t m = 0; m < g->M; m++) {                                               \
-                        const int64_t col = (m + z) * g->S + e;                                        \
-                        dst[m] = (row < H && col < W) ? src[col * xw] : (T)0;                          \
-                    }                                                                                  \
+                    T *dst = buf + (((c * g->R + r) * S + e) * g->Z + z) * M;                          \
+                    /* lane m reads column (m + z) * S + e: the lanes inside the row first */          \
+                    const int64_t first = z * S + e;                                                   \
+                    int64_t inside = row < H && first < W ? (W - first + S - 1) / S : 0, m = 0;        \
+                    if (inside > M) inside = M;                                                        \
+                    for (; m < inside; m++) dst[m] = src[(first + m * S) * xw];                        \
+                    for (; m < M; m++) dst[m] = (T)0;                                                  \
                 }                                                                                      \
         }                                                                                              \
 }                                                                                                      \
