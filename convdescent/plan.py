@@ -409,6 +409,15 @@ class Plan:
         self.first_trainable = next((i for i, node in enumerate(nodes) if node.has_trainable()), len(nodes))
         self._chunks = None  # (per-chunk caches, chunk sizes) of a chunked forward
 
+    def walk(self):
+        """Every node in order, the nodes of the plans inside residual blocks (branch, then projection) right
+        after their block's node."""
+        for node in self.nodes:
+            yield node
+            for inner in (getattr(node, "body", None), getattr(node, "skip", None)):
+                if inner is not None:
+                    yield from inner.walk()
+
     def backward_start(self) -> int:
         """Index of the last node the next backward runs (0: all; ``len(nodes)``: none)."""
         if not self.nodes or self.nodes[0].members[0][1].needs_input_grad:

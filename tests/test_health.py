@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from convdescent import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy
+from convdescent import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy, native
 from convdescent.data.synthetic import synthetic_images, write_npz_dataset
 from convdescent.diagnostics.health import (ActivationProbe, ClipSpec, HealthMonitor, HealthRules, clip_specs,
                                             clipped_fractions, health_records)
@@ -245,6 +245,42 @@ def test_monitor_reads_clipping_from_the_optimizer():
                 steps=2)
     fracs = {k: v["clip_frac"] for k, v in mon.records[0]["params"].items()}
     assert fracs["conv1.weight"] > 0.5 and all(0.0 <= f <= 1.0 for f in fracs.values())
+
+
+@pytest.mark.parametrize("chunk", [0, 16], ids=["whole", "chunks"])
+def test_the_probe_keeps_fused_nodes_and_reads_the_layers_inside_them(chunk):
+    """Armed, the conv+ReLU+pool pass stays one node; the conv's and the ReLU's figures (read by running the
+    node's layers on its input) equal those of the same model run with fusion off, and the fused backward
+    after that gives the gradients of an unmonitored step."""
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for name, fusion, armed in (("fused", True, True), ("apart", False, True), ("plain", True, False)):
+        model = small_cnn()
+        model.set_fusion(fusion)
+        model.chunk_size = chunk
+        with torch.no_grad():
+            model.layers[0].params["bias"][:1] = -50.0  # one channel dead for every input
+        probe = ActivationProbe(model)
+        if armed:
+            probe.arm()
+        labels = [node.label for node in model.plan().nodes]
+        with torch.no_grad():
+            _, dlogits = SoftmaxCrossEntropy()(model.forward(x, train=True), y)
+            model.backward(dlogits)
+        stats = [(n, float(m), float(s), None if d is None else float(d)) for n, m, s, d in probe.take()]
+        probe.disarm()
+        runs[name] = (labels, stats, {k: g.clone() for k, g in model.grads().items()})
+    if native.library() is not None:
+        assert runs["fused"][0][0] == "conv1+relu1+pool1"
+    assert runs["apart"][0][:3] == ["conv1", "relu1", "pool1"]
+    fused, apart = runs["fused"][1], runs["apart"][1]
+    assert [s[0] for s in fused] == [s[0] for s in apart] == ["conv1", "relu1", "dense1", "relu2", "dense2"]
+    for a, b in zip(fused, apart):
+        assert a[1:3] == pytest.approx(b[1:3], rel=1e-5, abs=1e-7) and a[3] == b[3], a[0]
+    assert fused[1][3] >= 1 / 4  # the dead channel's units
+    for key, g in runs["plain"][2].items():
+        assert torch.equal(runs["fused"][2][key], g), key
 
 
 def test_fast_path_is_untouched_outside_monitored_steps():

@@ -149,10 +149,13 @@ def clipped_fractions(names, grads, params, norms, specs: list[ClipSpec]) -> lis
 class ActivationProbe:
     """Collects output statistics of chosen layers during training forwards, through after_forward hooks.
 
-    ``arm()`` registers one hook per layer on the model; ``disarm()`` removes them, so unmonitored steps run
-    the plan without hooks (and with every fusion the plan has; a hooked conv or ReLU runs outside its fused
-    node while armed, which ``model.plan()`` shows). A forward may reach a layer in several chunks (a chunked
-    stage of the plan), so sums are accumulated.
+    ``arm()`` registers one read-only hook per layer on the model (``split=False``: the plan keeps its fused
+    nodes); ``disarm()`` removes them, so unmonitored steps run the plan without hooks. A layer inside a fused
+    node writes no output of its own there (the conv of a conv+ReLU+pool pass never writes its map): when such
+    a node has run, the probe runs the node's layers one by one on the node's input to read their outputs,
+    the values they give when the plan runs them apart (about a third of what splitting the node for the
+    whole step cost the tutorial's CNN); their caches are put back as the node left them. A forward may
+    reach a layer in several chunks (a chunked stage of the plan), so sums are accumulated.
     """
 
     def __init__(self, model):
@@ -167,13 +170,25 @@ class ActivationProbe:
         self.armed = False
         self._handles: list = []
         self._acc: dict[str, list] = {}
+        # a fused node's output layer -> (its input layer, its members, the watched members inside it)
+        self._replays: dict[str, tuple[str, list, set]] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
 
     def arm(self) -> None:
         if self.armed:
             return
-        self._acc = {}
-        self._handles = [self.model.register_hook("after_forward", self._on_forward, layer=name)
-                         for name, _ in self.layers]
+        self._acc, self._inputs = {}, {}
+        watched = {name for name, _ in self.layers}
+        self._replays = {}
+        for node in self.model.plan().walk():
+            inside = {name for name, _ in node.members if name in watched and name != node.output_of}
+            if inside:
+                self._replays[node.output_of] = (node.input_of, list(node.members), inside)
+        hook = self.model.register_hook
+        self._handles = [hook("after_forward", self._on_forward, layer=name, split=False) for name, _ in self.layers]
+        for output, (first, _, _) in self._replays.items():
+            self._handles += [hook("before_forward", self._on_node_input, layer=first, split=False),
+                              hook("after_forward", self._on_node_output, layer=output, split=False)]
         self.armed = True
 
     def disarm(self) -> None:
@@ -181,12 +196,37 @@ class ActivationProbe:
             return
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._inputs = [], {}
         self.armed = False
 
     def _on_forward(self, name: str, layer, y: torch.Tensor) -> None:
         if layer.training:  # evaluation forwards say nothing about the training step
             self._record(name, y, isinstance(layer, ReLU))
+
+    def _on_node_input(self, name: str, layer, x: torch.Tensor) -> None:
+        if layer.training:
+            self._inputs[name] = x  # read by _on_node_output, right after the node, before anything else runs
+
+    @torch.no_grad()
+    def _on_node_output(self, name: str, layer, y: torch.Tensor) -> None:
+        """A fused node with watched layers inside has run: its layers, one by one, on the node's input."""
+        first, members, inside = self._replays[name]
+        x = self._inputs.pop(first, None)
+        if x is None or not layer.training:
+            return
+        saved = [member.take_cache() for _, member in members]
+        todo = set(inside)
+        try:
+            for member_name, member in members:
+                x = member.forward(x, True)
+                if member_name in todo:
+                    self._record(member_name, x, isinstance(member, ReLU))
+                    todo.discard(member_name)
+                    if not todo:
+                        break
+        finally:
+            for (_, member), cache in zip(members, saved):
+                member.put_cache(cache)
 
     @torch.no_grad()
     def _record(self, name: str, y: torch.Tensor, relu: bool) -> None:
@@ -212,7 +252,8 @@ class ActivationProbe:
         if parallel is not None and self._acc:
             self._reduce(parallel)
         out = []
-        for name, (s, ss, n, unit_max) in self._acc.items():
+        order = [name for name, _ in self.layers if name in self._acc]
+        for name, (s, ss, n, unit_max) in ((k, self._acc[k]) for k in order):
             mean = s / n
             var = (ss / n - mean * mean).clamp_min(0.0)
             # a unit is dead when its output is zero for every example of the batch

@@ -156,14 +156,7 @@ def checked_gradients(model, loss_fn, xb: torch.Tensor, yb: torch.Tensor, precis
 def _fused_nodes(plan) -> dict:
     """Every node of ``plan`` (and of the plans inside residual blocks) that runs several layers, by the
     name of the member whose output is the node's output."""
-    out = {}
-    for node in plan.nodes:
-        if len(node.members) > 1:
-            out[node.output_of] = node
-        for inner in (getattr(node, "body", None), getattr(node, "skip", None)):
-            if inner is not None:
-                out.update(_fused_nodes(inner))
-    return out
+    return {node.output_of: node for node in plan.walk() if len(node.members) > 1}
 
 
 def _inside_node(node, x: torch.Tensor, precision) -> dict | None:
