@@ -293,6 +293,15 @@ DEFINE_LANE_IO(double, f64, int64_t, 0, 0, 0, 0)
 #define CDL_CLOAD_f32(s, cnt) ((cdm_f32){0})
 #define CDL_CLOAD_f64(s, cnt) ((cdm_f64){0})
 #endif
+/* Two vectors' even elements, side by side, with GCC's generic shuffle; other compilers lay the rows out
+ * element by element. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CDL_SHUFFLE 1
+#define CDL_EVEN(lo, hi, idx) __builtin_shuffle((lo), (hi), (idx))
+#else
+#define CDL_SHUFFLE 0
+#define CDL_EVEN(lo, hi, idx) (lo)
+#endif
 #define CDL_QB 9  /* patch elements summed at once in the backward (accumulators in registers) */
 #define CDL_BFB 2  /* filters the backward takes at once */
 #define CDL_RC 32  /* pooled rows whose inputs the backward lays out together */
@@ -342,7 +351,10 @@ static int64_t *cdl_offsets_##SUF(const cdl_geom_##SUF *g)                      
 static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int64_t xc, int64_t xh,    \
                            int64_t xw, int64_t H, int64_t W, int64_t n, int64_t a, T *buf)             \
 {                                                                                                      \
-    const int64_t top = a * g->sh * g->csh, S = g->S, M = g->M;                                        \
+    const int64_t top = a * g->sh * g->csh, S = g->S, M = g->M, L = LANES_##SUF;                       \
+    cdm_##SUF even;  /* lane l takes element 2l of two vectors side by side */                         \
+    for (int l = 0; l < LANES_##SUF; l++) even[l] = (IT)(2 * l);                                       \
+    (void)even;                                                                                        \
     for (int64_t c = 0; c < g->C; c++)                                                                 \
         for (int64_t r = 0; r < g->R; r++) {                                                           \
             const int64_t row = top + r;                                                               \
@@ -352,6 +364,17 @@ static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int6
                     T *dst = buf + (((c * g->R + r) * S + e) * g->Z + z) * M;                          \
                     /* lane m reads column (m + z) * S + e: the lanes inside the row first */          \
                     const int64_t first = z * S + e;                                                   \
+                    if (CDL_SHUFFLE && S == 2 && xw == 1 && row < H) {                                 \
+                        /* the even elements of 2L columns in a row, from two masked loads */          \
+                        for (int64_t b = 0; b < M; b += L) {                                           \
+                            const int64_t c0 = first + 2 * b, lo_n = W - c0, hi_n = W - c0 - L;        \
+                            const cdl_##SUF lo = cdl_get_##SUF(src + c0, 1, lo_n < 0 ? 0 : (lo_n < L ? lo_n : L));\
+                            const cdl_##SUF hi = cdl_get_##SUF(src + c0 + L, 1, hi_n < 0 ? 0 : (hi_n < L ? hi_n : L));\
+                            const cdl_##SUF v = CDL_EVEN(lo, hi, even);                                \
+                            memcpy(dst + b, &v, sizeof v);                                             \
+                        }                                                                              \
+                        continue;                                                                      \
+                    }                                                                                  \
                     int64_t inside = row < H && first < W ? (W - first + S - 1) / S : 0, m = 0;        \
                     if (inside > M) inside = M;                                                        \
                     for (; m < inside; m++) dst[m] = src[(first + m * S) * xw];                        \
