@@ -99,6 +99,12 @@ class Conv2D(Layer):
         (kh, kw), (dh, dw) = self.kernel_size, self.dilation
         return dh * (kh - 1) + 1, dw * (kw - 1) + 1
 
+    @property
+    def patch_entries(self) -> int:
+        """Entries of one input patch, C*kh*kw over all input channels (what ``FUSE_MAX_PATCH`` and
+        ``CORRELATE_MIN_PATCH`` bound)."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
     def plain(self) -> bool:
         """No groups and no dilation: the case the native kernels and the fused conv + pool pass handle."""
         return self.groups == 1 and self.dilation == (1, 1)
@@ -272,7 +278,7 @@ class Conv2D(Layer):
 
     def fuses_with(self, pool) -> bool:
         """Whether this built layer and a built ``pool`` can run as one native pass (``plan.ConvPool``)."""
-        return (self.built and pool.built and self.plain() and self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return (self.built and pool.built and self.plain() and self.patch_entries
                 <= self.FUSE_MAX_PATCH and pool.native_ready(self.output_shape)
                 and native.library() is not None and native.enabled())
 
@@ -331,7 +337,7 @@ class Conv2D(Layer):
                 return (d.t() @ data.permute(0, 2, 3, 1).reshape(-1, c)).view(f, c, 1, 1).contiguous()
             if g == c == f and g > 1:
                 return self._weight_grad_by_taps(kind, data, dy, pads, sizes)
-            if g == 1 and self.stride == (1, 1) and c * self.kernel_size[0] * self.kernel_size[1] >= self.CORRELATE_MIN_PATCH:
+            if g == 1 and self.stride == (1, 1) and self.patch_entries >= self.CORRELATE_MIN_PATCH:
                 return self._weight_grad_by_correlation(kind, data, dy, pads, sizes)
         cols = data
         if kind != "cols":  # lay the patches out from the (padded) input

@@ -302,6 +302,8 @@ DEFINE_LANE_IO(double, f64, int64_t, 0, 0, 0, 0)
 #define CDL_SHUFFLE 0
 #define CDL_EVEN(lo, hi, idx) (lo)
 #endif
+/* n clamped to [0, L]: how many lanes of a vector starting n columns before a row's end lie in the row */
+static inline int64_t cdl_clamp(int64_t n, int64_t L) { return n < 0 ? 0 : (n < L ? n : L); }
 #define CDL_QB 9  /* patch elements summed at once in the backward (accumulators in registers) */
 #define CDL_BFB 2  /* filters the backward takes at once */
 #define CDL_RC 32  /* pooled rows whose inputs the backward lays out together */
@@ -367,9 +369,9 @@ static void cdl_rows_##SUF(const cdl_geom_##SUF *g, const T *x, int64_t xn, int6
                     if (CDL_SHUFFLE && S == 2 && xw == 1 && row < H) {                                 \
                         /* the even elements of 2L columns in a row, from two masked loads */          \
                         for (int64_t b = 0; b < M; b += L) {                                           \
-                            const int64_t c0 = first + 2 * b, lo_n = W - c0, hi_n = W - c0 - L;        \
-                            const cdl_##SUF lo = cdl_get_##SUF(src + c0, 1, lo_n < 0 ? 0 : (lo_n < L ? lo_n : L));\
-                            const cdl_##SUF hi = cdl_get_##SUF(src + c0 + L, 1, hi_n < 0 ? 0 : (hi_n < L ? hi_n : L));\
+                            const int64_t c0 = first + 2 * b;                                          \
+                            const cdl_##SUF lo = cdl_get_##SUF(src + c0, 1, cdl_clamp(W - c0, L));     \
+                            const cdl_##SUF hi = cdl_get_##SUF(src + c0 + L, 1, cdl_clamp(W - c0 - L, L));\
                             const cdl_##SUF v = CDL_EVEN(lo, hi, even);                                \
                             memcpy(dst + b, &v, sizeof v);                                             \
                         }                                                                              \
