@@ -70,6 +70,10 @@ class Hooks:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def observes_forward(self) -> bool:
+        """Whether any before_forward or after_forward hook is registered (they are shown activations)."""
+        return any(ev in _SPLITTING for ev, _, _, _ in self._entries.values())
+
     def functions(self, event: str, name: str) -> list[Callable]:
         """The hooks of ``event`` that apply to the layer ``name``, in the order they were registered."""
         return [fn for ev, fn, target, _ in self._entries.values()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
@@ -13,6 +14,7 @@ from .hooks import HookHandle, Hooks
 from .layers.base import Layer, assign_names
 from .layers.registry import layer_config, layer_from_config
 from .plan import Plan, compile_plan
+from .workspace import Workspace
 
 
 # Examples per chunk for the leading conv/pool/activation layers; measured on a 2-core CPU with the
@@ -60,6 +62,7 @@ class Sequential:
         self._plan_key = None
         self._pending: Plan | None = None  # the plan of the last training forward, until its backward
         self._updated: frozenset = frozenset()  # parameters the last backward updated itself (no gradient)
+        self._workspace = Workspace()  # the training step's reused buffers (step_buffers)
         self.dtype = dtype
         self.device = torch.device(device)
         assign_names(self.layers)
@@ -242,7 +245,17 @@ class Sequential:
         if key != self._plan_key:
             self._plan = compile_plan(self.layers, self.hooks, self.fusion, self.chunk_size)
             self._plan_key = key
+            self._workspace.clear()  # the new plan's buffers may differ; the old ones go with it
         return self._plan
+
+    def step_buffers(self):
+        """A context in which the plan's kernels reuse their buffers from the last step instead of taking fresh
+        memory (``workspace.py``); ``train_step`` runs in it. Tensors a forward or backward returns inside it
+        are overwritten by the next step's, so it is a null context when a forward hook (which may keep what
+        it is shown) is registered."""
+        if self.hooks.observes_forward():
+            return contextlib.nullcontext()
+        return self._workspace
 
     # -- computation -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from . import native
+from . import native, workspace
 from .hooks import Hooks
 from .layers.activations import ReLU
 from .layers.base import Layer
@@ -220,8 +220,9 @@ class ConvPool(Node):
         (ph, pw), (sh, sw) = pool.pool_size, pool.stride
         w = conv.params["weight"].reshape(f, -1).contiguous()  # (F, C*kh*kw)
         bias = conv.params["bias"].contiguous() if conv.use_bias else None
-        out = torch.empty((n, f, po, qo), dtype=x.dtype, device=x.device)
-        code = torch.empty((n, f, po, qo), dtype=torch.uint8, device=x.device)
+        # reused from the last step inside train_step (see workspace.py); the conv layer outlives the plan
+        out = workspace.empty(conv, "pooled", (n, f, po, qo), x.dtype, x.device)
+        code = workspace.empty(conv, "winners", (n, f, po, qo), torch.uint8, x.device)
         # the patches are read from the input itself: no im2col (see the kernel's comment); the ReLU, when
         # there is one, is applied to the pooled values in the same pass
         failed = fn(xp.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
@@ -429,10 +430,11 @@ class Plan:
         self._chunks = None
         if self.head and x.shape[0] > self.chunk_size:
             outs, caches, sizes = [], [], []
-            for piece in x.split(self.chunk_size):
-                sizes.append(piece.shape[0])
-                outs.append(_run(self.head, piece, train))
-                caches.append([node.take_cache() for node in self.head])
+            with workspace.suspended():  # each chunk's buffers live until the backward: none is reused
+                for piece in x.split(self.chunk_size):
+                    sizes.append(piece.shape[0])
+                    outs.append(_run(self.head, piece, train))
+                    caches.append([node.take_cache() for node in self.head])
             x = torch.cat(outs)
             self._chunks = (caches, sizes)
             return _run(self.rest, x, train)
@@ -461,7 +463,8 @@ class Plan:
                 k = len(self.head)
                 dx = _run_back(self.rest[max(stop - k, 0):], dy, update)
                 if stop < k:
-                    dx = self._chunked_backward(dx, chunks, stop)
+                    with workspace.suspended():
+                        dx = self._chunked_backward(dx, chunks, stop)
         finally:
             first.needs_input_grad = wanted
         self._skip(self.nodes[:stop])

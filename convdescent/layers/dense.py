@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import init as initializers
-from .. import native
+from .. import native, workspace
 from .base import Layer, check_rank
 
 
@@ -84,8 +84,9 @@ class Dense(Layer):
         if kernel is not None:
             fn, gemm = kernel
             n, threads = x.shape[0], native.threads()
-            y = torch.empty(n, self.units, dtype=x.dtype)
-            scratch = torch.empty(threads, n, self.units, dtype=x.dtype)
+            # inside train_step the same buffers every step (workspace.py); fresh memory elsewhere
+            y = workspace.empty(self, "output", (n, self.units), x.dtype)
+            scratch = workspace.empty(self, "partial sums", (threads, n, self.units), x.dtype)
             bias = self.params["bias"].data_ptr() if self.use_bias else None
             fn(gemm, x.data_ptr(), w.data_ptr(), bias, y.data_ptr(), scratch.data_ptr(), n, self.in_features,
                self.units, self.in_features, threads)
@@ -152,7 +153,7 @@ class Dense(Layer):
     def _native_dx(self, dy, fn, gemm):
         n, k, o, threads = dy.shape[0], self.in_features, self.units, native.threads()
         dy, transposed, ld = _dy_layout(dy, n, o)
-        dx = torch.empty(n, k, dtype=dy.dtype)
+        dx = workspace.empty(self, "input grad", (n, k), dy.dtype)
         fn(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dx.data_ptr(), n, k, o, ld, transposed, threads)
         return dx
 
@@ -169,7 +170,7 @@ class Dense(Layer):
             self.grads["bias"] = dy.sum(0)
         if not self.needs_input_grad:
             return None
-        dx = torch.empty(n, k, dtype=x.dtype)
+        dx = workspace.empty(self, "input grad", (n, k), x.dtype)
         native.kernel("cd_dense_dx", x)(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dx.data_ptr(),
                                         n, k, o, ld, transposed, threads)
         return dx
@@ -197,12 +198,12 @@ class Dense(Layer):
         fn, gemm = kernel
         n, k, o, threads = x.shape[0], self.in_features, self.units, native.threads()
         dy, transposed, ld = _dy_layout(dy, n, o)
-        dx = torch.empty(n, k, dtype=x.dtype) if self.needs_input_grad else None
+        dx = workspace.empty(self, "input grad", (n, k), x.dtype) if self.needs_input_grad else None
         rows = native.dense_update_rows(o)
-        scratch = torch.empty(threads, rows, o, dtype=x.dtype)
+        scratch = workspace.empty(self, "gradient blocks", (threads, rows, o), x.dtype)
         fn(gemm, x.data_ptr(), dy.data_ptr(), w.data_ptr(), mu.data_ptr(), nu.data_ptr(),
            None if nu_max is None else nu_max.data_ptr(), None if dx is None else dx.data_ptr(),
-           scratch.data_ptr(), n, k, o, k, ld, transposed, rows, native.doubles(update.hyper), threads)
+           scratch.data_ptr(), n, k, o, k, ld, transposed, rows, update.hyper_array(), threads)
         self.grads.pop("weight", None)
         if self.use_bias:
             self.grads["bias"] = dy.sum(0)

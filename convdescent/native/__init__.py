@@ -57,6 +57,8 @@ _SIGNATURES = {
     # gemm, x, dy, wt, mt, vt, vmaxt (or None), dx (or None), scratch (threads, rows, O), N, K, O, ldx, ldy,
     # dy transposed, rows, hyperparameters (8 doubles), threads
     "cd_dense_bwd_adam": [_PTR] * 9 + [_I64] * 5 + [ctypes.c_int, _I64, _PTR, ctypes.c_int],
+    # p, mu, nu, nu_max (or None), g, n, hyperparameters (8 doubles): one contiguous parameter, one thread
+    "cd_adam": [_PTR] * 5 + [_I64, _PTR],
     # logits, row stride, labels (int64), N, K, denominator, label smoothing, grad (N, K), loss (one element)
     "cd_softmax_xent": [_PTR, _I64, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR],
 }

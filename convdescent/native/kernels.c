@@ -685,6 +685,12 @@ static void cd_adam_rows_##SUF(T *restrict p, T *restrict m, T *restrict v, T *r
         p[i] = pi - step * mi / denom;                                                                 \
     }                                                                                                  \
 }                                                                                                      \
+/* the same update on one contiguous parameter of n elements (the small ones a step has besides its Dense \
+ * weights: one thread, no parallel region to wake) */                                                 \
+void cd_adam_##SUF(T *p, T *m, T *v, T *vmax, const T *g, int64_t n, const double *hyper)             \
+{                                                                                                      \
+    cd_adam_rows_##SUF(p, m, v, vmax, g, n, hyper);                                                    \
+}                                                                                                      \
 void cd_dense_bwd_adam_##SUF(cd_gemm_fn gemm, const T *x, const T *dy, T *wt, T *mt, T *vt, T *vmaxt,  \
                              T *dx, T *scratch, int64_t N, int64_t K, int64_t O, int64_t ldx,          \
                              int64_t ldy, int dyt, int64_t rows, const double *hyper, int threads)     \

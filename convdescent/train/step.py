@@ -38,24 +38,27 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
     Returns:
         (loss tensor (), number of correct predictions tensor (), new optimizer state).
     """
-    logits = model.forward(xb, train=True)
-    loss, dlogits = loss_fn(logits, yb)
-    params = model.params()
-    # Nobody reads this step's gradients: the layers that can apply an Adam step inside their backward do
-    # (Dense's native pass updates its weight while the weight's gradient is in the cache), the rest after.
-    inline = inline_step(optimizer, params, opt_state)
-    try:
-        model.backward(dlogits, update=inline)
-    except Exception as exc:
-        if inline is not None and inline.taken and hasattr(exc, "add_note"):
-            exc.add_note(f"{', '.join(sorted(inline.taken))} had already taken this step's update in the backward "
-                         "(weights and moments); the optimizer state's step count was not advanced")
-        raise
+    # The kernels reuse last step's buffers for what lives only inside the step (activations, dL/dx,
+    # scratch): nothing of this forward or backward is returned or kept past it.
+    with model.step_buffers():
+        logits = model.forward(xb, train=True)
+        loss, dlogits = loss_fn(logits, yb)
+        params = model.params()
+        # Nobody reads this step's gradients: the layers that can apply an Adam step inside their backward do
+        # (Dense's native pass updates its weight while the weight's gradient is in the cache), the rest after.
+        inline = inline_step(optimizer, params, opt_state)
+        try:
+            model.backward(dlogits, update=inline)
+        except Exception as exc:
+            if inline is not None and inline.taken and hasattr(exc, "add_note"):
+                exc.add_note(f"{', '.join(sorted(inline.taken))} had already taken this step's update in the "
+                             "backward (weights and moments); the optimizer state's step count was not advanced")
+            raise
+        correct = (logits.argmax(dim=1) == yb).sum()
     if inline is not None:
         opt_state = inline.finish(params, model.grads())
     else:
         opt_state = update_and_apply(optimizer, params, model.grads(), opt_state)
-    correct = (logits.argmax(dim=1) == yb).sum()
     return loss, correct, opt_state
 
 
