@@ -67,7 +67,7 @@ def test_dense_backward_with_adam_equals_torch_optim(name, kwargs, torch_name, t
                 torch.testing.assert_close(layer.grads["bias"], dy.sum(0))
                 tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
                 torch.testing.assert_close(dx, dy @ ref.detach(), **tol)  # with the weight before the step
-                state = inline.finish(params, {})
+                state = inline.finish({})
                 ref.grad = dy.t() @ x
                 ref_opt.step()
                 torch.testing.assert_close(w, ref.detach(), **tol)
@@ -238,3 +238,27 @@ def test_a_backward_that_fails_after_the_inline_update_says_which_weights_took_i
     notes = getattr(failure.value, "__notes__", [])
     if hasattr(failure.value, "add_note"):  # Python 3.11 and later
         assert any(f"{last}.weight had already taken this step's update" in n for n in notes), notes
+
+
+def test_finish_names_a_missing_an_unknown_or_an_already_updated_gradient():
+    """finish() steps exactly the parameters inline() was given less those taken; any other set of
+    gradients is an error that names the parameters concerned, and nothing is updated."""
+    params = {"a": torch.randn(3), "b": torch.randn(2, 2), "c": torch.randn(4)}
+    before = {k: v.clone() for k, v in params.items()}
+    opt = make_optimizer("adam", lr=1e-2)
+    state = opt.init(params)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    cases = [({"a": grads["a"], "b": grads["b"]}, set(), "no gradient for c"),
+             ({**grads, "d": torch.ones(1)}, set(), "d is not among"),
+             (grads, {"b"}, "b was updated in the backward already")]
+    for given, taken, message in cases:
+        inline = inline_step(opt, params, state)
+        inline.taken |= taken
+        with pytest.raises(RuntimeError, match=message):
+            inline.finish(given)
+        for k in params:
+            assert torch.equal(params[k], before[k])
+    inline = inline_step(opt, params, state)
+    state = inline.finish(grads)  # the full set steps every parameter
+    assert all(not torch.equal(params[k], before[k]) for k in params)
+    assert next(s for s in state if hasattr(s, "mu")).count == 1

@@ -128,19 +128,30 @@ def enabled() -> bool:
     return _ENABLED
 
 
+_BOUND: dict = {}  # (name, dtype) -> (library, its function): a step asks for the same few kernels many times
+
+
 def kernel(name: str, *tensors: torch.Tensor):
     """The ``name`` kernel for these tensors' dtype, or None when the torch-op path should run instead."""
     if not _ENABLED:
         return None
     first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _SUFFIX or first.requires_grad:
+    dtype = first.dtype
+    if first.requires_grad or first.device.type != "cpu":
         return None
-    if any(t.device.type != "cpu" or t.dtype != first.dtype for t in tensors[1:]):
-        return None
-    lib = library()
+    for t in tensors[1:]:
+        if t.dtype != dtype or t.device.type != "cpu":
+            return None
+    lib = _LIB if _TRIED else library()
     if lib is None:
         return None
-    return getattr(lib, f"{name}_{_SUFFIX[first.dtype]}")
+    found = _BOUND.get((name, dtype))
+    if found is None or found[0] is not lib:
+        suffix = _SUFFIX.get(dtype)
+        if suffix is None:
+            return None
+        found = _BOUND[(name, dtype)] = (lib, getattr(lib, f"{name}_{suffix}"))
+    return found[1]
 
 
 _GEMM_NAMES = {torch.float32: "sgemm_", torch.float64: "dgemm_"}

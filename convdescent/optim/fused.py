@@ -110,7 +110,7 @@ class FusedAdam:
         found = self._layouts.get(signature)
         if found is None:
             found = (groups, self._work_out_layout(groups))
-            if len(self._layouts) >= 4:  # a model's full set and the set finish() steps; others are rare
+            if len(self._layouts) >= 4:  # a model's full set, and the rarer sets of update_and_apply
                 self._layouts.clear()
             self._layouts[signature] = found
         return found[1]
@@ -154,17 +154,26 @@ class FusedAdam:
         layout = self._layout_of(params, keys, state) if params.keys() == grads.keys() else None
         if layout is None:
             return None
+        return self.with_grads(layout, range(len(keys)), [grads[k] for k in keys])
+
+    @staticmethod
+    def with_grads(layout: tuple, picks, grads: list):
+        """The kernel's lists for the entries ``picks`` of a layout and their gradients ``grads`` (in that
+        order), each gradient seen in its parameter's orientation; None where one is on another device or
+        of another dtype."""
         p, mu, nu, nu_max, orders = layout
         device, dtype = p[0].device, p[0].dtype
         g = []
-        for k, order in zip(keys, orders):
-            t = grads[k]
+        for i, t in zip(picks, grads):
             if t.device != device or t.dtype != dtype:
                 return None
-            if order is not None:
-                t = t.permute(order)
+            if orders[i] is not None:
+                t = t.permute(orders[i])
             g.append(t if t.is_contiguous() else t.contiguous())  # read only
-        return p, g, mu, nu, nu_max
+        if len(g) == len(p):
+            return p, g, mu, nu, nu_max
+        return ([p[i] for i in picks], g, [mu[i] for i in picks], [nu[i] for i in picks],
+                [nu_max[i] for i in picks] if nu_max else nu_max)
 
     def _run(self, lists, lr, beta1, count) -> None:
         """One kernel call; ``count`` is the 1-based step, or a device scalar holding it (a recorded step)."""
@@ -202,10 +211,11 @@ class FusedAdam:
     def inline(self, params: dict, state: tuple) -> "InlineAdam | None":
         """The coming step as an :class:`InlineAdam` for a backward to share, or None where the fused step
         would not run (the kernel or the state does not fit; then use ``update_and_apply``)."""
-        layout = self._layout_of(params, list(params), state)  # the gradients will come in the same layout
+        keys = list(params)
+        layout = self._layout_of(params, keys, state)  # the gradients will come in the same layout
         if layout is None or layout[0][0].device.type != "cpu":
             return None
-        return InlineAdam(self, state)
+        return InlineAdam(self, state, keys, layout)
 
     def apply_static(self, params: dict, grads: dict, state: tuple, lr: torch.Tensor, count: torch.Tensor) -> bool:
         """The update with the learning rate and step count read from device scalars ``lr`` and ``count``
@@ -234,8 +244,10 @@ class InlineAdam:
         taken: the names of the parameters a layer has updated.
     """
 
-    def __init__(self, fused: FusedAdam, state: tuple):
+    def __init__(self, fused: FusedAdam, state: tuple, keys: list, layout: tuple):
         self.fused, self.state = fused, state
+        # every parameter's entry in the kernel's layout, as inline() found it: finish() picks the rest from it
+        self._keys, self._layout = keys, layout
         lr, count = fused.next_lr_and_count(state)
         self.beta1 = fused.next_beta1(state)
         self.lr, self.count = float(lr), count
@@ -266,16 +278,20 @@ class InlineAdam:
         self.taken.add(name)
         return mu, nu, nu_max
 
-    def finish(self, params: dict, grads: dict) -> tuple:
-        """Run the step on every parameter not taken (``grads`` holds exactly those) and return the new state."""
-        if self.taken & set(grads):
-            raise RuntimeError(f"{', '.join(sorted(self.taken & set(grads)))} was updated in the backward already")
-        rest = {k: params[k] for k in grads}
-        if set(rest) | self.taken != set(params):
-            missing = sorted(set(params) - set(rest) - self.taken)
-            raise RuntimeError(f"the fused Adam step has no gradient for {', '.join(missing)}")
-        if rest:
-            lists = self.fused._lists(rest, grads, self.state)
+    def finish(self, grads: dict) -> tuple:
+        """Run the step on every parameter of :meth:`FusedAdam.inline` that was not taken (``grads`` holds
+        exactly those) and return the new state."""
+        if self.taken & grads.keys():
+            raise RuntimeError(f"{', '.join(sorted(self.taken & grads.keys()))} was updated in the backward already")
+        picks = [i for i, k in enumerate(self._keys) if k in grads]
+        if len(picks) != len(grads) or len(picks) + len(self.taken) != len(self._keys):
+            missing = [k for k in self._keys if k not in grads and k not in self.taken]
+            unknown = [k for k in grads if k not in self._keys]
+            raise RuntimeError("; ".join(
+                ([f"the fused Adam step has no gradient for {', '.join(missing)}"] if missing else [])
+                + ([f"{', '.join(unknown)} is not among the step's parameters"] if unknown else [])))
+        if picks:
+            lists = self.fused.with_grads(self._layout, picks, [grads[self._keys[i]] for i in picks])
             if lists is None:  # inline() checked every parameter; only a gradient of another dtype lands here
                 raise RuntimeError("a gradient does not match its parameter's dtype or device")
             if not self._small_steps(lists):

@@ -56,7 +56,7 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
             raise
         correct = (logits.argmax(dim=1) == yb).sum()
     if inline is not None:
-        opt_state = inline.finish(params, model.grads())
+        opt_state = inline.finish(model.grads())
     else:
         opt_state = update_and_apply(optimizer, params, model.grads(), opt_state)
     return loss, correct, opt_state
