@@ -262,3 +262,44 @@ def test_finish_names_a_missing_an_unknown_or_an_already_updated_gradient():
     state = inline.finish(grads)  # the full set steps every parameter
     assert all(not torch.equal(params[k], before[k]) for k in params)
     assert next(s for s in state if hasattr(s, "mu")).count == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,kwargs,torch_name,torch_kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_small_parameters_native_adam_equals_torch_optim(name, kwargs, torch_name, torch_kwargs, dtype,
+                                                         monkeypatch):
+    """The rest of an inline step, when small (``cd_adam``, one native call per tensor), against torch.optim on
+    the same gradients: shapes that fill no vector (1, 3 elements), a non-contiguous (column-major) weight,
+    a scheduled learning rate, several steps. The fused torch kernel is made to fail, so the native path must
+    be the one that ran."""
+    from convdescent.optim import schedules
+    from convdescent.optim.fused import FusedAdam
+    monkeypatch.setattr(FusedAdam, "_run", lambda *a, **k: pytest.fail("the small-parameter path did not run"))
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (1,), "b": (3,), "c": (17, 5), "d": (64,), "e": (33, 9)}
+    params = {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+    params["c"] = params["c"].t().contiguous().t()  # stored column-major, as Dense keeps its weight
+    refs = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    lr = schedules.exponential_decay(3e-3, gamma=0.5, every=2)
+    ref_opt = getattr(torch.optim, torch_name)(list(refs.values()), lr=3e-3, **torch_kwargs)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: 0.5 ** (t / 2))
+    opt = make_optimizer(name, lr=lr, **kwargs)
+    state = opt.init(params)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for step in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in params.items()}
+        inline = inline_step(opt, params, state)
+        assert inline is not None
+        state = inline.finish(grads)
+        for k, ref in refs.items():
+            ref.grad = grads[k].clone()
+        ref_opt.step()
+        ref_sched.step()
+        for k, ref in refs.items():
+            torch.testing.assert_close(params[k], ref.detach(), **tol)
+    adam = next(s for s in state if hasattr(s, "mu"))
+    for k, ref in refs.items():
+        torch.testing.assert_close(adam.mu[k], ref_opt.state[ref]["exp_avg"], **tol)
+        torch.testing.assert_close(adam.nu[k], ref_opt.state[ref]["exp_avg_sq"], **tol)
+    assert params["c"].t().is_contiguous()
