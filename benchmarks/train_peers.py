@@ -19,7 +19,9 @@ convdescent's epochs are timed from one epoch's start to the next (so its epoch-
 each of its epochs every PyTorch side runs one epoch, so drifting load on a shared machine hits all alike.
 Test accuracy is measured after every epoch, outside the timed spans. Printed per batch size: each side's
 seconds per epoch (every epoch, and the median), the speed-up against the strongest PyTorch side (the one
-with the lowest median) as the ratio of medians and for every epoch, and the test accuracies.
+with the lowest median) as the ratio of medians and for every epoch, and the test accuracies. Before and after
+each batch size it times a 1024^3 fp32 matrix product on the run's threads (about 365 GFLOP/s on the 2-core
+development VM when nothing else runs on its host), so the output says how loaded the machine was.
 
     python benchmarks/train_peers.py [--epochs 3] [--batch-sizes 32,128] [--threads 2]
 """
@@ -45,6 +47,20 @@ from convdescent.data import Normalizer, load_dataset  # noqa: E402
 from convdescent.train import Callback  # noqa: E402
 from convdescent.train.run import train_from_config  # noqa: E402
 from convdescent.train.step import evaluate  # noqa: E402
+
+
+def gemm_gflops(n: int = 1024, reps: int = 20, rounds: int = 5) -> float:
+    """The median rate of an n^3 fp32 matrix product over ``rounds`` rounds of ``reps``: a probe of the load."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
 
 
 def _accuracy(net, x_test, y_test) -> float:
@@ -197,10 +213,13 @@ def main(argv=None) -> int:
           f"{len(data.x_test)} test, {args.epochs} epochs per side; {native.status()}", flush=True)
     summary = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
+        before = gemm_gflops()
         times, accs = compare(data, bs, args.epochs, args.seed, args.warmup_steps)
+        after = gemm_gflops()
         med = {name: statistics.median(t) for name, t in times.items()}
         strongest = min((name for name in med if name != "convdescent"), key=med.get)
-        print(f"\nbatch {bs}: seconds per epoch (test accuracy after it)")
+        print(f"\nbatch {bs}: seconds per epoch (test accuracy after it); fp32 1024^3 product {before:.0f} GFLOP/s "
+              f"before, {after:.0f} after")
         for name, t in times.items():
             epochs = ", ".join(f"{s:.2f} ({a:.4f})" for s, a in zip(t, accs[name]))
             print(f"  {name:21s} median {med[name]:6.2f} | {epochs}")
