@@ -425,8 +425,11 @@ class Plan:
             return 0
         return self.first_trainable
 
-    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """Run every node; returns the last node's output. Keeps what ``backward`` needs."""
+    def forward(self, x: torch.Tensor, train: bool, fresh_output: bool = False) -> torch.Tensor:
+        """Run every node; returns the last node's output. Keeps what ``backward`` needs.
+
+        ``fresh_output``: the last node takes new memory for its output even inside an active workspace (the
+        model's output leaves the plan: a loss function may keep it past the step)."""
         self._chunks = None
         if self.head and x.shape[0] > self.chunk_size:
             outs, caches, sizes = [], [], []
@@ -437,8 +440,14 @@ class Plan:
                     caches.append([node.take_cache() for node in self.head])
             x = torch.cat(outs)
             self._chunks = (caches, sizes)
-            return _run(self.rest, x, train)
-        return _run(self.nodes, x, train)
+            nodes = self.rest
+        else:
+            nodes = self.nodes
+        if not fresh_output or not nodes:
+            return _run(nodes, x, train)
+        x = _run(nodes[:-1], x, train)
+        with workspace.suspended():
+            return _run(nodes[-1:], x, train)
 
     def backward(self, dy: torch.Tensor, update=None) -> torch.Tensor | None:
         """Propagate dL/doutput back through the nodes from the last to ``backward_start()``; after_backward

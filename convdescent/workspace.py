@@ -34,7 +34,6 @@ class Workspace:
 
     def __init__(self):
         self._tensors: dict[tuple[int, str], torch.Tensor] = {}
-        self._outer: list = []
 
     def clear(self) -> None:
         """Drop every buffer (the model's plan changed, or memory is wanted back)."""
@@ -48,12 +47,11 @@ class Workspace:
         return len(self._tensors)
 
     def __enter__(self) -> "Workspace":
-        self._outer.append(getattr(_LOCAL, "active", None))
-        _LOCAL.active = self
+        _push(self)
         return self
 
     def __exit__(self, *exc) -> bool:
-        _LOCAL.active = self._outer.pop()
+        _pop()
         return False
 
     def take(self, owner, slot: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
@@ -65,16 +63,29 @@ class Workspace:
         return t
 
 
+def _push(ws: "Workspace | None") -> None:
+    """Make ``ws`` the active workspace of this thread; the one it replaces is kept on this thread's stack (so
+    that threads entering one model's workspace in any order each get their own back)."""
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    stack.append(getattr(_LOCAL, "active", None))
+    _LOCAL.active = ws
+
+
+def _pop() -> None:
+    _LOCAL.active = _LOCAL.stack.pop()
+
+
 class _Suspended:
     """No workspace active inside it (``suspended()``)."""
 
     def __enter__(self):
-        self._outer = getattr(_LOCAL, "active", None)
-        _LOCAL.active = None
+        _push(None)
         return self
 
     def __exit__(self, *exc) -> bool:
-        _LOCAL.active = self._outer
+        _pop()
         return False
 
 

@@ -264,6 +264,33 @@ def test_finish_names_a_missing_an_unknown_or_an_already_updated_gradient():
     assert next(s for s in state if hasattr(s, "mu")).count == 1
 
 
+@pytest.mark.parametrize("path,optimizer", [("finish", "adam"), ("finish", "adamw"), ("update_and_apply", "adam"),
+                                            ("update_and_apply", "adamw"), ("update_and_apply", "sgd"),
+                                            ("update_and_apply", "rmsprop")])
+def test_a_gradient_unlike_its_parameter_is_named_and_nothing_is_written(path, optimizer):
+    """The kernels read gradients by pointer: a gradient of another shape (fewer elements, or the transposed
+    shape of a column-major weight, which has as many) or dtype is refused with one message naming it, before
+    any parameter changes (the torch fused kernel and cd_adam alike would read or write past its end)."""
+    weight = torch.randn(4, 3).t()  # (3, 4) stored column-major, as Dense keeps its weight
+    params = {"a": torch.randn(1000), "w": weight, "c": torch.randn(5)}
+    before = {k: v.clone() for k, v in params.items()}
+    opt = make_optimizer(optimizer, lr=1e-2)
+    state = opt.init(params)
+    good = {k: torch.ones_like(v) for k, v in params.items()}
+    cases = [({**good, "a": torch.ones(10)}, r"a: gradient \(10,\) torch.float32 on cpu, parameter \(1000,\)"),
+             ({**good, "w": torch.ones(4, 3)}, r"w: gradient \(4, 3\) torch.float32 on cpu, parameter \(3, 4\)"),
+             ({**good, "c": torch.ones(5, dtype=torch.float64)}, r"c: gradient \(5,\) torch.float64"),
+             ({**good, "a": torch.ones(1, 1000)}, r"a: gradient \(1, 1000\)")]
+    for grads, message in cases:
+        with pytest.raises(ValueError, match=message):
+            if path == "finish":
+                inline_step(opt, params, state).finish(grads)
+            else:
+                update_and_apply(opt, params, grads, state)
+        for k in params:
+            assert torch.equal(params[k], before[k]), k
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name,kwargs,torch_name,torch_kwargs", CONFIGS, ids=CONFIG_IDS)

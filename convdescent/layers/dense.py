@@ -170,10 +170,7 @@ class Dense(Layer):
             self.grads["bias"] = dy.sum(0)
         if not self.needs_input_grad:
             return None
-        dx = workspace.empty(self, "input grad", (n, k), x.dtype)
-        native.kernel("cd_dense_dx", x)(gemm, self.params["weight"].data_ptr(), dy.data_ptr(), dx.data_ptr(),
-                                        n, k, o, ld, transposed, threads)
-        return dx
+        return self._native_dx(dy, native.kernel("cd_dense_dx", x), gemm)
 
     def backward_and_update(self, dy, update, prefix):
         """The backward with the optimizer's coming Adam step on the weight done inside it (``update.take``

@@ -137,8 +137,8 @@ def kernel(name: str, *tensors: torch.Tensor):
         return None
     first = tensors[0]
     dtype = first.dtype
-    if first.requires_grad or first.device.type != "cpu":
-        return None
+    if first.requires_grad or first.device.type != "cpu" or dtype not in _SUFFIX:
+        return None  # an unsupported dtype never loads (or builds) the library
     for t in tensors[1:]:
         if t.dtype != dtype or t.device.type != "cpu":
             return None
@@ -147,10 +147,7 @@ def kernel(name: str, *tensors: torch.Tensor):
         return None
     found = _BOUND.get((name, dtype))
     if found is None or found[0] is not lib:
-        suffix = _SUFFIX.get(dtype)
-        if suffix is None:
-            return None
-        found = _BOUND[(name, dtype)] = (lib, getattr(lib, f"{name}_{suffix}"))
+        found = _BOUND[(name, dtype)] = (lib, getattr(lib, f"{name}_{_SUFFIX[dtype]}"))
     return found[1]
 
 

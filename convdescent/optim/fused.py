@@ -159,16 +159,18 @@ class FusedAdam:
     @staticmethod
     def with_grads(layout: tuple, picks, grads: list):
         """The kernel's lists for the entries ``picks`` of a layout and their gradients ``grads`` (in that
-        order), each gradient seen in its parameter's orientation; None where one is on another device or
-        of another dtype."""
+        order), each gradient seen in its parameter's orientation; None where one is on another device, of
+        another dtype or of another shape than its parameter (the kernels read it by pointer)."""
         p, mu, nu, nu_max, orders = layout
         device, dtype = p[0].device, p[0].dtype
         g = []
         for i, t in zip(picks, grads):
-            if t.device != device or t.dtype != dtype:
+            if t.device != device or t.dtype != dtype or t.dim() != p[i].dim():
                 return None
             if orders[i] is not None:
                 t = t.permute(orders[i])
+            if t.shape != p[i].shape:
+                return None
             g.append(t if t.is_contiguous() else t.contiguous())  # read only
         if len(g) == len(p):
             return p, g, mu, nu, nu_max
@@ -234,8 +236,11 @@ class InlineAdam:
     weight's gradient is still in the cache, and never writes that gradient out.
 
     A layer calls :meth:`take` for the parameter it will update (and then must update it); :meth:`finish`,
-    after the backward, runs the ordinary fused step on every other parameter and returns the state, the same
-    state (counts, moments) :meth:`FusedAdam.__call__` leaves.
+    after the backward, steps every other parameter (one ``cd_adam`` call per tensor when they are few,
+    ``SMALL_REST``; else the ordinary fused step) and returns the state, the same state (counts, moments)
+    :meth:`FusedAdam.__call__` leaves. A step that goes this way and one that goes through ``update_and_apply``
+    (a gradient callback or hook is registered, so the gradients are wanted) compute the same formula in
+    different kernels: their weights agree to float rounding, not bit for bit.
 
     Attributes:
         hyper: the step's numbers as the native kernel reads them: (lr, beta1, beta2, eps, weight_decay, mode
@@ -292,11 +297,17 @@ class InlineAdam:
                 + ([f"{', '.join(unknown)} is not among the step's parameters"] if unknown else [])))
         if picks:
             lists = self.fused.with_grads(self._layout, picks, [grads[self._keys[i]] for i in picks])
-            if lists is None:  # inline() checked every parameter; only a gradient of another dtype lands here
-                raise RuntimeError("a gradient does not match its parameter's dtype or device")
+            if lists is None:  # inline() checked every parameter; only a gradient unlike its parameter lands here
+                raise ValueError(self._mismatch(grads))
             if not self._small_steps(lists):
                 self.fused._run(lists, self.lr, self.beta1, self.count)
         return self.fused.advance(self.state)
+
+    def _mismatch(self, grads: dict) -> str:
+        """The message for gradients whose shape, dtype or device differ from their parameters'."""
+        p, orders = self._layout[0], self._layout[4]
+        return _mismatch_message([(k, grads[k], p[i] if orders[i] is None else p[i].permute(_inverse(orders[i])))
+                                  for i, k in enumerate(self._keys) if k in grads])
 
     # Up to this many elements in all, the rest of the step is one native call per parameter on one thread:
     # for the tutorial's CNN (1,738 elements besides the Dense weight) 0.09 ms inside a step with torch's
@@ -317,6 +328,14 @@ class InlineAdam:
             fn(t.data_ptr(), mu[i].data_ptr(), nu[i].data_ptr(), nu_max[i].data_ptr() if nu_max else None,
                g[i].data_ptr(), t.numel(), hyper)
         return True
+
+
+def _inverse(order) -> tuple:
+    """The permutation that undoes ``order``."""
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return tuple(inv)
 
 
 def inline_step(optimizer: GradientTransformation, params: dict, state) -> InlineAdam | None:
@@ -358,6 +377,23 @@ def fused_step(optimizer: GradientTransformation) -> Callable | None:
     return found
 
 
+def _mismatch_message(pairs) -> str | None:
+    """One message naming every (name, gradient, parameter) of ``pairs`` whose gradient's shape, dtype or
+    device is not the parameter's; None when all match."""
+    wrong = [f"{k}: gradient {tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} {p.dtype} on "
+             f"{p.device}" for k, g, p in pairs if (g.shape, g.dtype, g.device) != (p.shape, p.dtype, p.device)]
+    if not wrong:
+        return None
+    return ("a gradient does not match its parameter (" + "; ".join(wrong) + "): pass each parameter's gradient "
+            "in its own shape, dtype and device")
+
+
+def _check_like_params(params: dict, grads: dict) -> None:
+    message = _mismatch_message([(k, g, params[k]) for k, g in grads.items() if k in params])
+    if message is not None:
+        raise ValueError(message)
+
+
 def update_and_apply(optimizer: GradientTransformation, params: dict, grads: dict, state):
     """``updates, state = optimizer.update(grads, state, params); apply_updates(params, updates)`` in one
     fused pass where the optimizer allows it (see the module doc); returns the new state.
@@ -376,6 +412,7 @@ def update_and_apply(optimizer: GradientTransformation, params: dict, grads: dic
         new_state = fused(params, grads, state)
         if new_state is not None:
             return new_state
+    _check_like_params(params, grads)
     updates, state = optimizer.update(grads, state, params)
     apply_updates(params, updates)
     return state

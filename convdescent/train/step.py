@@ -39,7 +39,7 @@ def train_step(model, loss_fn, optimizer, opt_state, xb: torch.Tensor, yb: torch
         (loss tensor (), number of correct predictions tensor (), new optimizer state).
     """
     # The kernels reuse last step's buffers for what lives only inside the step (activations, dL/dx,
-    # scratch): nothing of this forward or backward is returned or kept past it.
+    # scratch); the logits loss_fn is given are fresh memory (it may keep them), and so are the gradients.
     with model.step_buffers():
         logits = model.forward(xb, train=True)
         loss, dlogits = loss_fn(logits, yb)
