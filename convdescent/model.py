@@ -46,6 +46,9 @@ class Sequential:
     Parameters are named ``<layer>.<param>`` with automatic layer names such as ``conv1``, ``dense2``.
     """
 
+    #: compiled plans kept for reuse (``plan()``)
+    KEPT_PLANS = 4
+
     def __init__(self, layers: Iterable[Layer], input_shape=None, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, device="cpu", name: str = "sequential"):
         self.layers: list[Layer] = list(layers)
@@ -60,6 +63,9 @@ class Sequential:
         self.hooks = Hooks()
         self._plan: Plan | None = None
         self._plan_key = None
+        # the last few compiled plans by key: a hook set paused and resumed (the health check's, every 50
+        # steps) switches between two plans instead of compiling one twice per check
+        self._plans: dict[tuple, Plan] = {}
         self._pending: Plan | None = None  # the plan of the last training forward, until its backward
         self._updated: frozenset = frozenset()  # parameters the last backward updated itself (no gradient)
         self._workspace = Workspace()  # the training step's reused buffers (step_buffers)
@@ -240,12 +246,19 @@ class Sequential:
     def plan(self) -> Plan:
         """The execution plan the next forward runs (``print(model.plan())`` describes it)."""
         self._require_built()
-        key = (self.hooks.version, self.fusion, self.chunk_size, native.enabled(), self.input_shape,
+        key = (self.hooks.signature(), self.fusion, self.chunk_size, native.enabled(), self.input_shape,
                tuple(map(id, self.layers)), tuple(layer.trainable for _, layer in self.all_layers()))
         if key != self._plan_key:
-            self._plan = compile_plan(self.layers, self.hooks, self.fusion, self.chunk_size)
-            self._plan_key = key
-            self._workspace.clear()  # the new plan's buffers may differ; the old ones go with it
+            registered = self.hooks.registered()  # a plan that calls a removed hook is dropped with it
+            self._plans = {k: p for k, p in self._plans.items() if k[0] <= registered}
+            plan = self._plans.pop(key, None)
+            if plan is None:
+                plan = compile_plan(self.layers, self.hooks, self.fusion, self.chunk_size)
+                self._workspace.clear()  # the new plan's buffers may differ; the old ones go with it
+            self._plans[key] = plan  # the most recent last
+            while len(self._plans) > self.KEPT_PLANS:
+                del self._plans[next(iter(self._plans))]
+            self._plan, self._plan_key = plan, key
         return self._plan
 
     def step_buffers(self):

@@ -340,3 +340,91 @@ def test_pool_relu_node_equals_the_written_order():
         (z * r).sum().backward()
     assert torch.equal(y, z.detach())
     torch.testing.assert_close(dx, xr.grad, rtol=0, atol=0)
+
+
+def _counting_compiles(monkeypatch) -> list:
+    from convdescent import model as model_module
+
+    calls, real = [], model_module.compile_plan
+    monkeypatch.setattr(model_module, "compile_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_a_paused_hook_set_finds_its_plan_again_and_a_removed_hook_leaves_none_behind(monkeypatch):
+    """Hooks paused and resumed (as the health check's between its steps) switch between two kept plans, and
+    the resumed plan calls them; a removed hook's plans are dropped (the plan would keep its function and what
+    that function holds alive), and registering the same function again compiles a new plan."""
+    import gc
+    import weakref
+
+    calls = _counting_compiles(monkeypatch)
+    model = seed_cnn(input_shape=(1, 28, 28), num_classes=10, seed=0)
+    x = torch.randn(4, 1, 28, 28)
+    seen = []
+
+    def watch(name, layer, out):
+        seen.append(name)
+
+    plain = model.plan()
+    handle = model.register_hook("after_forward", watch, layer="dense1", split=False)
+    hooked = model.plan()
+    assert hooked is not plain and len(calls) == 2
+    for _ in range(3):
+        model.forward(x)
+        handle.pause()
+        assert len(model.hooks) == 0 and model.plan() is plain
+        model.forward(x)
+        handle.resume()
+        assert len(model.hooks) == 1 and model.plan() is hooked
+    assert seen == ["dense1"] * 3 and len(calls) == 2
+    handle.remove()
+    assert model.plan() is plain and len(model._plans) == 1
+    handle = model.register_hook("after_forward", watch, layer="dense1", split=False)
+    assert model.plan() is not hooked and len(calls) == 3
+    handle.remove()
+
+    class Holder:  # a hook whose object holds memory: gone once the hook is removed
+        def on(self, name, layer, out):
+            pass
+
+    holder = Holder()
+    ref = weakref.ref(holder)
+    handle = model.register_hook("after_forward", holder.on, layer="dense1")
+    model.plan()
+    handle.remove()
+    model.plan()
+    del holder, handle
+    gc.collect()
+    assert ref() is None
+    # at most KEPT_PLANS plans are kept, the least recently used dropped first
+    handles = [model.register_hook("after_forward", watch, layer=name, split=False)
+               for name in ("dense1", "relu2", "dense2", "flatten1", "conv1")]
+    for h in handles:
+        h.pause()
+    for h in handles:
+        h.resume()
+        model.plan()
+        h.pause()
+    assert len(model._plans) == model.KEPT_PLANS and plain not in model._plans.values()
+
+
+def test_the_health_check_compiles_two_plans_for_a_whole_run(monkeypatch):
+    """A check every 3 steps arms and disarms the activation hooks 4 times in 12 steps: the plan without hooks
+    and the plan with them are compiled once each, the step's buffers survive the checks, and the run's end
+    removes the hooks."""
+    from convdescent.diagnostics.health import HealthMonitor
+    from convdescent.optim import make_optimizer
+    from convdescent.train import fit
+
+    calls = _counting_compiles(monkeypatch)
+    model = seed_cnn(input_shape=(1, 28, 28), num_classes=10, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (12 * 8, 1, 28, 28), generator=gen, dtype=torch.uint8),
+            torch.randint(0, 10, (12 * 8,), generator=gen))
+    mon = HealthMonitor(every=3, stream=None)
+    fit(model, SoftmaxCrossEntropy(), make_optimizer("adam", lr=1e-3), data, steps=12, batch_size=8,
+        callbacks=[mon], verbose=0, handle_signals=False)
+    assert len(mon.records) == 4
+    assert len(calls) == 2
+    assert len(model._workspace) > 0
+    assert model.hooks.registered() == set()

@@ -150,7 +150,8 @@ class ActivationProbe:
     """Collects output statistics of chosen layers during training forwards, through after_forward hooks.
 
     ``arm()`` registers one read-only hook per layer on the model (``split=False``: the plan keeps its fused
-    nodes); ``disarm()`` removes them, so unmonitored steps run the plan without hooks. A layer inside a fused
+    nodes); ``disarm()`` pauses them, so unmonitored steps run the plan without hooks, and the next ``arm()``
+    resumes them (the model keeps the plan compiled for them); ``close()`` removes them. A layer inside a fused
     node writes no output of its own there (the conv of a conv+ReLU+pool pass never writes its map): when such
     a node has run, the probe runs the node's layers one by one on the node's input to read their outputs,
     the values they give when the plan runs them apart, and puts their caches back as the node left them
@@ -170,6 +171,7 @@ class ActivationProbe:
             self.layers.append((name, layer))
         self.armed = False
         self._handles: list = []
+        self._spec: tuple | None = None  # what the registered (maybe paused) hooks are: (event, layer, role)
         self._acc: dict[str, list] = {}
         # a fused node's output layer -> (its input layer, its members, the watched members inside it)
         self._replays: dict[str, tuple[str, list, set]] = {}
@@ -185,19 +187,33 @@ class ActivationProbe:
             inside = {name for name, _ in node.members if name in watched and name != node.output_of}
             if inside:
                 self._replays[node.output_of] = (node.input_of, list(node.members), inside)
-        hook = self.model.register_hook
-        self._handles = [hook("after_forward", self._on_forward, layer=name, split=False) for name, _ in self.layers]
-        for output, (first, _, _) in self._replays.items():
-            self._handles += [hook("before_forward", self._on_node_input, layer=first, split=False),
-                              hook("after_forward", self._on_node_output, layer=output, split=False)]
+        spec = tuple([("after_forward", name, self._on_forward) for name, _ in self.layers]
+                     + [entry for output, (first, _, _) in self._replays.items()
+                        for entry in (("before_forward", first, self._on_node_input),
+                                      ("after_forward", output, self._on_node_output))])
+        if spec == self._spec:  # the same hooks as at the last check: resume them
+            for handle in self._handles:
+                handle.resume()
+        else:
+            self.close()
+            self._handles = [self.model.register_hook(event, fn, layer=name, split=False) for event, name, fn in spec]
+            self._spec = spec
         self.armed = True
 
     def disarm(self) -> None:
+        """Pause the hooks until the next ``arm()``."""
         if not self.armed:
             return
         for handle in self._handles:
+            handle.pause()
+        self._inputs = {}
+        self.armed = False
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        for handle in self._handles:
             handle.remove()
-        self._handles, self._inputs = [], {}
+        self._handles, self._spec, self._inputs = [], None, {}
         self.armed = False
 
     def _on_forward(self, name: str, layer, y: torch.Tensor) -> None:
@@ -231,8 +247,12 @@ class ActivationProbe:
 
     @torch.no_grad()
     def _record(self, name: str, y: torch.Tensor, relu: bool) -> None:
-        yf = y.float()
-        s, ss, n = yf.sum(), (yf * yf).sum(), y.numel()
+        flat = y.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        # the sum of squares as a dot product: one pass and no temporary (about 10x faster than (y * y).sum()
+        # on a batch-32 conv output on the CPU)
+        s, ss, n = flat.sum(), torch.dot(flat, flat), y.numel()
         unit_max = y.amax(dim=0) if relu else None
         acc = self._acc.get(name)
         if acc is None:
@@ -515,6 +535,8 @@ class HealthMonitor(Callback):
         loader = getattr(trainer, "loader", None)
         if self.auto_plateau_window and loader is not None:
             self.rules.set_plateau_window(max(10, loader.steps_per_epoch // self.every))
+        if self._probe is not None:  # a run before this one that did not end: its hooks go
+            self._probe.close()
         self._probe = ActivationProbe(trainer.model) if self.activations else None
         self._clips = clip_specs(getattr(trainer, "optimizer", None))
         self._pending = None
@@ -545,8 +567,9 @@ class HealthMonitor(Callback):
             self._probe.disarm()
         # weights before the update: the step's update is read as the change it makes
         before = [t.detach().clone() for t in p]
+        wnorms = torch._foreach_norm(before)
         self._pending = {"step": step, "names": names, "ndims": [t.dim() for t in g], "params": p,
-                         "before": before, "grad": [norms, maxs, mins, clips], "acts": acts}
+                         "before": before, "wnorms": wnorms, "grad": [norms, maxs, mins, clips], "acts": acts}
 
     @torch.no_grad()
     def on_step_end(self, trainer, step: int, logs: dict | None = None) -> None:
@@ -557,7 +580,7 @@ class HealthMonitor(Callback):
 
     def on_train_end(self, trainer) -> None:
         if self._probe is not None:
-            self._probe.disarm()
+            self._probe.close()
 
     def on_event(self, trainer, event: dict) -> None:
         if event.get("event") == "rollback":
@@ -588,10 +611,9 @@ class HealthMonitor(Callback):
 
     # -- the check ---------------------------------------------------------------------------------
     def _finish(self, trainer, pending: dict, logs: dict) -> None:
-        names, p, before = pending["names"], pending["params"], pending["before"]
-        diff = torch._foreach_sub(p, before)
-        unorms = torch._foreach_norm(diff)
-        wnorms = torch._foreach_norm(before)
+        names, p, before, wnorms = pending["names"], pending["params"], pending["before"], pending["wnorms"]
+        torch._foreach_sub_(before, p)  # the copy becomes the step's change (its sign does not matter)
+        unorms = torch._foreach_norm(before)
         norms, maxs, mins, clips = pending["grad"]
         acts = pending["acts"]
         figures = [*norms, *maxs, *mins, *clips, *unorms, *wnorms]
@@ -602,7 +624,10 @@ class HealthMonitor(Callback):
         extra = [logs.get("loss"), logs.get("epoch_loss_sum")]
         present = [isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool) for v in extra]
         figures += [torch.as_tensor(v, device=device) for v, ok in zip(extra, present) if ok]
-        values = torch.stack([f.to(device=device, dtype=torch.float64).reshape(()) for f in figures]).tolist()
+        if device.type == "cpu":  # nothing to wait for: read each figure (50 conversions cost 0.5 ms, this 0.03)
+            values = [float(f) for f in figures]
+        else:  # one host sync for all of them
+            values = torch.stack([f.to(device=device, dtype=torch.float64).reshape(()) for f in figures]).tolist()
         k = len(names)
         cols = [values[i * k:(i + 1) * k] for i in range(6)]
         params = {}
