@@ -64,7 +64,7 @@ class Hooks:
         self._next = 0
         self.version = 0
         self._paused: set[int] = set()
-        self._signature: tuple = (frozenset(), 0)  # (signature, version it was made at)
+        self._summary: tuple = (frozenset(), False, 0)  # (signature, observes forward, version they were made at)
 
     def add(self, event: str, fn: Callable, target: str | None, split: bool = True) -> HookHandle:
         if event not in EVENTS:
@@ -96,19 +96,25 @@ class Hooks:
     def signature(self) -> frozenset:
         """The keys of the active hooks: what a plan compiled for them depends on (a key is never given to
         another hook, so a plan kept for a signature holds exactly the functions of those hooks)."""
-        sig, version = self._signature
+        return self._current()[0]
+
+    def _current(self) -> tuple:
+        """(signature, observes_forward) of the active hooks, remade when the set has changed (both are read
+        every step)."""
+        sig, observes, version = self._summary
         if version != self.version:
             sig = frozenset(self._entries.keys() - self._paused)
-            self._signature = (sig, self.version)
-        return sig
+            observes = any(ev in _SPLITTING for ev, _, _, _ in self._active())
+            self._summary = (sig, observes, self.version)
+        return sig, observes
 
     def registered(self) -> set:
         """The keys of every hook not removed, paused ones included."""
         return set(self._entries)
 
     def observes_forward(self) -> bool:
-        """Whether any before_forward or after_forward hook is registered (they are shown activations)."""
-        return any(ev in _SPLITTING for ev, _, _, _ in self._active())
+        """Whether any before_forward or after_forward hook is active (they are shown activations)."""
+        return self._current()[1]
 
     def functions(self, event: str, name: str) -> list[Callable]:
         """The hooks of ``event`` that apply to the layer ``name``, in the order they were registered."""
@@ -124,4 +130,3 @@ class Hooks:
         return [f"{ev} on {target if target is not None else 'every layer'}"
                 + ("" if split or ev not in _SPLITTING else " (never splits a fused node)")
                 for ev, _, target, split in self._active()]
-

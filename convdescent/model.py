@@ -263,9 +263,10 @@ class Sequential:
 
     def step_buffers(self):
         """A context in which the plan's kernels reuse their buffers from the last step instead of taking fresh
-        memory (``workspace.py``); ``train_step`` runs in it. Tensors the nodes pass each other inside it (and the
-        dL/dinput ``backward`` returns) are overwritten by the next step's, so it is a null context when a forward hook (which may keep what it is
-        shown) is registered; the model's output (what the loss function is given) is always fresh memory."""
+        memory (``workspace.py``); ``train_step`` runs in it. Tensors the nodes pass each other inside it (and
+        the dL/dinput ``backward`` returns) are overwritten by the next step's, so it is a null context when a
+        forward hook (which may keep what it is shown) is active; the model's output (what the loss function
+        is given) is always fresh memory."""
         if self.hooks.observes_forward():
             return contextlib.nullcontext()
         return self._workspace

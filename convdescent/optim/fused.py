@@ -217,7 +217,7 @@ class FusedAdam:
         layout = self._layout_of(params, keys, state)  # the gradients will come in the same layout
         if layout is None or layout[0][0].device.type != "cpu":
             return None
-        return InlineAdam(self, state, keys, layout)
+        return InlineAdam(self, state, keys, layout, [params[k] for k in keys])
 
     def apply_static(self, params: dict, grads: dict, state: tuple, lr: torch.Tensor, count: torch.Tensor) -> bool:
         """The update with the learning rate and step count read from device scalars ``lr`` and ``count``
@@ -249,10 +249,10 @@ class InlineAdam:
         taken: the names of the parameters a layer has updated.
     """
 
-    def __init__(self, fused: FusedAdam, state: tuple, keys: list, layout: tuple):
+    def __init__(self, fused: FusedAdam, state: tuple, keys: list, layout: tuple, params: list):
         self.fused, self.state = fused, state
         # every parameter's entry in the kernel's layout, as inline() found it: finish() picks the rest from it
-        self._keys, self._layout = keys, layout
+        self._keys, self._layout, self._params = keys, layout, params
         lr, count = fused.next_lr_and_count(state)
         self.beta1 = fused.next_beta1(state)
         self.lr, self.count = float(lr), count
@@ -305,9 +305,7 @@ class InlineAdam:
 
     def _mismatch(self, grads: dict) -> str:
         """The message for gradients whose shape, dtype or device differ from their parameters'."""
-        p, orders = self._layout[0], self._layout[4]
-        return _mismatch_message([(k, grads[k], p[i] if orders[i] is None else p[i].permute(_inverse(orders[i])))
-                                  for i, k in enumerate(self._keys) if k in grads])
+        return _mismatch_message([(k, grads[k], p) for k, p in zip(self._keys, self._params) if k in grads])
 
     # Up to this many elements in all, the rest of the step is one native call per parameter on one thread:
     # for the tutorial's CNN (1,738 elements besides the Dense weight) 0.09 ms inside a step with torch's
@@ -328,14 +326,6 @@ class InlineAdam:
             fn(t.data_ptr(), mu[i].data_ptr(), nu[i].data_ptr(), nu_max[i].data_ptr() if nu_max else None,
                g[i].data_ptr(), t.numel(), hyper)
         return True
-
-
-def _inverse(order) -> tuple:
-    """The permutation that undoes ``order``."""
-    inv = [0] * len(order)
-    for i, d in enumerate(order):
-        inv[d] = i
-    return tuple(inv)
 
 
 def inline_step(optimizer: GradientTransformation, params: dict, state) -> InlineAdam | None:
