@@ -1,4 +1,4 @@
-"""Time `convdescent train` (the CLI's path) against idiomatic and tuned PyTorch, epochs alternating, in one run.
+"""Time `convdescent train` (the CLI's path) against idiomatic and tuned PyTorch, taking turns, in one run.
 
 Every side trains the tutorial's CNN (Conv2D 32 3x3 + ReLU -> MaxPool 2x2 -> Flatten -> Dense 128 + ReLU ->
 Dense 10) with Adam(1e-3) on all 60,000 Fashion-MNIST training images, from the same initial weights and in
@@ -15,15 +15,22 @@ the test accuracies differ by the arithmetic alone, not by which images fell int
 - each PyTorch side once as is and once with subnormals flushed to zero ("+flush": every OpenMP thread, as
   torch.set_flush_denormal(True) at program start would give).
 
-convdescent's epochs are timed from one epoch's start to the next (so its epoch-end checkpoints count); after
-each of its epochs every PyTorch side runs one epoch, so drifting load on a shared machine hits all alike.
-Test accuracy is measured after every epoch, outside the timed spans. Printed per batch size: each side's
-seconds per epoch (every epoch, and the median), the speed-up against the strongest PyTorch side (the one
-with the lowest median) as the ratio of medians and for every epoch, and the test accuracies. Before and after
-each batch size it times a 1024^3 fp32 matrix product on the run's threads (about 365 GFLOP/s on the 2-core
-development VM when nothing else runs on its host), so the output says how loaded the machine was.
+The sides take turns inside each epoch: after every ``--segment-steps`` (100) convdescent steps, every
+PyTorch side takes its next 100 steps of the same epoch, so that all of them meet the same load on a shared
+machine whose speed drifts within seconds (with whole epochs one after another, one side's epoch could fall
+in a fast stretch and the next side's in a slow one: single-epoch ratios moved by 20% from run to run).
+convdescent's epochs are timed from one epoch's start to the next (so its epoch-end checkpoints count) less
+the time the PyTorch sides ran inside them; each PyTorch epoch is the sum of its segments (its epoch's one
+shuffle included). ``--segment-steps 0`` runs each PyTorch epoch whole after convdescent's. Each PyTorch side
+takes 50 untimed warm-up steps on a network of its own first. Test accuracy is measured after every epoch,
+outside the timed spans. Printed per batch size: each side's seconds per epoch (every epoch, and the median),
+the speed-up against the strongest PyTorch side (the one with the lowest median) as the ratio of medians and
+for every epoch, and the test accuracies. Before and after each batch size it times a 1024^3 fp32 matrix
+product on the run's threads, so the output says how loaded the machine was (about 365 GFLOP/s on one
+2-core development VM when nothing else ran on its host, 180-195 on another, a Zen 4, whose cores give
+96 each).
 
-    python benchmarks/train_peers.py [--epochs 3] [--batch-sizes 32,128] [--threads 2]
+    python benchmarks/train_peers.py [--epochs 3] [--batch-sizes 32,128] [--segment-steps 100] [--threads 2]
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_cpu import _NullTerminal, run_torch, torch_cnn  # noqa: E402
+from train_cpu import _NullTerminal, torch_cnn  # noqa: E402
 
 from convdescent import native, seed_cnn  # noqa: E402
 from convdescent.data import Normalizer, load_dataset  # noqa: E402
@@ -71,8 +78,19 @@ def _accuracy(net, x_test, y_test) -> float:
     return correct / len(x_test)
 
 
+def idiomatic_steps(net, opt, criterion, batches):
+    """Idiomatic PyTorch's training steps (zero_grad, loss, backward, step), one per item taken."""
+    net.train()
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = criterion(net(xb), yb)
+        loss.backward()
+        opt.step()
+        yield
+
+
 def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool):
-    """(one timed epoch -> seconds, test accuracy -> float) for idiomatic PyTorch."""
+    """(its epochs as a ``PeerEpoch``, test accuracy -> float) for idiomatic PyTorch."""
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -81,16 +99,17 @@ def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: b
     x_test = data.x_test.float().div_(255)
     images = TensorDataset(x_train, data.y_train)
     criterion = nn.CrossEntropyLoss()
-    net, opt = torch_cnn(data)
-    with _flushing(flush):
-        run_torch(net, opt, criterion, DataLoader(images, batch_size=batch_size, shuffle=True), limit=warmup_steps)
+    scratch, scratch_opt = torch_cnn(data)  # warmed up, then dropped: the timed side starts afresh
+    warmup = PeerEpoch(lambda order: idiomatic_steps(scratch, scratch_opt, criterion,
+                                                      DataLoader(images, batch_size=batch_size, shuffle=True)), flush)
+    warmup.start(None)
+    warmup.advance(warmup_steps)
     net, opt = torch_cnn(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
 
-    def epoch(order: torch.Tensor) -> float:
-        with _flushing(flush):
-            return run_torch(net, opt, criterion, DataLoader(images, batch_size=batch_size, sampler=order.tolist()))
+    def steps(order: torch.Tensor):
+        return idiomatic_steps(net, opt, criterion, DataLoader(images, batch_size=batch_size, sampler=order.tolist()))
 
-    return epoch, lambda: _accuracy(net, x_test, data.y_test)
+    return PeerEpoch(steps, flush), lambda: _accuracy(net, x_test, data.y_test)
 
 
 def tuned_net(data, start_from=None):
@@ -100,40 +119,33 @@ def tuned_net(data, start_from=None):
     return net, torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
 
-def run_tuned(net, opt, x, y, batch_size: int, perm: torch.Tensor, limit: int | None = None) -> float:
-    """Seconds for one epoch of tuned PyTorch: one shuffle of the in-memory tensors (in the order ``perm``),
-    then slices of it."""
-    t0 = time.perf_counter()
+def tuned_steps(net, opt, x, y, batch_size: int, order: torch.Tensor):
+    """Tuned PyTorch's training steps over one epoch, one per item taken: first one shuffle of the in-memory
+    tensors (in ``order``), then slices of it."""
     net.train()
-    xs = x[perm].contiguous(memory_format=torch.channels_last)
-    ys = y[perm]
-    for i, start in enumerate(range(0, len(xs), batch_size)):
-        if limit is not None and i == limit:
-            break
+    xs = x[order].contiguous(memory_format=torch.channels_last)
+    ys = y[order]
+    for start in range(0, len(xs), batch_size):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(xs[start:start + batch_size]), ys[start:start + batch_size])
         loss.backward()
         opt.step()
-    return time.perf_counter() - t0
+        yield
 
 
 def tuned_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool):
-    """(one timed epoch -> seconds, test accuracy -> float) for tuned PyTorch."""
+    """(its epochs as a ``PeerEpoch``, test accuracy -> float) for tuned PyTorch."""
     torch.manual_seed(seed)
     x_train = data.x_train.float().div_(255).contiguous(memory_format=torch.channels_last)
     x_test = data.x_test.float().div_(255).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
-    net, opt = tuned_net(data)
-    with _flushing(flush):
-        run_tuned(net, opt, x_train, data.y_train, batch_size, torch.randperm(len(x_train), generator=gen),
-                  limit=warmup_steps)
+    scratch, scratch_opt = tuned_net(data)  # warmed up, then dropped: the timed side starts afresh
+    warmup = PeerEpoch(lambda order: tuned_steps(scratch, scratch_opt, x_train, data.y_train, batch_size, order), flush)
+    warmup.start(torch.randperm(len(x_train), generator=gen))
+    warmup.advance(warmup_steps)
     net, opt = tuned_net(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
-
-    def epoch(order: torch.Tensor) -> float:
-        with _flushing(flush):
-            return run_tuned(net, opt, x_train, data.y_train, batch_size, order)
-
-    return epoch, lambda: _accuracy(net, x_test, data.y_test)
+    return (PeerEpoch(lambda order: tuned_steps(net, opt, x_train, data.y_train, batch_size, order), flush),
+            lambda: _accuracy(net, x_test, data.y_test))
 
 
 class _NoFlush:
@@ -148,45 +160,90 @@ def _flushing(flush: bool):
     return native.flush_subnormals if flush else _NoFlush()
 
 
-class Alternate(Callback):
-    """Times convdescent's epochs from one start to the next and, between them, runs one epoch of every peer
-    in the order convdescent's loader took that epoch's images."""
+class PeerEpoch:
+    """One PyTorch side's epochs, run a few steps at a time: ``start(order)`` begins an epoch (nothing runs
+    yet), ``advance(n)`` runs its next ``n`` steps (None: the rest) and adds their seconds to ``seconds``.
+    ``steps(order)`` is a generator that takes one training step per item; the epoch's setup (a shuffle)
+    runs inside the first ``advance`` and is timed with it."""
 
-    def __init__(self, peers: dict, data):
+    def __init__(self, steps, flush: bool):
+        self.steps, self.flush = steps, flush
+        self.seconds, self._it = 0.0, None
+
+    def start(self, order: torch.Tensor) -> None:
+        self.seconds, self._it = 0.0, self.steps(order)
+
+    def advance(self, n: int | None = None) -> None:
+        if self._it is None:
+            return
+        t0 = time.perf_counter()
+        with _flushing(self.flush):
+            taken = 0
+            while n is None or taken < n:
+                if next(self._it, _DONE) is _DONE:
+                    self._it = None
+                    break
+                taken += 1
+        self.seconds += time.perf_counter() - t0
+
+
+_DONE = object()
+
+
+class Alternate(Callback):
+    """Times convdescent's epochs and, inside each, runs the same epoch of every peer (in the order
+    convdescent's loader took that epoch's images) in segments: after every ``segment`` convdescent steps
+    each peer takes its next ``segment`` steps, so that all sides meet the same load on a machine whose speed
+    drifts within seconds; the time spent in peers is taken out of convdescent's epoch. ``segment`` 0: each
+    peer runs its whole epoch after convdescent's."""
+
+    def __init__(self, peers: dict, data, segment: int):
         self.peers = peers
         self.data = data
+        self.segment = segment
         self.norm = Normalizer.unit()
         self.t0 = None
-        self.order = None
+        self.paused = 0.0
         self.times = {"convdescent": [], **{name: [] for name in peers}}
         self.accs = {name: [] for name in self.times}
 
     def on_epoch_begin(self, trainer, epoch):
         if self.t0 is not None:
-            self._between(trainer)
-        self.order = trainer.loader.order(trainer.loader.epoch).cpu()  # outside the timed span
+            self._end(trainer)
+        order = trainer.loader.order(trainer.loader.epoch).cpu()  # outside the timed span
+        for peer, _ in self.peers.values():
+            peer.start(order)
+        self.paused = 0.0
         self.t0 = time.perf_counter()
 
-    def on_train_end(self, trainer):
-        self._between(trainer)
+    def on_step_end(self, trainer, step, logs):
+        if self.segment and logs["batch"] % self.segment == 0:
+            t = time.perf_counter()
+            for peer, _ in self.peers.values():
+                peer.advance(self.segment)
+            self.paused += time.perf_counter() - t
 
-    def _between(self, trainer):
-        self.times["convdescent"].append(time.perf_counter() - self.t0)
+    def on_train_end(self, trainer):
+        self._end(trainer)
+
+    def _end(self, trainer):
+        self.times["convdescent"].append(time.perf_counter() - self.t0 - self.paused)
         self.accs["convdescent"].append(evaluate(trainer.model, trainer.loss_fn, self.data.x_test, self.data.y_test,
                                                  normalizer=self.norm)[1])
-        for name, (epoch, accuracy) in self.peers.items():
-            self.times[name].append(epoch(self.order))
+        for name, (peer, accuracy) in self.peers.items():
+            peer.advance()  # the steps after the last segment (all of them with segment 0)
+            self.times[name].append(peer.seconds)
             self.accs[name].append(accuracy())
 
 
-def compare(data, batch_size: int, epochs: int, seed: int, warmup_steps: int):
+def compare(data, batch_size: int, epochs: int, seed: int, warmup_steps: int, segment: int):
     """Run every side ``epochs`` epochs, alternating; returns (times, accuracies), each name -> per-epoch list."""
     peers = {}
     for flush in (False, True):
         tag = "+flush" if flush else ""
         peers["pytorch" + tag] = idiomatic_side(data, batch_size, seed, warmup_steps, flush)
         peers["pytorch-tuned" + tag] = tuned_side(data, batch_size, seed, warmup_steps, flush)
-    alt = Alternate(peers, data)
+    alt = Alternate(peers, data, segment)
     config = {"model": "seed_cnn", "dataset": "fashion-mnist", "val_split": 0, "epochs": epochs,
               "batch_size": batch_size, "lr": 1e-3, "optimizer": "adam", "seed": seed}
     with tempfile.TemporaryDirectory() as out:
@@ -201,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="32,128")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
     ap.add_argument("--warmup-steps", type=int, default=50, help="untimed PyTorch steps before its timed epochs")
+    ap.add_argument("--segment-steps", type=int, default=100,
+                    help="steps each side takes before the next one runs (0: whole epochs, one side after another)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--train-images", type=int, default=None, help="use only the first N training images (a quick check)")
@@ -214,7 +273,7 @@ def main(argv=None) -> int:
     summary = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         before = gemm_gflops()
-        times, accs = compare(data, bs, args.epochs, args.seed, args.warmup_steps)
+        times, accs = compare(data, bs, args.epochs, args.seed, args.warmup_steps, args.segment_steps)
         after = gemm_gflops()
         med = {name: statistics.median(t) for name, t in times.items()}
         strongest = min((name for name in med if name != "convdescent"), key=med.get)
