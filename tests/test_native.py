@@ -581,3 +581,31 @@ def test_native_dense_rejects_a_mismatched_gradient_like_the_torch_path(kernels_
         layer.forward(x, True)
         with pytest.raises(RuntimeError):
             layer.backward(bad)
+
+
+def test_a_variant_library_runs_only_inside_using(kernels_on, tmp_path, monkeypatch):
+    """``load_variant`` builds another source beside the real kernels and ``using`` swaps it in for a block: a
+    variant whose fused conv + pool forward adds 1 to every output is what runs inside, the real one after."""
+    from convdescent.model import Sequential
+    from convdescent.layers import Conv2D, Flatten, ReLU
+
+    source = native._SOURCE.read_text()
+    marker = "                        cdl_put_##SUF(out + n * on + f * oc + a * oh + b0 * ow, ow, best[u], cnt);"
+    assert source.count(marker) == 1, "the test's edit no longer finds the forward's store"
+    shifted = marker.replace("best[u], cnt", "best[u] + (T)1, cnt")
+    variant = tmp_path / "kernels_variant.c"
+    variant.write_text(source.replace(marker, shifted))
+    model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten()])
+    model.build((1, 10, 10), seed=0)
+    x = torch.randn(3, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    real = model.forward(x, train=False).clone()
+    monkeypatch.setenv("CONVDESCENT_CACHE_DIR", str(tmp_path / "cache"))  # the variant's build stays here
+    lib = native.load_variant(variant)
+    assert lib is not native.library()
+    with native.using(lib):
+        assert native.library() is lib
+        inside = model.forward(x, train=False).clone()
+    after = model.forward(x, train=False)
+    assert "fused native pass" in str(model.plan())
+    torch.testing.assert_close(inside, real + 1)
+    assert torch.equal(after, real)

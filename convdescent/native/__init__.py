@@ -15,6 +15,7 @@ process has one thread pool; the kernels use torch's thread count.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -71,8 +72,8 @@ _PLAIN = {
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_library(_SOURCE)))
+def _load(source: Path = _SOURCE) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_library(source)))
     for name, argtypes in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
@@ -100,6 +101,29 @@ def library() -> ctypes.CDLL | None:
                     _ERROR = str(exc)
             _TRIED = True
     return _LIB
+
+
+def load_variant(source: str | Path) -> ctypes.CDLL:
+    """The kernels built from another source file (a modified copy of ``kernels.c``), cached like the real
+    ones, for comparing a variant against them in one process (``benchmarks/kernel_ab.py``; see ``using``).
+
+    Raises:
+        BuildError: the variant does not compile; OSError: it does not load.
+    """
+    return _load(Path(source).resolve())
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL):
+    """Run the kernels from ``lib`` (from ``load_variant``, or ``library()``) inside the block, then the
+    ones loaded before. Loads the real kernels first when none are loaded yet, so that they come back after."""
+    global _LIB
+    library()
+    previous, _LIB = _LIB, lib
+    try:
+        yield lib
+    finally:
+        _LIB = previous
 
 
 def status() -> str:
