@@ -158,15 +158,17 @@ rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 x = torch.empty(4 * 2**20).fill_(1.0)  # 16 MB, above glibc's default mmap threshold
 before = rss()
 del x
-print(applied, (before - rss()) // 2**20)
+print(applied, before - rss())
 """
 
 
-def _released_mb(tuning: str) -> tuple[str, int]:
+def _released_mb(tuning: str) -> tuple[str, float]:
+    """(whether the tuning was applied, MB the resident size fell by when a 16 MB tensor was freed); a few
+    pages the interpreter takes meanwhile can make it slightly negative."""
     env = dict(os.environ, CONVDESCENT_MALLOC_TUNING=tuning)
     out = subprocess.run([sys.executable, "-c", _RETAINED], env=env, capture_output=True, text=True, check=True)
     applied, released = out.stdout.split()
-    return applied, int(released)
+    return applied, int(released) / 2**20
 
 
 def test_allocator_tuning_keeps_freed_blocks_in_the_process():
@@ -175,8 +177,8 @@ def test_allocator_tuning_keeps_freed_blocks_in_the_process():
     applied, kept = _released_mb("1")
     off, released = _released_mb("0")
     assert (applied, off) == ("True", "False")
-    assert released >= 15, f"untuned: freeing 16 MB gave back only {released} MB"
-    assert kept == 0, f"tuned: freeing 16 MB gave back {kept} MB"
+    assert released >= 15, f"untuned: freeing 16 MB gave back only {released:.2f} MB"
+    assert kept < 1, f"tuned: freeing 16 MB gave back {kept:.2f} MB"  # 0, give or take a few pages
     assert allocator.tune() is allocator.tune()  # once per process; asking again changes nothing
 
 
