@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
     if (args.variant is None) == (args.rows is None):
-        ap.error("give a variant source or --rows, not both")
+        ap.error("give either a variant source file or --rows N (one of the two)")
     torch.set_num_threads(args.threads)
     lib_a = native.library()
     if lib_a is None:
@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     if args.rows is not None:
         lib_b, rows_b = lib_a, (lambda units: args.rows)
     else:
-        lib_b, rows_b = native.load_variant(args.variant), rows_a
+        try:
+            lib_b, rows_b = native.load_variant(args.variant), rows_a
+        except (OSError, native.BuildError, AttributeError) as exc:  # AttributeError: a kernel is missing
+            print(f"the variant {args.variant} could not be built and loaded: {exc}", file=sys.stderr)
+            return 1
 
     data = load_dataset("fashion-mnist", data_dir=args.data_dir, val_split=0)
     loader = BatchLoader(data.x_train, data.y_train, args.batch_size, shuffle=True, seed=0,
