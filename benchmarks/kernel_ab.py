@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convdescent import SoftmaxCrossEntropy, native, seed_cnn  # noqa: E402
-from convdescent.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
+from convdescent.data import load_dataset  # noqa: E402
 from convdescent.optim import make_optimizer  # noqa: E402
-from convdescent.train.step import train_step  # noqa: E402
+from train_cpu import first_batches, run_ours  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,18 +62,12 @@ def main(argv=None) -> int:
             return 1
 
     data = load_dataset("fashion-mnist", data_dir=args.data_dir, val_split=0)
-    loader = BatchLoader(data.x_train, data.y_train, args.batch_size, shuffle=True, seed=0,
-                         normalizer=Normalizer.unit())
-    batches = []
-    for xb, yb in loader:
-        batches.append((xb, yb))
-        if len(batches) == args.steps:
-            break
+    batches = first_batches(data, args.batch_size, args.steps)
 
     def side(lib, rows):
         model = seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=0)
         opt = make_optimizer("adam", lr=1e-3)
-        return {"lib": lib, "rows": rows, "model": model, "opt": opt, "state": opt.init(model.params())}
+        return {"lib": lib, "rows": rows, "model": model, "opt": opt, "state": [opt.init(model.params())]}
 
     sides = {"A": side(lib_a, rows_a), "B": side(lib_b, rows_b)}
     loss_fn = SoftmaxCrossEntropy()
@@ -98,10 +93,7 @@ def main(argv=None) -> int:
 def _round(s: dict, loss_fn, batches, what: str) -> float:
     """Median seconds of one call (fwd, bwd) or mean seconds of one train_step over the batches."""
     if what == "step":
-        t0 = time.perf_counter()
-        for xb, yb in batches:
-            _, _, s["state"] = train_step(s["model"], loss_fn, s["opt"], s["state"], xb, yb)
-        return (time.perf_counter() - t0) / len(batches)
+        return run_ours(s["model"], loss_fn, s["opt"], s["state"], batches) / len(batches)
     node = s["model"].plan().nodes[0]
     spans = []
     with torch.no_grad():

@@ -30,6 +30,7 @@ dropped as warm-up. Validation is left out of both (it is the same ``evaluate`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import io
 import statistics
 import sys
@@ -85,18 +86,22 @@ def torch_cnn(data, start_from=None):
     return net, torch.optim.Adam(net.parameters(), lr=1e-3)
 
 
-def run_torch(net, opt, criterion, batches, limit: int | None = None) -> float:
-    """Seconds for one idiomatic PyTorch step (zero_grad, loss, backward, step) per batch, at most
-    ``limit`` batches."""
-    t0 = time.perf_counter()
+def torch_steps(net, opt, criterion, batches):
+    """Idiomatic PyTorch's training steps (zero_grad, loss, backward, step), one per batch and per item taken."""
     net.train()
-    for i, (xb, yb) in enumerate(batches):
-        if limit is not None and i == limit:
-            break
+    for xb, yb in batches:
         opt.zero_grad()
         loss = criterion(net(xb), yb)
         loss.backward()
         opt.step()
+        yield
+
+
+def run_torch(net, opt, criterion, batches, limit: int | None = None) -> float:
+    """Seconds for one idiomatic PyTorch step (``torch_steps``) per batch, at most ``limit`` batches."""
+    t0 = time.perf_counter()
+    for _ in itertools.islice(torch_steps(net, opt, criterion, batches), limit):
+        pass
     return time.perf_counter() - t0
 
 

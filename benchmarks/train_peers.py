@@ -36,6 +36,7 @@ product on the run's threads, so the output says how loaded the machine was (abo
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_cpu import _NullTerminal, torch_cnn  # noqa: E402
+from train_cpu import _NullTerminal, run_torch, torch_cnn, torch_steps  # noqa: E402
 
 from convdescent import native, seed_cnn  # noqa: E402
 from convdescent.data import Normalizer, load_dataset  # noqa: E402
@@ -78,17 +79,6 @@ def _accuracy(net, x_test, y_test) -> float:
     return correct / len(x_test)
 
 
-def idiomatic_steps(net, opt, criterion, batches):
-    """Idiomatic PyTorch's training steps (zero_grad, loss, backward, step), one per item taken."""
-    net.train()
-    for xb, yb in batches:
-        opt.zero_grad()
-        loss = criterion(net(xb), yb)
-        loss.backward()
-        opt.step()
-        yield
-
-
 def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool):
     """(its epochs as a ``PeerEpoch``, test accuracy -> float) for idiomatic PyTorch."""
     from torch import nn
@@ -100,14 +90,13 @@ def idiomatic_side(data, batch_size: int, seed: int, warmup_steps: int, flush: b
     images = TensorDataset(x_train, data.y_train)
     criterion = nn.CrossEntropyLoss()
     scratch, scratch_opt = torch_cnn(data)  # warmed up, then dropped: the timed side starts afresh
-    warmup = PeerEpoch(lambda order: idiomatic_steps(scratch, scratch_opt, criterion,
-                                                      DataLoader(images, batch_size=batch_size, shuffle=True)), flush)
-    warmup.start(None)
-    warmup.advance(warmup_steps)
+    with _flushing(flush):
+        run_torch(scratch, scratch_opt, criterion, DataLoader(images, batch_size=batch_size, shuffle=True),
+                  limit=warmup_steps)
     net, opt = torch_cnn(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
 
     def steps(order: torch.Tensor):
-        return idiomatic_steps(net, opt, criterion, DataLoader(images, batch_size=batch_size, sampler=order.tolist()))
+        return torch_steps(net, opt, criterion, DataLoader(images, batch_size=batch_size, sampler=order.tolist()))
 
     return PeerEpoch(steps, flush), lambda: _accuracy(net, x_test, data.y_test)
 
@@ -140,9 +129,11 @@ def tuned_side(data, batch_size: int, seed: int, warmup_steps: int, flush: bool)
     x_test = data.x_test.float().div_(255).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     scratch, scratch_opt = tuned_net(data)  # warmed up, then dropped: the timed side starts afresh
-    warmup = PeerEpoch(lambda order: tuned_steps(scratch, scratch_opt, x_train, data.y_train, batch_size, order), flush)
-    warmup.start(torch.randperm(len(x_train), generator=gen))
-    warmup.advance(warmup_steps)
+    with _flushing(flush):
+        warmup = tuned_steps(scratch, scratch_opt, x_train, data.y_train, batch_size,
+                             torch.randperm(len(x_train), generator=gen))
+        for _ in itertools.islice(warmup, warmup_steps):
+            pass
     net, opt = tuned_net(data, seed_cnn(input_shape=data.input_shape, num_classes=data.num_classes, seed=seed))
     return (PeerEpoch(lambda order: tuned_steps(net, opt, x_train, data.y_train, batch_size, order), flush),
             lambda: _accuracy(net, x_test, data.y_test))
@@ -178,16 +169,10 @@ class PeerEpoch:
             return
         t0 = time.perf_counter()
         with _flushing(self.flush):
-            taken = 0
-            while n is None or taken < n:
-                if next(self._it, _DONE) is _DONE:
-                    self._it = None
-                    break
-                taken += 1
+            taken = sum(1 for _ in itertools.islice(self._it, n))
         self.seconds += time.perf_counter() - t0
-
-
-_DONE = object()
+        if n is None or taken < n:  # the epoch is over
+            self._it = None
 
 
 class Alternate(Callback):
