@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,17 +272,44 @@ def test_conv_pool_node_gradients_against_finite_differences_and_autograd(k, c, 
 def test_conv_pool_node_on_wide_inputs_against_autograd(dtype, c, f, k, pool, pstride, cstride, width):
     """The fused pass lays each pooled row's windows along vector lanes; rows wider than one vector, every
     lane count left over at the end, odd filter counts and both dtypes give torch's values and gradients."""
+    _fused_node_against_autograd(dtype, c, f, k, pool, pstride, cstride, 11, width)
+
+
+def _sample_layout_limit() -> int:
+    """CDL_SAMPLE_BYTES of the kernels' source: the largest input layout the fused passes build per sample."""
+    source = (Path(native.__file__).parent / "kernels.c").read_text()
+    match = re.search(r"#define CDL_SAMPLE_BYTES \((\d+) \* (\d+)\)", source)
+    assert match, "CDL_SAMPLE_BYTES not found in kernels.c"
+    return int(match.group(1)) * int(match.group(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c,height,whole", [(1, 28, True), (4, 40, True), (8, 60, False), (3, 90, False)])
+def test_conv_pool_node_lays_out_whole_samples_or_row_by_row_alike(dtype, c, height, whole):
+    """The fused passes lay out each sample's input rows once when that layout is small (an input row serves
+    two pooled rows of a 3x3 conv and a 2x2 pool) and each pooled row's rows apart when it is not; both give
+    torch's values and gradients. The cases sit on either side of the size limit (checked here)."""
+    lanes = 64 // torch.finfo(dtype).bits * 8  # AVX-512 lanes; on narrower vectors the sizes only shrink
+    po = (height - 2) // 2
+    rows, m = (po - 1) * 2 + 4, -(-po // lanes) * lanes
+    size = c * rows * 2 * 2 * m * (torch.finfo(dtype).bits // 8)  # channels x rows x phases x shifts x lanes
+    if dtype == torch.float32:
+        assert (size <= _sample_layout_limit()) == whole, (size, _sample_layout_limit())
+    _fused_node_against_autograd(dtype, c, 7, 3, 2, 2, 1, height, height, n=4)
+
+
+def _fused_node_against_autograd(dtype, c, f, k, pool, pstride, cstride, height, width, n=3):
     assert native.library() is not None, native.status()
     previous = native.set_enabled(True)
     try:
-        gen = torch.Generator().manual_seed(c * 100 + f + width)
+        gen = torch.Generator().manual_seed(c * 100 + f + width + height)
         conv, pool_layer = Conv2D(f, k, cstride), MaxPool2D(pool, pstride)
-        conv.build((c, 11, width), generator=gen, dtype=dtype)
+        conv.build((c, height, width), generator=gen, dtype=dtype)
         pool_layer.build(conv.output_shape)
         conv.params["bias"].normal_(generator=gen)
         conv.needs_input_grad = False
         node = ConvPool(("conv1", conv), ("relu1", ReLU()), ("pool1", pool_layer))
-        x = torch.randn(3, c, 11, width, generator=gen, dtype=dtype)
+        x = torch.randn(n, c, height, width, generator=gen, dtype=dtype)
         out = node.forward(x, True)
         assert node._cache[0] == "fused"
         r = torch.randn(out.shape, generator=gen, dtype=dtype)
@@ -292,6 +321,9 @@ def test_conv_pool_node_on_wide_inputs_against_autograd(dtype, c, f, k, pool, ps
             (z * r).sum().backward()
         tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out, z.detach(), **tol)
+        if dtype == torch.float32:  # a float32 sum of this many terms in another order: eps times its size
+            terms = r.numel() // f
+            tol = dict(rtol=1e-5, atol=2e-7 * terms * float(x.abs().max() * r.abs().max()))
         torch.testing.assert_close(conv.grads["weight"], w.grad, **tol)
         torch.testing.assert_close(conv.grads["bias"], b.grad, **tol)
     finally:

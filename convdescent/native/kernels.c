@@ -307,6 +307,7 @@ DEFINE_LANE_IO(double, f64, int64_t, 0, 0, 0, 0)
 static inline int64_t cdl_clamp(int64_t n, int64_t L) { return n < 0 ? 0 : (n < L ? n : L); }
 #define CDL_QB 9  /* patch elements summed at once in the backward (accumulators in registers) */
 #define CDL_BFB 1  /* filters the backward takes at once (2 spilled the 18 sums: 11% slower on a Zen 4) */
+#define CDL_SAMPLE_BYTES (128 * 1024)  /* largest input layout built once per sample (else per pooled row) */
 #define CDL_RC 32  /* pooled rows whose inputs the backward lays out together */
 #define DEFINE_CONV_POOL_LANES(T, SUF, IT)                                                              \
 enum { LANES_##SUF = CDL_BYTES / sizeof(T) };                                                                 \
@@ -395,9 +396,15 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
     const int64_t L = LANES_##SUF;                                                                     \
     cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
     cdl_geom_init_##SUF(&g);                                                                           \
-    int64_t *off = cdl_offsets_##SUF(&g);                                                              \
+    /* a whole sample's rows laid out once (each input row serves several pooled rows) when that is small;  \
+       else the R rows of each pooled row apart */                                                     \
+    cdl_geom_##SUF gs = g;                                                                             \
+    gs.R = (Po - 1) * sh * csh + g.R;                                                                  \
+    const int whole = C * gs.R * g.S * g.Z * g.M * (int64_t)sizeof(T) <= CDL_SAMPLE_BYTES;             \
+    int64_t *off = cdl_offsets_##SUF(whole ? &gs : &g);                                                \
     if (off == NULL) return 1;                                                                         \
-    const int64_t K = g.K, P = g.P, bufsize = C * g.R * g.S * g.Z * g.M;                                     \
+    const int64_t K = g.K, P = g.P, bufsize = C * (whole ? gs.R : g.R) * g.S * g.Z * g.M;              \
+    const int64_t rowstep = sh * csh * g.S * g.Z * g.M;  /* buffer offset of one pooled row down */    \
     /* the weights and biases by blocks of CDL_FB filters, zero past the last filter */                \
     const int64_t Fp = (F + CDL_FB - 1) / CDL_FB * CDL_FB;                                             \
     T *wblk = (T *)calloc((size_t)(Fp * K + Fp), sizeof(T)), *zb = wblk + Fp * K;                      \
@@ -415,14 +422,17 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
             _Pragma("omp atomic write")                                                                \
             failed = 1;                                                                                \
         }                                                                                              \
+        int64_t laid = -1;  /* the sample whose rows buf holds (whole) */                              \
         _Pragma("omp for schedule(static)")                                                            \
         for (int64_t r = 0; r < N * Po; r++) {                                                         \
             if (buf == NULL) continue;                                                                 \
             const int64_t n = r / Po, a = r % Po;                                                      \
-            cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, n, a, buf);                                    \
+            if (!whole) cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, n, a, buf);                        \
+            else if (laid != n) { cdl_rows_##SUF(&gs, x, xn, xc, xh, xw, H, W, n, 0, buf); laid = n; }  \
+            const T *rowbuf = whole ? buf + a * rowstep : buf;                                         \
             for (int64_t b0 = 0; b0 < Qo; b0 += L) {                                                   \
                 const int64_t cnt = Qo - b0 < L ? Qo - b0 : L;                                         \
-                const T *base = buf + b0;                                                              \
+                const T *base = rowbuf + b0;                                                           \
                 for (int64_t f0 = 0; f0 < F; f0 += CDL_FB) {                                           \
                     const T *wb = wblk + f0 * K;  /* [q][filter of the block] */                       \
                     cdl_##SUF best[CDL_FB], s[CDL_FB];                                                 \
@@ -470,10 +480,14 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
     const int64_t L = LANES_##SUF;                                                                     \
     cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
     cdl_geom_init_##SUF(&g);                                                                           \
-    const int64_t K = g.K, P = g.P, bufsize = C * g.R * g.S * g.Z * g.M;                      \
+    cdl_geom_##SUF gs = g;  /* whole samples' rows laid out once, as in the forward, when small */       \
+    gs.R = (Po - 1) * sh * csh + g.R;                                                                  \
+    const int whole = C * gs.R * g.S * g.Z * g.M * (int64_t)sizeof(T) <= CDL_SAMPLE_BYTES;             \
+    const int64_t K = g.K, P = g.P, bufsize = C * (whole ? gs.R : g.R) * g.S * g.Z * g.M;              \
+    const int64_t rowstep = sh * csh * g.S * g.Z * g.M;                                                \
     /* patch elements in blocks of CDL_QB, the last block padded with element 0 (computed, not kept) */ \
     const int64_t Kp = (K + CDL_QB - 1) / CDL_QB * CDL_QB, acc = F * (K + 1);                          \
-    int64_t *off0 = cdl_offsets_##SUF(&g), *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(P * Kp)); \
+    int64_t *off0 = cdl_offsets_##SUF(whole ? &gs : &g), *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(P * Kp)); \
     int nt = threads > 0 ? threads : 1;                                                                \
     T *sums = (T *)calloc((size_t)(nt * acc), sizeof(T));  /* per thread: [f][q], then [f] (bias) */  \
     int failed = off0 == NULL || off == NULL || sums == NULL, used = 1;                                \
@@ -487,7 +501,8 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
         _Pragma("omp single")                                                                          \
         used = omp_get_num_threads();                                                                  \
         T *mine = sums + (int64_t)t * acc;                                                             \
-        T *buf = (T *)aligned_alloc(CDL_BYTES, sizeof(T) * (size_t)(bufsize * (CDL_RC > Po ? CDL_RC : Po)));                                  \
+        const int64_t per = CDL_RC / Po > 0 ? CDL_RC / Po : 1;  /* samples per chunk */                 \
+        T *buf = (T *)aligned_alloc(CDL_BYTES, sizeof(T) * (size_t)(bufsize * (whole ? per : per * Po))); \
         if (buf == NULL) {                                                                             \
             _Pragma("omp atomic write")                                                                \
             failed = 1;                                                                                \
@@ -498,8 +513,12 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
         const int64_t r0 = n0 * Po, r1 = n1 * Po, span = (CDL_RC / Po > 0 ? CDL_RC / Po : 1) * Po;     \
         for (int64_t c0 = r0; c0 < r1 && buf != NULL; c0 += span) {                     \
             const int64_t c1 = c0 + span < r1 ? c0 + span : r1;                                        \
-            for (int64_t r = c0; r < c1; r++)                                                          \
-                cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, r / Po, r % Po, buf + (r - c0) * bufsize); \
+            if (whole)                                                                                 \
+                for (int64_t n = c0 / Po; n < c1 / Po; n++)                                            \
+                    cdl_rows_##SUF(&gs, x, xn, xc, xh, xw, H, W, n, 0, buf + (n - c0 / Po) * bufsize); \
+            else                                                                                       \
+                for (int64_t r = c0; r < c1; r++)                                                      \
+                    cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, r / Po, r % Po, buf + (r - c0) * bufsize); \
             for (int64_t f0 = 0; f0 < F; f0 += CDL_BFB) {                                              \
                 cdl_##SUF bsum[CDL_BFB];                                                               \
                 for (int v = 0; v < CDL_BFB; v++) bsum[v] = (cdl_##SUF){0};                            \
@@ -509,7 +528,8 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
                         for (int u = 0; u < CDL_QB; u++) s[v][u] = (cdl_##SUF){0};                     \
                     for (int64_t r = c0; r < c1; r++) {                                                \
                         const int64_t n = r / Po, a = r % Po;                                          \
-                        const T *rowbuf = buf + (r - c0) * bufsize;                                    \
+                        const T *rowbuf = whole ? buf + (n - c0 / Po) * bufsize + a * rowstep          \
+                                                : buf + (r - c0) * bufsize;                            \
                         for (int64_t b0 = 0; b0 < Qo; b0 += L) {                                       \
                             const int64_t cnt = Qo - b0 < L ? Qo - b0 : L;                             \
                             cdl_##SUF gv[CDL_BFB];                                                     \
