@@ -308,6 +308,46 @@ def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, 
         torch.testing.assert_close(g1[k], g2[k], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("filters,by_filters", [(32, True), (16, True), (5, False)])
+def test_fused_conv_pool_gives_the_same_numbers_on_any_thread_count(kernels_on, filters, by_filters, dtype):
+    """The fused passes give threads runs of filters where the filters split evenly over them (32 or 16 over
+    2 or 3 threads) and runs of samples otherwise (5 filters' backward). The forward is the same bit for bit on
+    1, 2 and 3 threads either way; dW and db are too when split by filters (each filter summed over every
+    sample by one thread, as one thread sums it), and equal to rounding when split by samples."""
+    from convdescent.layers import Conv2D, ReLU
+    from convdescent.plan import ConvPool
+
+    x = torch.randn(7, 1, 14, 12, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    conv, pool = Conv2D(filters, 3), MaxPool2D(2)
+    conv.build((1, 14, 12), generator=torch.Generator().manual_seed(4), dtype=dtype)
+    pool.build(conv.output_shape)
+    conv.params["bias"].normal_(generator=torch.Generator().manual_seed(5))
+    conv.needs_input_grad = False
+    node = ConvPool(("conv1", conv), ("relu1", ReLU()), ("pool1", pool))
+    dy = torch.randn(7, filters, 6, 5, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y = node.forward(x, True).clone()
+            assert node._cache[0] == "fused"
+            assert node.backward(dy) is None
+            runs.append((y, conv.grads["weight"].clone(), conv.grads["bias"].clone()))
+    finally:
+        torch.set_num_threads(previous)
+    (y1, w1, b1), *others = runs
+    for y, w, b in others:
+        assert torch.equal(y, y1)
+        if by_filters:
+            assert torch.equal(w, w1) and torch.equal(b, b1)
+        else:
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(w, w1, rtol=tol, atol=tol)
+            torch.testing.assert_close(b, b1, rtol=tol, atol=tol)
+
+
 def test_a_hook_on_the_conv_splits_its_fused_node(kernels_on):
     from convdescent import Flatten, ReLU, Sequential
     from convdescent.layers import Conv2D, Dense

@@ -31,6 +31,17 @@ static inline void cd_split(int64_t K, int t, int nt, int64_t *k0, int64_t *k1)
     *k1 = (t + 1) * chunk < K ? (t + 1) * chunk : K;
 }
 
+/* Whether a conv + pool pass gives each thread a run of filter blocks (all samples) rather than a run of
+ * samples (all filters): when the blocks split evenly enough. Split by filters, thread t writes the pooled
+ * maps of its filters, which for a Dense after a Flatten are the input features [k0, k1) cd_split gives that
+ * same thread in the Dense's products and Adam step, and it reads back its own dL/dx of them in the
+ * backward: no cache line of the 2-3 MB maps moves between cores (measured on the 2-core VM: writing 3 MB
+ * another core wrote last took 2.2x as long as writing one's own). */
+static inline int cd_by_filters(int64_t blocks, int nt)
+{
+    return nt > 1 && (blocks % nt == 0 || blocks >= 4 * (int64_t)nt);
+}
+
 #define DEFINE_MAXPOOL(T, SUF)                                                                          \
 void cd_maxpool_fwd_##SUF(const T *x, T *out, uint8_t *code, int64_t N, int64_t C, int64_t Ho,         \
                           int64_t Wo, int64_t xn, int64_t xc, int64_t xh, int64_t xw, int64_t on,      \
@@ -193,10 +204,14 @@ DEFINE_IM2COL(double, f64)
  * filter f, window offset (k, l) and patch element q = (c, i, j) the L inputs they read are
  *   x[n, c, (a*sh + k)*csh + i, (b*sw + l)*csw + j] = x[n, c, row, (b + z)*S + e]   with S = sw*csw,
  * t = l*csw + j, phase e = t % S, shift z = t / S: a contiguous run once each input row is split into its
- * S phases. So each pooled row first copies the R = (ph-1)*csh + kh input rows it reads into a small
- * aligned buffer, one line per (row, phase, shift) starting at lane 0 (zero past the input's end: those
- * lanes are never stored), and then every multiply-add is one aligned vector load of L windows. This suits a first layer (few input channels, a short patch), where
+ * S phases. So the input rows are first copied into a small aligned buffer, one line per (row, phase,
+ * shift) starting at lane 0 (zero past the input's end: those lanes are never stored): all of a sample's
+ * rows at once when that takes at most CDL_SAMPLE_BYTES (an input row then serves every pooled row that
+ * reads it), else the R = (ph-1)*csh + kh rows of each pooled row apart. Then every multiply-add is one
+ * aligned vector load of L windows. This suits a first layer (few input channels, a short patch), where
  * vectorizing along the filters would leave a dot product of only C*kh*kw terms per output.
+ * Threads take runs of filters (every sample) where the filters split evenly (cd_by_filters), else runs of
+ * samples (every filter).
  *
  * forward: out[n, f, a, b] = max over (k, l) of bias[f] + sum_q w[f, q] * x[...] (q in (c, i, j) order),
  *          then max(out, 0) when relu is set (a NaN kept, as torch.relu);
@@ -205,9 +220,10 @@ DEFINE_IM2COL(double, f64)
  * backward (a first layer: no dL/dx): with g = dy[n, f, a, b] (times [y > 0] when y, the forward's
  *          ReLU output, is given: ReLU's own backward) routed to its window's winner,
  *          dW[f, q] = sum over windows of g * x[winner's patch element q],  db[f] = sum of g;
- *          each thread sums whole samples into its own accumulators, added up in thread order
- *          (deterministic for a given thread count). Both return 0, or 1 when out of memory (nothing usable
- *          written: the caller runs the layers instead).
+ *          each thread sums its filters over every sample, or whole samples of every filter into
+ *          accumulators of its own that are added up in thread order (deterministic for a given thread
+ *          count; split by filters, the same sums as one thread's). Both return 0, or 1 when out of memory
+ *          (nothing usable written: the caller runs the layers instead).
  */
 #if defined(__AVX512F__)
 #define CDL_BYTES 64
@@ -423,9 +439,13 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
             failed = 1;                                                                                \
         }                                                                                              \
         int64_t laid = -1;  /* the sample whose rows buf holds (whole) */                              \
-        _Pragma("omp for schedule(static)")                                                            \
-        for (int64_t r = 0; r < N * Po; r++) {                                                         \
-            if (buf == NULL) continue;                                                                 \
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();                                \
+        const int64_t blocks = (F + CDL_FB - 1) / CDL_FB;                                              \
+        int64_t r0 = 0, r1 = N * Po, blo = 0, bhi = blocks;                                            \
+        if (cd_by_filters(blocks, nt)) cd_split(blocks, t, nt, &blo, &bhi);                           \
+        else cd_split(N * Po, t, nt, &r0, &r1);                                                        \
+        const int64_t fa = blo * CDL_FB, fz = bhi * CDL_FB < F ? bhi * CDL_FB : F;                     \
+        for (int64_t r = r0; r < r1 && buf != NULL && fa < fz; r++) {                                  \
             const int64_t n = r / Po, a = r % Po;                                                      \
             if (!whole) cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, n, a, buf);                        \
             else if (laid != n) { cdl_rows_##SUF(&gs, x, xn, xc, xh, xw, H, W, n, 0, buf); laid = n; }  \
@@ -433,7 +453,7 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
             for (int64_t b0 = 0; b0 < Qo; b0 += L) {                                                   \
                 const int64_t cnt = Qo - b0 < L ? Qo - b0 : L;                                         \
                 const T *base = rowbuf + b0;                                                           \
-                for (int64_t f0 = 0; f0 < F; f0 += CDL_FB) {                                           \
+                for (int64_t f0 = fa; f0 < fz; f0 += CDL_FB) {                                         \
                     const T *wb = wblk + f0 * K;  /* [q][filter of the block] */                       \
                     cdl_##SUF best[CDL_FB], s[CDL_FB];                                                 \
                     cdm_##SUF arg[CDL_FB];                                                             \
@@ -507,11 +527,15 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
             _Pragma("omp atomic write")                                                                \
             failed = 1;                                                                                \
         }                                                                                              \
-        /* whole samples per thread and per chunk, so that dy and the codes are read in memory order */ \
-        int64_t n0, n1;                                                                                \
-        cd_split(N, t, omp_get_num_threads(), &n0, &n1);                                               \
+        /* whole samples per chunk, so that dy and the codes are read in memory order */               \
+        /* by filters (all samples; see cd_by_filters) or by whole samples (all filters) */            \
+        const int64_t blocks = (F + CDL_BFB - 1) / CDL_BFB;                                            \
+        int64_t n0 = 0, n1 = N, blo = 0, bhi = blocks;                                                 \
+        if (cd_by_filters(blocks, omp_get_num_threads())) cd_split(blocks, t, omp_get_num_threads(), &blo, &bhi); \
+        else cd_split(N, t, omp_get_num_threads(), &n0, &n1);                                          \
+        const int64_t fa = blo * CDL_BFB, fz = bhi * CDL_BFB < F ? bhi * CDL_BFB : F;                  \
         const int64_t r0 = n0 * Po, r1 = n1 * Po, span = (CDL_RC / Po > 0 ? CDL_RC / Po : 1) * Po;     \
-        for (int64_t c0 = r0; c0 < r1 && buf != NULL; c0 += span) {                     \
+        for (int64_t c0 = r0; c0 < r1 && buf != NULL && fa < fz; c0 += span) {                        \
             const int64_t c1 = c0 + span < r1 ? c0 + span : r1;                                        \
             if (whole)                                                                                 \
                 for (int64_t n = c0 / Po; n < c1 / Po; n++)                                            \
@@ -519,7 +543,7 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
             else                                                                                       \
                 for (int64_t r = c0; r < c1; r++)                                                      \
                     cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, r / Po, r % Po, buf + (r - c0) * bufsize); \
-            for (int64_t f0 = 0; f0 < F; f0 += CDL_BFB) {                                              \
+            for (int64_t f0 = fa; f0 < fz; f0 += CDL_BFB) {                                            \
                 cdl_##SUF bsum[CDL_BFB];                                                               \
                 for (int v = 0; v < CDL_BFB; v++) bsum[v] = (cdl_##SUF){0};                            \
                 for (int64_t q0 = 0; q0 < Kp; q0 += CDL_QB) {                                          \
