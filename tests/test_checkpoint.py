@@ -63,6 +63,42 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
     assert load_checkpoint(path)["step"] == 5
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links"])
+def test_last_checkpoint_of_a_best_epoch_is_the_best_ones_bytes(npz, tmp_path, monkeypatch, links):
+    """When an epoch is the best so far, last.pt is made from best.pt's bytes (a hard link renamed into place,
+    or the bytes written again where the disk makes no links); an epoch that is no improvement replaces
+    last.pt alone, leaving best.pt as it was; nothing temporary is left in the folder."""
+    if not links:
+        def no_link(src, dst):
+            raise OSError(1, "Operation not permitted")  # as on a filesystem without hard links
+
+        monkeypatch.setattr(ckmod.os, "link", no_link)
+    seen = []
+
+    def look():
+        folder, = tmp_path.glob("*-r/checkpoints")
+        best, last = folder / "best.pt", folder / "last.pt"
+        seen.append((load_checkpoint(best)["epoch"], load_checkpoint(last)["epoch"],
+                     best.read_bytes() == last.read_bytes(), os.path.samefile(best, last),
+                     sorted(p.name for p in folder.iterdir())))
+
+    class Look(Callback):  # runs before the checkpointer: it sees the files of the epoch before
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch > 1:
+                look()
+
+    # a learning rate this large makes some epochs worse than the best: both kinds of epoch end are seen
+    train_from_config(config(npz, tmp_path, epochs=6, monitor="loss", augment="none", lr=0.3),
+                      callbacks=[Look()])
+    look()
+    for best_epoch, last_epoch, same_bytes, same_file, names in seen:
+        assert names == ["best.pt", "last.pt"]
+        assert same_bytes == (best_epoch == last_epoch)
+        assert same_file == (links and best_epoch == last_epoch)
+    assert [last for _, last, *_ in seen] == [1, 2, 3, 4, 5, 6]
+    assert {b == e for b, e, *_ in seen} == {True, False}, seen
+
+
 def test_checkpoints_hold_only_plain_values(tmp_path):
     with pytest.raises(TypeError, match="only tensors and plain values"):
         save_checkpoint(tmp_path / "x.pt", {"model": {"w": torch.ones(1)}, "optimizer": object()})

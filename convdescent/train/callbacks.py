@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import torch
 
 from ..optim import optimizer_stats
-from .checkpoint import atomic_write_bytes, atomic_write_text, encode_checkpoint
+from .checkpoint import atomic_copy_of, atomic_write_bytes, atomic_write_text, encode_checkpoint
 from .output import OutputWriteError, write_failure
 
 class Callback:
@@ -538,7 +538,10 @@ class Checkpointer(Callback):
         self._best_written = False
         for path in (self.best_path, self.last_path) if best else (self.last_path,):
             try:
-                atomic_write_bytes(path, blob)
+                if path == self.last_path and self._best_written:
+                    atomic_copy_of(path, self.best_path, blob)  # the same bytes: a link where the disk allows
+                else:
+                    atomic_write_bytes(path, blob)
             except OSError as e:
                 # the file at path is still the previous complete one (atomic write): name what is kept
                 good = self.last_path if self.saved_step is not None or self.last_path.exists() else None

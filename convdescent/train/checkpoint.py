@@ -8,6 +8,7 @@ previous checkpoint or the new one, never a mixture.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -52,6 +53,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     then fsync the folder so the rename itself is on disk."""
     atomic_write(path, data)
     _fsync_dir(Path(path).parent)
+
+
+def atomic_copy_of(path: str | Path, source: str | Path, data: bytes) -> None:
+    """Make ``path`` a file holding ``data``, which ``source`` (a file of the same folder, written with
+    ``atomic_write_bytes``) holds already: a hard link to ``source`` renamed into place, so the bytes are not
+    written and flushed a second time (10-20 ms for the tutorial CNN's 11 MB checkpoint on the development
+    VM); where the filesystem makes no hard links, the bytes are written as ``atomic_write_bytes`` does. Either
+    way ``path`` is replaced atomically, and a later atomic write of either file leaves the other as it is."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a process of this id that died between the link and the rename
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write_bytes(path, data)
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
