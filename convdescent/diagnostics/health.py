@@ -571,11 +571,11 @@ class HealthMonitor(Callback):
         self._pending = {"step": step, "names": names, "ndims": [t.dim() for t in g], "params": p,
                          "before": before, "wnorms": wnorms, "grad": [norms, maxs, mins, clips], "acts": acts}
 
-    @torch.no_grad()
     def on_step_end(self, trainer, step: int, logs: dict | None = None) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._finish(trainer, pending, logs or {})
+            with torch.no_grad():
+                self._finish(trainer, pending, logs or {})
         self._arm_for(step + 1)  # when the next step is monitored, collect its activations
 
     def on_train_end(self, trainer) -> None:

@@ -220,14 +220,15 @@ class ProgressBar(Callback):
         if bar is None:
             return
         now = time.monotonic()
-        if now - self._last >= self.interval or logs["batch"] >= bar.total:
-            self._last = now
-            seen = logs["epoch_seen"]
-            if seen:
-                loss = float(logs["epoch_loss_sum"]) / seen
-                acc = float(logs["epoch_correct"]) / seen
-                figures = f"loss {loss:.3f} acc {acc:.3f}" if self._compact else f"loss {loss:.4f} acc {acc:.3f}"
-                bar.set_postfix_str(figures, refresh=False)
+        if now - self._last < self.interval and logs["batch"] < bar.total:
+            return  # tqdm would not redraw yet either: the steps are counted in at the next refresh
+        self._last = now
+        seen = logs["epoch_seen"]
+        if seen:
+            loss = float(logs["epoch_loss_sum"]) / seen
+            acc = float(logs["epoch_correct"]) / seen
+            figures = f"loss {loss:.3f} acc {acc:.3f}" if self._compact else f"loss {loss:.4f} acc {acc:.3f}"
+            bar.set_postfix_str(figures, refresh=False)
         bar.update(logs["batch"] - bar.n)
         if logs["batch"] >= bar.total:
             # the epoch's final state is always drawn once, with its figures, however fast the epoch was
