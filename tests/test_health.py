@@ -128,6 +128,64 @@ def test_activation_probe_matches_forward_across_chunks():
     probe.disarm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c,filters,k,stride,padding,relu,bias,hw", [
+    (1, 32, 3, 1, "valid", True, True, (28, 28)),   # the tutorial's first layer
+    (3, 5, 3, 1, "same", True, False, (11, 9)),    # padded, no bias, an odd filter count
+    (2, 7, 2, 2, "valid", True, True, (13, 16)),   # a strided conv: the row-by-row path
+    (1, 4, 5, 1, "valid", False, True, (12, 12)),  # no ReLU: the conv's figures alone
+])
+def test_probe_figures_of_a_fused_conv_from_one_native_pass(c, filters, k, stride, padding, relu, bias, hw, dtype):
+    """The probe's figures of a fused conv + ReLU + pool node's conv and ReLU come from one native pass that
+    writes neither map (cd_conv_stats); they agree with replaying the layers, including the dead units (a
+    channel killed by its bias) and a NaN in the input."""
+    assert native.library() is not None, native.status()  # CI has a compiler; the replay is tested without
+    layers = [Conv2D(filters, k, stride, padding, use_bias=bias)] + ([ReLU()] if relu else [])
+    model = Sequential(layers + [MaxPool2D(2), Flatten(), Dense(3)], input_shape=(c, *hw), seed=1, dtype=dtype)
+    if bias:
+        with torch.no_grad():
+            model.layers[0].params["bias"][:1] = -50.0
+    assert "+" in model.plan().nodes[0].label  # fused
+    x = torch.randn(6, c, *hw, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    used = []
+    real = ActivationProbe._conv_figures
+
+    def figures(probe, native_pass):
+        probe.arm()
+
+        def spy(self, *args):
+            done = real(self, *args) if native_pass else False
+            used.append(done)
+            return done
+
+        ActivationProbe._conv_figures = spy
+        try:
+            with torch.no_grad():
+                model.forward(x, train=True)
+        finally:
+            ActivationProbe._conv_figures = real
+        out = {name: (float(m), float(s), None if d is None else float(d)) for name, m, s, d in probe.take()}
+        probe.disarm()
+        return out
+
+    fast = figures(ActivationProbe(model), True)
+    assert used == [True]
+    slow = figures(ActivationProbe(model), False)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    names = ["conv1", "relu1"] if relu else ["conv1"]
+    for name in names:
+        assert fast[name][:2] == pytest.approx(slow[name][:2], rel=tol, abs=tol), name
+    if relu:
+        assert fast["relu1"][2] == slow["relu1"][2]
+        assert fast["relu1"][2] >= (1 / filters if bias else 0)
+    x[3, 0, 2, 2] = float("nan")  # every figure becomes NaN on both paths, no unit of the NaN's reach is dead
+    fast, slow = figures(ActivationProbe(model), True), figures(ActivationProbe(model), False)
+    for name in names:
+        assert math.isnan(fast[name][0]) and math.isnan(slow[name][0]), name
+    if relu:
+        assert fast["relu1"][2] == slow["relu1"][2]
+
+
 def test_deep_sigmoid_network_flags_vanishing_gradients():
     out = io.StringIO()
     mon = train(deep_sigmoid(), make_optimizer("sgd", lr=0.1), HealthMonitor(every=2, stream=out), epochs=1)

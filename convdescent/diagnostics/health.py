@@ -34,7 +34,9 @@ from typing import Any, Callable, TextIO
 
 import torch
 
+from .. import native
 from ..layers.activations import ReLU
+from ..layers.conv import Conv2D
 from ..optim import peak_magnitudes
 from ..train.callbacks import Callback
 
@@ -156,8 +158,10 @@ class ActivationProbe:
     a node has run, the probe runs the node's layers one by one on the node's input to read their outputs,
     the values they give when the plan runs them apart, and puts their caches back as the node left them
     (cheaper than splitting the node for the whole step: a check step of the tutorial's CNN at batch 32 took
-    6.8 ms against 9.2 ms split). A forward may reach a layer in several chunks (a chunked stage of the
-    plan), so sums are accumulated.
+    6.8 ms against 9.2 ms split). Where the watched members are a fused node's conv and the ReLU right after
+    it, one native pass over the node's input computes their figures without writing either map instead
+    (``_conv_figures``: 1.7 against 3.5 ms for the tutorial's CNN at batch 128). A forward may reach a layer in
+    several chunks (a chunked stage of the plan), so sums are accumulated.
     """
 
     def __init__(self, model):
@@ -231,6 +235,8 @@ class ActivationProbe:
         x = self._inputs.pop(first, None)
         if x is None or not layer.training:
             return
+        if self._conv_figures(members, inside, x):
+            return
         saved = [member.take_cache() for _, member in members]
         todo = set(inside)
         try:
@@ -245,6 +251,37 @@ class ActivationProbe:
             for (_, member), cache in zip(members, saved):
                 member.put_cache(cache)
 
+    def _conv_figures(self, members, inside, x: torch.Tensor) -> bool:
+        """The figures of a fused node's first conv and of a ReLU right after it, when those are the node's
+        only watched members, from one native pass over the node's input that writes neither output map
+        (``cd_conv_stats``); False where that does not apply (the caller replays the layers). Their values
+        differ from the replay's at float rounding (other summation orders; the sums are kept in double)."""
+        conv_name, conv = members[0]
+        relu_name = members[1][0] if len(members) > 1 and type(members[1][1]) is ReLU else None
+        if (type(conv) is not Conv2D or not conv.plain() or inside - {conv_name, relu_name}
+                or conv_name not in inside or x.dim() != 4 or tuple(x.shape[1:]) != conv.input_shape):
+            return False
+        weight = conv.params["weight"]
+        fn = native.kernel("cd_conv_stats", x, weight)
+        if fn is None:
+            return False
+        xp, ((n, _, _, _), _, (ho, wo)) = conv.padded(x)
+        f = conv.filters
+        w = weight.reshape(f, -1).contiguous()
+        bias = conv.params["bias"].contiguous() if conv.use_bias else None
+        sums = torch.empty(4, dtype=torch.float64)
+        unit_max = torch.empty((f, ho, wo), dtype=x.dtype) if relu_name in inside else None
+        failed = fn(xp.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None, n, f,
+                    conv.in_channels, *conv.kernel_size, *xp.stride(), ho, wo, *conv.stride, sums.data_ptr(),
+                    unit_max.data_ptr() if unit_max is not None else None, native.threads())
+        if failed:  # out of memory for the kernel's buffers: the replay runs instead
+            return False
+        count = n * f * ho * wo
+        self._add(conv_name, sums[0], sums[1], count, None)
+        if unit_max is not None:
+            self._add(relu_name, sums[2], sums[3], count, unit_max)
+        return True
+
     @torch.no_grad()
     def _record(self, name: str, y: torch.Tensor, relu: bool) -> None:
         flat = y.reshape(-1)
@@ -252,8 +289,11 @@ class ActivationProbe:
             flat = flat.float()
         # the sum of squares as a dot product: one pass and no temporary (about 10x faster than (y * y).sum()
         # on a batch-32 conv output on the CPU)
-        s, ss, n = flat.sum(), torch.dot(flat, flat), y.numel()
-        unit_max = y.amax(dim=0) if relu else None
+        self._add(name, flat.sum(), torch.dot(flat, flat), y.numel(), y.amax(dim=0) if relu else None)
+
+    def _add(self, name: str, s: torch.Tensor, ss: torch.Tensor, n: int, unit_max: torch.Tensor | None) -> None:
+        """Accumulate one output's sum, sum of squares, element count and (a ReLU's) per-unit maximum."""
+        relu = unit_max is not None
         acc = self._acc.get(name)
         if acc is None:
             self._acc[name] = [s, ss, n, unit_max]

@@ -62,8 +62,12 @@ _SIGNATURES = {
     "cd_adam": [_PTR] * 5 + [_I64, _PTR],
     # logits, row stride, labels (int64), N, K, denominator, label smoothing, grad (N, K), loss (one element)
     "cd_softmax_xent": [_PTR, _I64, _PTR, _I64, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR],
+    # x (padded), w (F, K), bias (or None), N, F, C, kh, kw, x strides (4), Ho, Wo, conv strides (2),
+    # out (4 doubles), unit maxima (F, Ho, Wo, or None), threads
+    "cd_conv_stats": [_PTR] * 3 + [_I64] * 5 + [_I64] * 4 + [_I64] * 4 + [_PTR, _PTR, ctypes.c_int],
 }
-_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int, "cd_softmax_xent": ctypes.c_int}
+_RETURNS = {"cd_pool_conv_bwd": ctypes.c_int, "cd_conv_pool_fwd": ctypes.c_int, "cd_softmax_xent": ctypes.c_int,
+            "cd_conv_stats": ctypes.c_int}
 # functions without a dtype suffix: name -> (argument types, return type)
 _PLAIN = {
     "cd_flush_subnormals": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),  # on, threads

@@ -805,6 +805,97 @@ int cd_softmax_xent_##SUF(const T *z, int64_t ld, const int64_t *labels, int64_t
 DEFINE_XENT(float, f32, expf, logf)
 DEFINE_XENT(double, f64, exp, log)
 
+/* The health check's figures of a conv's output z and of the ReLU after it, r = max(z, 0) (a NaN kept), in
+ * one pass that writes neither map (the probe otherwise runs the two layers and reads back both maps, 11 MB
+ * each for the tutorial's CNN at batch 128):
+ *   z[n, f, i, j] = bias[f] + sum over (c, k, l) of w[f, c, k, l] * x[n, c, i*sh + k, j*sw + l]
+ * with x already padded (strides xn, xc, xh, xw) and w (F, C*kh*kw); no groups, no dilation.
+ *   out[0..3] = sum of z, of z^2, of r, of r^2 (each row summed in T, the rows in double);
+ *   umax (F, Ho, Wo), unless NULL: the largest r over the batch at each position (a NaN kept).
+ * Threads take runs of filters; each sums a sample's map by column in T, the maps in double, and the
+ * threads' sums are added in thread order. Returns 0, or 1 when out of memory (nothing usable written). */
+#define DEFINE_CONV_STATS(T, SUF)                                                                       \
+int cd_conv_stats_##SUF(const T *x, const T *w, const T *bias, int64_t N, int64_t F, int64_t C,         \
+                        int64_t kh, int64_t kw, int64_t xn, int64_t xc, int64_t xh, int64_t xw,         \
+                        int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, double *out, T *umax,           \
+                        int threads)                                                                    \
+{                                                                                                      \
+    const int nt = threads > 0 ? threads : 1;                                                          \
+    /* a stride-1 conv over rows of unit stride: each tap's products for the whole map in one run, rows  \
+       xh apart (the xh - Wo elements after each row are never read) */                                \
+    const int flat = sh == 1 && sw == 1 && xw == 1;                                                    \
+    const int64_t ld = flat ? xh : Wo, len = flat ? (Ho - 1) * xh + Wo : Wo;                           \
+    double *part = (double *)calloc((size_t)(4 * nt), sizeof(double));                                 \
+    if (part == NULL) return 1;                                                                        \
+    int failed = 0, used = 1;                                                                          \
+    _Pragma("omp parallel num_threads(nt)")                                                            \
+    {                                                                                                  \
+        const int t = omp_get_thread_num();                                                            \
+        _Pragma("omp single")                                                                          \
+        used = omp_get_num_threads();                                                                  \
+        int64_t f0, f1;                                                                                \
+        cd_split(F, t, omp_get_num_threads(), &f0, &f1);                                               \
+        T *z = (T *)malloc(sizeof(T) * (size_t)(len > 0 ? len : 1));                                   \
+        if (z == NULL) {                                                                               \
+            _Pragma("omp atomic write")                                                                \
+            failed = 1;                                                                                \
+        }                                                                                              \
+        double s1 = 0, s2 = 0, q1 = 0, q2 = 0;                                                         \
+        for (int64_t f = f0; f < f1 && z != NULL && Ho > 0 && Wo > 0; f++) {                          \
+            const T *wf = w + f * C * kh * kw, b = bias != NULL ? bias[f] : (T)0;                      \
+            for (int64_t n = 0; n < N; n++)                                                            \
+                for (int64_t i = 0; i < (flat ? 1 : Ho); i++) {  /* the whole map, or row i */         \
+                    T *restrict zz = z;                                                                \
+                    for (int64_t p = 0; p < len; p++) zz[p] = b;                                       \
+                    for (int64_t c = 0; c < C; c++)                                                    \
+                        for (int64_t k = 0; k < kh; k++)                                               \
+                            for (int64_t l = 0; l < kw; l++) {                                         \
+                                const T wv = wf[(c * kh + k) * kw + l];                                \
+                                const T *restrict src = x + n * xn + c * xc + (i * sh + k) * xh + l * xw; \
+                                if (flat)                                                              \
+                                    for (int64_t p = 0; p < len; p++) zz[p] += wv * src[p];            \
+                                else                                                                   \
+                                    for (int64_t j = 0; j < Wo; j++) zz[j] += wv * src[j * sw * xw];   \
+                            }                                                                          \
+                    /* the figures, L columns at a time: sums by column over this pass's rows in T (a   \
+                       sample's map at most), then added to the thread's doubles */                     \
+                    for (int64_t j0 = 0; j0 < Wo; j0 += LANES_##SUF) {                                 \
+                        const int64_t cnt = Wo - j0 < LANES_##SUF ? Wo - j0 : LANES_##SUF;             \
+                        cdl_##SUF a1 = {0}, a2 = {0}, r1 = {0}, r2 = {0};                              \
+                        for (int64_t r0 = 0; r0 < (flat ? Ho : 1); r0++) {                             \
+                            const int64_t row = flat ? r0 : i;                                         \
+                            const cdl_##SUF v = cdl_get_##SUF(z + (flat ? r0 * ld : 0) + j0, 1, cnt);  \
+                            const cdm_##SUF keep = (cdm_##SUF)((v > 0) | (v != v));  /* the ReLU's */   \
+                            const cdl_##SUF r = (cdl_##SUF)((cdm_##SUF)v & keep);                      \
+                            a1 += v; a2 += v * v; r1 += r; r2 += r * r;                                \
+                            if (umax == NULL) continue;                                                \
+                            T *um = umax + (f * Ho + row) * Wo + j0;                                   \
+                            if (n == 0) { cdl_put_##SUF(um, 1, r, cnt); continue; }                    \
+                            const cdl_##SUF m = cdl_get_##SUF(um, 1, cnt);                             \
+                            /* the larger, a NaN kept (either one's) */                                \
+                            const cdm_##SUF take = (cdm_##SUF)(((r > m) | (r != r)) & (m == m));       \
+                            cdl_put_##SUF(um, 1, (cdl_##SUF)(((cdm_##SUF)r & take) | ((cdm_##SUF)m & ~take)), cnt); \
+                        }                                                                              \
+                        s1 += (double)cdl_sum_##SUF(a1); s2 += (double)cdl_sum_##SUF(a2);              \
+                        q1 += (double)cdl_sum_##SUF(r1); q2 += (double)cdl_sum_##SUF(r2);              \
+                    }                                                                                  \
+                }                                                                                      \
+        }                                                                                              \
+        part[4 * t] = s1; part[4 * t + 1] = s2; part[4 * t + 2] = q1; part[4 * t + 3] = q2;            \
+        free(z);                                                                                       \
+    }                                                                                                  \
+    for (int e = 0; e < 4; e++) {                                                                      \
+        double v = 0;                                                                                  \
+        for (int u = 0; u < used; u++) v += part[4 * u + e];                                           \
+        out[e] = v;                                                                                    \
+    }                                                                                                  \
+    free(part);                                                                                        \
+    return failed;                                                                                     \
+}
+
+DEFINE_CONV_STATS(float, f32)
+DEFINE_CONV_STATS(double, f64)
+
 /* Subnormal floats: flush-to-zero for the threads that run a training step.
  *
  * The floating-point control register (MXCSR on x86, FPCR on AArch64) is per thread, and torch's
