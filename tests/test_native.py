@@ -311,10 +311,11 @@ def test_conv_then_maxpool_fused_passes_match_the_layers_one_by_one(kernels_on, 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("filters,by_filters", [(32, True), (16, True), (5, False)])
 def test_fused_conv_pool_gives_the_same_numbers_on_any_thread_count(kernels_on, filters, by_filters, dtype):
-    """The fused passes give threads runs of filters where the filters split evenly over them (32 or 16 over
-    2 or 3 threads) and runs of samples otherwise (5 filters' backward). The forward is the same bit for bit on
-    1, 2 and 3 threads either way; dW and db are too when split by filters (each filter summed over every
-    sample by one thread, as one thread sums it), and equal to rounding when split by samples."""
+    """The fused passes give threads runs of filters where the filters split evenly over them and runs of
+    samples otherwise; ``by_filters`` says which the backward takes on 2 and 3 threads (32 or 16 filters:
+    filters; 5: samples). The forward is the same bit for bit on 1, 2 and 3 threads either way; dW and db are
+    too when the backward splits by filters (each filter summed over every sample by one thread, as one thread
+    sums it), and equal to rounding when it splits by samples."""
     from convdescent.layers import Conv2D, ReLU
     from convdescent.plan import ConvPool
 
