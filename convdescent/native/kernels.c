@@ -42,6 +42,22 @@ static inline int cd_by_filters(int64_t blocks, int nt)
     return nt > 1 && (blocks % nt == 0 || blocks >= 4 * (int64_t)nt);
 }
 
+/* Thread t's part of a conv + pool pass over `units` (pooled rows or samples) and F filters taken `block` at a
+ * time: [*u0, *u1) of the units and filters [*fa, *fz), one of the two split (cd_by_filters), the other whole. */
+static inline void cd_filter_run(int64_t F, int64_t block, int64_t units, int t, int nt, int64_t *u0,
+                                 int64_t *u1, int64_t *fa, int64_t *fz)
+{
+    const int64_t blocks = (F + block - 1) / block;
+    int64_t b0 = 0, b1 = blocks;
+    *u0 = 0, *u1 = units;
+    if (cd_by_filters(blocks, nt))
+        cd_split(blocks, t, nt, &b0, &b1);
+    else
+        cd_split(units, t, nt, u0, u1);
+    *fa = b0 * block;
+    *fz = b1 * block < F ? b1 * block : F;
+}
+
 #define DEFINE_MAXPOOL(T, SUF)                                                                          \
 void cd_maxpool_fwd_##SUF(const T *x, T *out, uint8_t *code, int64_t N, int64_t C, int64_t Ho,         \
                           int64_t Wo, int64_t xn, int64_t xc, int64_t xh, int64_t xw, int64_t on,      \
@@ -351,6 +367,16 @@ static void cdl_geom_init_##SUF(cdl_geom_##SUF *g)                              
     g->K = g->C * g->kh * g->kw;                                                                       \
     g->P = g->ph * g->pw;                                                                              \
 }                                                                                                      \
+/* Whether a whole sample's rows are laid out at once (at most CDL_SAMPLE_BYTES: each input row then serves \
+   every pooled row that reads it); *gs is g with all those rows, *rowstep the buffer offset of one pooled  \
+   row down in that layout. */                                                                         \
+static int cdl_sample_layout_##SUF(const cdl_geom_##SUF *g, cdl_geom_##SUF *gs, int64_t *rowstep)      \
+{                                                                                                      \
+    *gs = *g;                                                                                          \
+    gs->R = (g->Po - 1) * g->sh * g->csh + g->R;                                                       \
+    *rowstep = g->sh * g->csh * g->S * g->Z * g->M;                                                    \
+    return g->C * gs->R * g->S * g->Z * g->M * (int64_t)sizeof(T) <= CDL_SAMPLE_BYTES;                 \
+}                                                                                                      \
 /* buffer offsets of (window offset p, patch element q) at lane 0 of b0 = 0 */                         \
 static int64_t *cdl_offsets_##SUF(const cdl_geom_##SUF *g)                                             \
 {                                                                                                      \
@@ -412,15 +438,12 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
     const int64_t L = LANES_##SUF;                                                                     \
     cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
     cdl_geom_init_##SUF(&g);                                                                           \
-    /* a whole sample's rows laid out once (each input row serves several pooled rows) when that is small;  \
-       else the R rows of each pooled row apart */                                                     \
-    cdl_geom_##SUF gs = g;                                                                             \
-    gs.R = (Po - 1) * sh * csh + g.R;                                                                  \
-    const int whole = C * gs.R * g.S * g.Z * g.M * (int64_t)sizeof(T) <= CDL_SAMPLE_BYTES;             \
+    cdl_geom_##SUF gs;  /* a whole sample's rows, or (not whole) the R rows of each pooled row apart */ \
+    int64_t rowstep;                                                                                   \
+    const int whole = cdl_sample_layout_##SUF(&g, &gs, &rowstep);                                      \
     int64_t *off = cdl_offsets_##SUF(whole ? &gs : &g);                                                \
     if (off == NULL) return 1;                                                                         \
     const int64_t K = g.K, P = g.P, bufsize = C * (whole ? gs.R : g.R) * g.S * g.Z * g.M;              \
-    const int64_t rowstep = sh * csh * g.S * g.Z * g.M;  /* buffer offset of one pooled row down */    \
     /* the weights and biases by blocks of CDL_FB filters, zero past the last filter */                \
     const int64_t Fp = (F + CDL_FB - 1) / CDL_FB * CDL_FB;                                             \
     T *wblk = (T *)calloc((size_t)(Fp * K + Fp), sizeof(T)), *zb = wblk + Fp * K;                      \
@@ -439,12 +462,8 @@ int cd_conv_pool_fwd_##SUF(const T *x, const T *w, const T *bias, T *out, uint8_
             failed = 1;                                                                                \
         }                                                                                              \
         int64_t laid = -1;  /* the sample whose rows buf holds (whole) */                              \
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();                                \
-        const int64_t blocks = (F + CDL_FB - 1) / CDL_FB;                                              \
-        int64_t r0 = 0, r1 = N * Po, blo = 0, bhi = blocks;                                            \
-        if (cd_by_filters(blocks, nt)) cd_split(blocks, t, nt, &blo, &bhi);                           \
-        else cd_split(N * Po, t, nt, &r0, &r1);                                                        \
-        const int64_t fa = blo * CDL_FB, fz = bhi * CDL_FB < F ? bhi * CDL_FB : F;                     \
+        int64_t r0, r1, fa, fz;  /* this thread's pooled rows and filters */                           \
+        cd_filter_run(F, CDL_FB, N * Po, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &fa, &fz); \
         for (int64_t r = r0; r < r1 && buf != NULL && fa < fz; r++) {                                  \
             const int64_t n = r / Po, a = r % Po;                                                      \
             if (!whole) cdl_rows_##SUF(&g, x, xn, xc, xh, xw, H, W, n, a, buf);                        \
@@ -500,11 +519,10 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
     const int64_t L = LANES_##SUF;                                                                     \
     cdl_geom_##SUF g = {N, F, C, kh, kw, csh, csw, Po, Qo, ph, pw, sh, sw, 0, 0, 0, 0, 0, 0};          \
     cdl_geom_init_##SUF(&g);                                                                           \
-    cdl_geom_##SUF gs = g;  /* whole samples' rows laid out once, as in the forward, when small */       \
-    gs.R = (Po - 1) * sh * csh + g.R;                                                                  \
-    const int whole = C * gs.R * g.S * g.Z * g.M * (int64_t)sizeof(T) <= CDL_SAMPLE_BYTES;             \
+    cdl_geom_##SUF gs;  /* the input rows laid out as in the forward */                                \
+    int64_t rowstep;                                                                                   \
+    const int whole = cdl_sample_layout_##SUF(&g, &gs, &rowstep);                                      \
     const int64_t K = g.K, P = g.P, bufsize = C * (whole ? gs.R : g.R) * g.S * g.Z * g.M;              \
-    const int64_t rowstep = sh * csh * g.S * g.Z * g.M;                                                \
     /* patch elements in blocks of CDL_QB, the last block padded with element 0 (computed, not kept) */ \
     const int64_t Kp = (K + CDL_QB - 1) / CDL_QB * CDL_QB, acc = F * (K + 1);                          \
     int64_t *off0 = cdl_offsets_##SUF(whole ? &gs : &g), *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(P * Kp)); \
@@ -528,12 +546,8 @@ int cd_pool_conv_bwd_##SUF(const T *dy, const uint8_t *code, const T *y, const T
             failed = 1;                                                                                \
         }                                                                                              \
         /* whole samples per chunk, so that dy and the codes are read in memory order */               \
-        /* by filters (all samples; see cd_by_filters) or by whole samples (all filters) */            \
-        const int64_t blocks = (F + CDL_BFB - 1) / CDL_BFB;                                            \
-        int64_t n0 = 0, n1 = N, blo = 0, bhi = blocks;                                                 \
-        if (cd_by_filters(blocks, omp_get_num_threads())) cd_split(blocks, t, omp_get_num_threads(), &blo, &bhi); \
-        else cd_split(N, t, omp_get_num_threads(), &n0, &n1);                                          \
-        const int64_t fa = blo * CDL_BFB, fz = bhi * CDL_BFB < F ? bhi * CDL_BFB : F;                  \
+        int64_t n0, n1, fa, fz;  /* this thread's samples and filters */                               \
+        cd_filter_run(F, CDL_BFB, N, t, omp_get_num_threads(), &n0, &n1, &fa, &fz);                    \
         const int64_t r0 = n0 * Po, r1 = n1 * Po, span = (CDL_RC / Po > 0 ? CDL_RC / Po : 1) * Po;     \
         for (int64_t c0 = r0; c0 < r1 && buf != NULL && fa < fz; c0 += span) {                        \
             const int64_t c1 = c0 + span < r1 ? c0 + span : r1;                                        \
